@@ -1,0 +1,23 @@
+//! Miyamoto's wire protocol, with no I/O.
+//!
+//! Layout:
+//! * [`frames`] — the multipart layout shared by every dialogue: an empty
+//!   delimiter frame, a 4-byte header (`"MYM"` + version byte) and one
+//!   MessagePack body. [`frames::encode`] and [`frames::decode`] turn typed
+//!   messages into frames and back.
+//! * [`messages`] — the typed commands of the two dialogues: clients
+//!   (producers and gateways) talking to a broker's request port, and pulling
+//!   workers talking to its worker port.
+//! * [`Error`] — the one error type for bytes that are not a valid message.
+//!
+//! `PROTOCOL.md` beside this crate is the specification a client in another
+//! language is written from; this crate is its reference implementation.
+//! Nothing here panics on bytes from the wire.
+
+mod error;
+pub mod frames;
+pub mod messages;
+
+pub use error::Error;
+pub use frames::{decode, encode, PROTOCOL_VERSION};
+pub use messages::*;

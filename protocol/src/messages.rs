@@ -1,0 +1,457 @@
+//! Typed messages of the two dialogues (see `PROTOCOL.md`).
+//!
+//! Every body is a MessagePack map with a `"type"` key naming the command;
+//! the other keys are the command's fields. Optional fields may be omitted
+//! or nil; lists default to empty.
+//!
+//! * Client dialogue (DEALER → broker base port): [`ClientRequest`] →
+//!   [`ClientReply`], correlated by `request_id`.
+//! * Worker dialogue (DEALER → broker base port + 1): [`WorkerMessage`] and
+//!   [`BrokerMessage`], asynchronous in both directions.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// The queue used when a request names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// The pool that HTTP(S) webhook tasks are dispatched to; gateways serve
+/// it. `*` cannot appear in a `zmq://POOL` name, so it never collides.
+pub const HTTP_POOL: &str = "*http";
+
+/// Largest task body (raw body or encoded params), in bytes.
+pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
+
+fn default_queue() -> String {
+    DEFAULT_QUEUE.to_string()
+}
+
+/// A request from a producer or gateway to a broker's base port.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClientRequest {
+    /// Chosen by the client, unique per request (a UUID is a good choice).
+    /// A broker that sees the same id again answers with the first reply
+    /// instead of acting twice, so a client may resend after a timeout.
+    pub request_id: String,
+    #[serde(flatten)]
+    pub command: ClientCommand,
+}
+
+/// What a client asks for.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientCommand {
+    /// Store a task; answered by [`ReplyBody::Enqueued`].
+    Enqueue {
+        #[serde(default = "default_queue")]
+        queue: String,
+        task: TaskSpec,
+    },
+    /// Cancel a task that has not succeeded; answered by [`ReplyBody::Cancelled`].
+    Cancel {
+        #[serde(default = "default_queue")]
+        queue: String,
+        id: String,
+    },
+    /// Inspect a task; answered by [`ReplyBody::Task`].
+    Get {
+        #[serde(default = "default_queue")]
+        queue: String,
+        id: String,
+    },
+    /// Liveness check; answered by [`ReplyBody::Pong`].
+    Ping,
+}
+
+/// A task as a producer describes it. Only `url` is required.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct TaskSpec {
+    /// `http://…`, `https://…` (a webhook) or `zmq://POOL` (pulling workers).
+    pub url: String,
+    /// POST (default), GET, PUT, PATCH or DELETE.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Parameters, form-encoded into the body (or the query string for GET
+    /// and DELETE). Pairs keep their order; a key may repeat.
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+    /// A raw body, exclusive with `params`.
+    #[serde(default)]
+    pub body: Option<ByteBuf>,
+    /// The raw body's content type.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Extra headers sent with the webhook.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Seconds from now (fractional allowed); exclusive with `eta`.
+    #[serde(default)]
+    pub countdown: Option<f64>,
+    /// Unix time in seconds (fractional allowed); in the past means now.
+    #[serde(default)]
+    pub eta: Option<f64>,
+    /// Optional task name, `[A-Za-z0-9_-]{1,500}`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Seconds the worker has to answer each attempt (default 30).
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+/// A broker's answer to a [`ClientRequest`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClientReply {
+    /// The request's id, or empty when the request could not be decoded.
+    pub request_id: String,
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+/// The content of a reply.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyBody {
+    Enqueued {
+        id: String,
+        queue: String,
+        /// When the task first fires, unix seconds.
+        eta: f64,
+    },
+    Task {
+        task: TaskInfo,
+    },
+    Cancelled {
+        id: String,
+    },
+    Pong {
+        node: String,
+        version: String,
+    },
+    Error {
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+/// Machine-readable error classes; `reason` is for people.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request was understood but its content is invalid.
+    BadRequest,
+    /// No such task (or it cannot be cancelled any more).
+    NotFound,
+    /// The frames or body could not be decoded.
+    Malformed,
+    /// The header's version byte is not one this node speaks.
+    UnsupportedVersion,
+    /// The node cannot serve the request now; retry later.
+    Unavailable,
+    /// A bug on the node's side.
+    Internal,
+}
+
+/// Lifecycle of a task.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for its eta (never attempted).
+    Scheduled,
+    /// Handed to the dispatcher; an attempt is under way.
+    Running,
+    /// At least one attempt failed; waiting for the next one.
+    Retrying,
+    Succeeded,
+    /// Ran out of attempts (dead-lettered); kept, never dropped silently.
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    /// Succeeded, failed and cancelled tasks never run again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Scheduled => "scheduled",
+            TaskState::Running => "running",
+            TaskState::Retrying => "retrying",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A task as `get` reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskInfo {
+    pub id: String,
+    pub queue: String,
+    pub name: Option<String>,
+    pub url: String,
+    pub method: String,
+    pub state: TaskState,
+    /// Next (or last) fire time of this replica, unix seconds.
+    pub eta: f64,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Attempts that got an HTTP answer (or a worker's verdict).
+    pub executions: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    /// Enqueue time, unix seconds.
+    pub created: f64,
+    /// Which replica of the task this node holds (0 fires first).
+    pub replica: u32,
+    /// Seconds between replicas' fire times.
+    pub replica_offset: f64,
+}
+
+/// What a worker (or a gateway) sends on the worker port.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// Register: the pools served and how many tasks may be in flight at
+    /// once (the credit). Must be the first message of a connection.
+    Ready {
+        pools: Vec<String>,
+        credit: u32,
+        /// A name for the operator's logs.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Grant more credit.
+    Credit { credit: u32 },
+    /// Sent when the worker has sent nothing else for a heartbeat interval.
+    Heartbeat,
+    /// The outcome of one delivery; returns one credit.
+    Result(DeliveryResult),
+    /// The worker leaves; its in-flight tasks go back to the schedule.
+    Disconnect,
+}
+
+/// A worker's verdict on one delivery.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeliveryResult {
+    /// The `delivery` number of the [`BrokerMessage::Task`] answered.
+    pub delivery: u64,
+    pub task_id: String,
+    pub outcome: Outcome,
+    /// The HTTP status the webhook answered, when there was one.
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Why the attempt failed (or a note on success).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Do not retry before this many seconds (from `Retry-After`).
+    #[serde(default)]
+    pub retry_after: Option<f64>,
+    /// The target answered at all (counts as an execution). Pulling workers
+    /// that send a result always count as answering.
+    #[serde(default)]
+    pub responded: bool,
+}
+
+/// Success or failure of one delivery.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// What a broker sends on the worker port.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BrokerMessage {
+    /// One delivery; answer with [`WorkerMessage::Result`] quoting `delivery`.
+    Task { delivery: u64, task: DeliveredTask },
+    /// Sent when the broker has sent nothing else for a heartbeat interval.
+    Heartbeat,
+    /// The broker does not know this worker (e.g. it restarted): send
+    /// `ready` again. In-flight work was already given back.
+    Disconnect { reason: String },
+    /// A message could not be accepted; the connection stays up.
+    Error { code: ErrorCode, reason: String },
+}
+
+/// A task as a worker receives it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeliveredTask {
+    pub id: String,
+    pub queue: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub url: String,
+    pub method: String,
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: Option<ByteBuf>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The task's eta (unix seconds) — not this replica's offset fire time.
+    pub eta: f64,
+    /// Seconds this attempt may take.
+    pub timeout: f64,
+    /// Earlier attempts (0 on the first).
+    pub retry_count: u32,
+    /// Earlier attempts that got an answer.
+    pub execution_count: u32,
+}
+
+/// `[A-Za-z0-9-]{1,100}`.
+pub fn is_valid_queue_name(s: &str) -> bool {
+    (1..=100).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `[A-Za-z0-9_-]{1,500}`.
+pub fn is_valid_task_name(s: &str) -> bool {
+    (1..=500).contains(&s.len())
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `[A-Za-z0-9_.-]{1,100}`: the POOL of a `zmq://POOL` URL.
+pub fn is_valid_pool_name(s: &str) -> bool {
+    (1..=100).contains(&s.len())
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode, encode};
+    use proptest::prelude::*;
+
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec((".{0,8}", ".{0,8}"), 0..4)
+    }
+
+    prop_compose! {
+        fn spec()(url in ".{0,30}", method in proptest::option::of("[A-Z]{1,7}"),
+                  params in pairs(), body in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                  headers in pairs(), countdown in proptest::option::of(-1e9f64..1e9),
+                  eta in proptest::option::of(0f64..1e10), name in proptest::option::of("[a-z_-]{1,10}"),
+                  timeout in proptest::option::of(0f64..1e4)) -> TaskSpec {
+            TaskSpec { url, method, params, body: body.map(ByteBuf::from), content_type: None,
+                       headers, countdown, eta, name, timeout }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn client_requests_round_trip(id in ".{0,40}", queue in "[a-z-]{1,10}", task in spec()) {
+            for command in [
+                ClientCommand::Enqueue { queue: queue.clone(), task: task.clone() },
+                ClientCommand::Cancel { queue: queue.clone(), id: id.clone() },
+                ClientCommand::Get { queue: queue.clone(), id: id.clone() },
+                ClientCommand::Ping,
+            ] {
+                let req = ClientRequest { request_id: id.clone(), command };
+                let back: ClientRequest = decode(&encode(&req)).unwrap();
+                prop_assert_eq!(back, req);
+            }
+        }
+
+        #[test]
+        fn worker_messages_round_trip(delivery in any::<u64>(), status in proptest::option::of(any::<u16>()),
+                                      reason in proptest::option::of(".{0,20}"), task in spec()) {
+            let msgs = vec![
+                WorkerMessage::Ready { pools: vec!["a".into(), HTTP_POOL.into()], credit: 7, name: Some("w".into()) },
+                WorkerMessage::Credit { credit: 3 },
+                WorkerMessage::Heartbeat,
+                WorkerMessage::Disconnect,
+                WorkerMessage::Result(DeliveryResult { delivery, task_id: "t".into(), outcome: Outcome::Failure,
+                    status, reason: reason.clone(), retry_after: Some(1.5), responded: true }),
+            ];
+            for m in msgs {
+                let back: WorkerMessage = decode(&encode(&m)).unwrap();
+                prop_assert_eq!(back, m);
+            }
+            let t = BrokerMessage::Task { delivery, task: DeliveredTask {
+                id: "i".into(), queue: "q".into(), name: task.name, url: task.url, method: "POST".into(),
+                params: task.params, body: task.body, content_type: reason, headers: task.headers,
+                eta: 1.0, timeout: 30.0, retry_count: 2, execution_count: 1 } };
+            let back: BrokerMessage = decode(&encode(&t)).unwrap();
+            prop_assert_eq!(back, t);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..5)) {
+            let _ = decode::<ClientRequest, _>(&frames);
+            let _ = decode::<WorkerMessage, _>(&frames);
+            let _ = decode::<BrokerMessage, _>(&frames);
+            let _ = decode::<ClientReply, _>(&frames);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let frames = vec![Vec::new(), crate::frames::header().to_vec(), body];
+            let _ = decode::<ClientRequest, _>(&frames);
+            let _ = decode::<WorkerMessage, _>(&frames);
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let replies = vec![
+            ReplyBody::Enqueued { id: "x".into(), queue: "q".into(), eta: 12.5 },
+            ReplyBody::Cancelled { id: "x".into() },
+            ReplyBody::Pong { node: "n".into(), version: "1".into() },
+            ReplyBody::Error { code: ErrorCode::BadRequest, reason: "no".into() },
+            ReplyBody::Task { task: TaskInfo {
+                id: "x".into(), queue: "q".into(), name: None, url: "http://a/".into(), method: "POST".into(),
+                state: TaskState::Retrying, eta: 3.0, attempts: 2, executions: 1, last_status: Some(500),
+                last_error: Some("HTTP 500".into()), created: 1.0, replica: 0, replica_offset: 5.0 } },
+        ];
+        for body in replies {
+            let r = ClientReply { request_id: "r".into(), body };
+            let back: ClientReply = decode(&encode(&r)).unwrap();
+            assert_eq!(back, r);
+        }
+    }
+
+    #[test]
+    fn minimal_map_from_another_language_decodes() {
+        // What a hand-written client sends: only the required keys, and an
+        // integer where a float is expected.
+        use serde::Serialize;
+        #[derive(Serialize)]
+        struct T<'a> { url: &'a str, countdown: u8 }
+        #[derive(Serialize)]
+        struct R<'a> { request_id: &'a str, #[serde(rename = "type")] ty: &'a str, task: T<'a> }
+        let body = rmp_serde::to_vec_named(&R { request_id: "1", ty: "enqueue", task: T { url: "zmq://p", countdown: 5 } }).unwrap();
+        let frames = vec![Vec::new(), crate::frames::header().to_vec(), body];
+        let req: ClientRequest = decode(&frames).unwrap();
+        match req.command {
+            ClientCommand::Enqueue { queue, task } => {
+                assert_eq!(queue, DEFAULT_QUEUE);
+                assert_eq!(task.countdown, Some(5.0));
+                assert_eq!(task.url, "zmq://p");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_valid_queue_name("default"));
+        assert!(!is_valid_queue_name("a_b"));
+        assert!(!is_valid_queue_name(""));
+        assert!(is_valid_task_name("a_b-9"));
+        assert!(!is_valid_task_name("a b"));
+        assert!(!is_valid_pool_name(HTTP_POOL));
+    }
+}
