@@ -1,1 +1,25 @@
+//! Miyamoto's broker: the core node. It speaks only ZeroMQ.
+//!
+//! Layout:
+//! * [`node`] — binds the sockets and runs the I/O loop (the one thread
+//!   that owns sockets); start a node with [`Node::start`].
+//! * [`scheduler`] — the task store and its timers on their own thread:
+//!   every change of a task's state happens there.
+//! * [`dispatch`] — pulling workers (and gateways): registry, credit,
+//!   heartbeats, deadlines; owned by the I/O thread.
+//! * [`validate`] — enqueue rules; [`retry`] — the backoff policy.
+//! * [`sockets`] — the one place sockets are made, and the doorbell.
+//! * [`client`] — blocking Rust clients for producers and pulling workers.
+//! * [`cli`] — the `miyamoto-broker` command line.
 
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod dispatch;
+pub mod node;
+pub mod retry;
+pub mod scheduler;
+pub mod sockets;
+pub mod validate;
+
+pub use node::{Node, NodeConfig, StartError};

@@ -1,1 +1,13 @@
-fn main(){}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    broker::cli::init_logging();
+    let args = broker::cli::BrokerArgs::parse();
+    match broker::cli::run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("miyamoto-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

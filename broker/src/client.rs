@@ -1,0 +1,284 @@
+//! Blocking Rust clients of the two dialogues in `PROTOCOL.md`: a
+//! [`Producer`] (enqueue, cancel, get over the base port) and a pulling
+//! [`Worker`] (base port + 1). Each owns its socket: use one per thread.
+
+use std::time::{Duration, Instant};
+
+use protocol::{
+    BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
+    ErrorCode, Outcome, ReplyBody, TaskInfo, TaskSpec, WorkerMessage,
+};
+
+use crate::sockets;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no reply from the broker within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker refused the request ({code:?}): {reason}")]
+    Rejected { code: ErrorCode, reason: String },
+    #[error("unexpected reply from the broker: {0}")]
+    Unexpected(String),
+    #[error("ZeroMQ error: {0}")]
+    Zmq(#[from] zmq::Error),
+}
+
+impl ClientError {
+    /// The broker answered `not_found`.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Rejected {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        )
+    }
+}
+
+/// A producer: a DEALER connected to a broker's base port.
+pub struct Producer {
+    socket: zmq::Socket,
+    _ctx: zmq::Context,
+    /// How long to wait for a reply before resending the same request.
+    pub attempt_timeout: Duration,
+    /// Sends per request (the first included).
+    pub attempts: u32,
+}
+
+impl Producer {
+    /// Connects to `endpoint`, e.g. `tcp://127.0.0.1:7000`.
+    pub fn connect(endpoint: &str) -> Result<Producer, ClientError> {
+        let ctx = zmq::Context::new();
+        let socket = sockets::dealer(&ctx, false)?;
+        socket.connect(endpoint)?;
+        Ok(Producer {
+            socket,
+            _ctx: ctx,
+            attempt_timeout: Duration::from_secs(2),
+            attempts: 3,
+        })
+    }
+
+    /// Sends `command` and waits for its reply, resending the same request
+    /// id on timeout (the broker acts on it once).
+    pub fn request(&mut self, command: ClientCommand) -> Result<ReplyBody, ClientError> {
+        let request = ClientRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            command,
+        };
+        let frames = protocol::encode(&request);
+        for _ in 0..self.attempts.max(1) {
+            sockets::send_parts(&self.socket, &frames).or_else(|e| {
+                // DONTWAIT send: wait for room rather than fail.
+                if e == zmq::Error::EAGAIN {
+                    self.socket.send_multipart(&frames, 0)
+                } else {
+                    Err(e)
+                }
+            })?;
+            let deadline = Instant::now() + self.attempt_timeout;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                if self.socket.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
+                    break;
+                }
+                let parts = self.socket.recv_multipart(0)?;
+                let Ok(reply) = protocol::decode::<ClientReply, _>(&parts) else {
+                    continue;
+                };
+                if reply.request_id == request.request_id {
+                    return match reply.body {
+                        ReplyBody::Error { code, reason } => {
+                            Err(ClientError::Rejected { code, reason })
+                        }
+                        body => Ok(body),
+                    };
+                }
+            }
+        }
+        Err(ClientError::Timeout(
+            self.attempt_timeout * self.attempts.max(1),
+        ))
+    }
+
+    /// Enqueues `task` on `queue`; returns the task id and its eta.
+    pub fn enqueue(&mut self, queue: &str, task: TaskSpec) -> Result<(String, f64), ClientError> {
+        match self.request(ClientCommand::Enqueue {
+            queue: queue.into(),
+            task,
+        })? {
+            ReplyBody::Enqueued { id, eta, .. } => Ok((id, eta)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Cancels a task that has not succeeded.
+    pub fn cancel(&mut self, queue: &str, id: &str) -> Result<(), ClientError> {
+        match self.request(ClientCommand::Cancel {
+            queue: queue.into(),
+            id: id.into(),
+        })? {
+            ReplyBody::Cancelled { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Inspects a task.
+    pub fn get(&mut self, queue: &str, id: &str) -> Result<TaskInfo, ClientError> {
+        match self.request(ClientCommand::Get {
+            queue: queue.into(),
+            id: id.into(),
+        })? {
+            ReplyBody::Task { task } => Ok(task),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Checks that the broker answers; returns its node id.
+    pub fn ping(&mut self) -> Result<String, ClientError> {
+        match self.request(ClientCommand::Ping)? {
+            ReplyBody::Pong { node, .. } => Ok(node),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+/// One delivery received by a [`Worker`].
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub delivery: u64,
+    pub task: DeliveredTask,
+}
+
+/// A pulling worker: a DEALER connected out to a broker's worker port,
+/// following the Paranoid Pirate pattern. Call [`Worker::next`] at least
+/// once per heartbeat interval, even while busy, so both sides stay alive.
+pub struct Worker {
+    ctx: zmq::Context,
+    socket: zmq::Socket,
+    endpoint: String,
+    pools: Vec<String>,
+    credit: u32,
+    name: String,
+    pub heartbeat_interval: Duration,
+    /// Reconnect after hearing nothing from the broker this long.
+    pub broker_expiry: Duration,
+    last_heard: Instant,
+    last_sent: Instant,
+    /// Times the worker re-registered (disconnect or silent broker).
+    pub reconnects: u64,
+}
+
+impl Worker {
+    /// Connects to `endpoint` (e.g. `tcp://127.0.0.1:7001`), serving
+    /// `pools` with up to `credit` tasks in flight.
+    pub fn connect(endpoint: &str, pools: &[&str], credit: u32) -> Result<Worker, ClientError> {
+        let ctx = zmq::Context::new();
+        let socket = sockets::dealer(&ctx, false)?;
+        socket.connect(endpoint)?;
+        let now = Instant::now();
+        let mut w = Worker {
+            ctx,
+            socket,
+            endpoint: endpoint.into(),
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            credit,
+            name: format!("worker-{}", std::process::id()),
+            heartbeat_interval: Duration::from_secs(1),
+            broker_expiry: Duration::from_secs(5),
+            last_heard: now,
+            last_sent: now,
+            reconnects: 0,
+        };
+        w.ready()?;
+        Ok(w)
+    }
+
+    fn send(&mut self, msg: &WorkerMessage) -> Result<(), ClientError> {
+        let frames = protocol::encode(msg);
+        self.socket.send_multipart(&frames, 0)?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    fn ready(&mut self) -> Result<(), ClientError> {
+        let msg = WorkerMessage::Ready {
+            pools: self.pools.clone(),
+            credit: self.credit,
+            name: Some(self.name.clone()),
+        };
+        self.send(&msg)
+    }
+
+    fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.socket = sockets::dealer(&self.ctx, false)?;
+        self.socket.connect(&self.endpoint)?;
+        self.reconnects += 1;
+        self.last_heard = Instant::now();
+        self.ready()
+    }
+
+    /// Waits up to `wait` for a task, keeping heartbeats going.
+    pub fn next(&mut self, wait: Duration) -> Result<Option<Job>, ClientError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let now = Instant::now();
+            if now.duration_since(self.last_sent) >= self.heartbeat_interval {
+                self.send(&WorkerMessage::Heartbeat)?;
+            }
+            if now.duration_since(self.last_heard) >= self.broker_expiry {
+                self.reconnect()?;
+            }
+            let until_beat = self
+                .heartbeat_interval
+                .saturating_sub(now.duration_since(self.last_sent));
+            let left = deadline.saturating_duration_since(now);
+            let slice = until_beat.min(left).max(Duration::from_millis(1));
+            if self.socket.poll(zmq::POLLIN, slice.as_millis() as i64)? > 0 {
+                let parts = self.socket.recv_multipart(0)?;
+                self.last_heard = Instant::now();
+                match protocol::decode::<BrokerMessage, _>(&parts) {
+                    Ok(BrokerMessage::Task { delivery, task }) => {
+                        return Ok(Some(Job { delivery, task }))
+                    }
+                    Ok(BrokerMessage::Disconnect { .. }) => {
+                        self.reconnects += 1;
+                        self.ready()?;
+                    }
+                    Ok(BrokerMessage::Heartbeat) => {}
+                    Ok(BrokerMessage::Error { reason, .. }) => {
+                        tracing::warn!(%reason, "broker reported an error");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "undecodable message from broker"),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reports a delivery's outcome (returns one credit).
+    pub fn report(
+        &mut self,
+        job: &Job,
+        outcome: Outcome,
+        reason: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.send(&WorkerMessage::Result(DeliveryResult {
+            delivery: job.delivery,
+            task_id: job.task.id.clone(),
+            outcome,
+            status: None,
+            reason,
+            retry_after: None,
+            responded: true,
+        }))
+    }
+
+    /// Leaves cleanly; in-flight tasks go back to the schedule.
+    pub fn disconnect(mut self) -> Result<(), ClientError> {
+        self.send(&WorkerMessage::Disconnect)
+    }
+}
