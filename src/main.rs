@@ -1,1 +1,164 @@
-fn main(){}
+//! The `miyamoto` command: a single-process `standalone` mode (broker and
+//! gateway together), the `broker` and `gateway` processes, and client
+//! tools that talk ZeroMQ to a broker.
+
+use std::process::ExitCode;
+
+use broker::client::Producer;
+use clap::{Parser, Subcommand};
+use protocol::TaskSpec;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "miyamoto",
+    version,
+    about = "A fast, clusterable HTTP task queue"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Broker and gateway in one process: HTTP on $INTERFACE:8088, ZeroMQ on 7000/7001.
+    Standalone(StandaloneArgs),
+    /// A broker node (same as `miyamoto-broker`).
+    Broker(broker::cli::BrokerArgs),
+    /// A gateway (same as `miyamoto-gateway`).
+    Gateway(gateway::cli::GatewayArgs),
+    /// Enqueue a task over ZeroMQ and print its id.
+    Enqueue(EnqueueArgs),
+    /// Print a task's state as JSON.
+    Get(TaskRef),
+    /// Cancel a task.
+    Cancel(TaskRef),
+}
+
+#[derive(clap::Args, Debug)]
+struct StandaloneArgs {
+    #[command(flatten)]
+    broker: broker::cli::BrokerArgs,
+    /// HTTP address (default: $INTERFACE:8088, INTERFACE defaulting to 127.0.0.1).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Webhook deliveries in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct EnqueueArgs {
+    /// The broker's base-port endpoint.
+    #[arg(long, default_value = "tcp://127.0.0.1:7000")]
+    broker: String,
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// Target: http(s)://… or zmq://POOL.
+    url: String,
+    /// Parameters as KEY=VALUE.
+    params: Vec<String>,
+    #[arg(long)]
+    countdown: Option<f64>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    method: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct TaskRef {
+    #[arg(long, default_value = "tcp://127.0.0.1:7000")]
+    broker: String,
+    #[arg(long, default_value = "default")]
+    queue: String,
+    id: String,
+}
+
+fn main() -> ExitCode {
+    broker::cli::init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("miyamoto: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Standalone(args) => standalone(args),
+        Command::Broker(args) => broker::cli::run(args),
+        Command::Gateway(args) => tokio_runtime()?.block_on(gateway::cli::run(args)),
+        Command::Enqueue(a) => {
+            let params = a
+                .params
+                .iter()
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                    None => Err(anyhow::anyhow!("parameter {p:?} is not KEY=VALUE")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let spec = TaskSpec {
+                url: a.url,
+                params,
+                countdown: a.countdown,
+                name: a.name,
+                method: a.method,
+                ..Default::default()
+            };
+            let (id, eta) = Producer::connect(&a.broker)?.enqueue(&a.queue, spec)?;
+            println!("{{\"status\": \"scheduled\", \"id\": \"{id}\", \"eta\": {eta}}}");
+            Ok(())
+        }
+        Command::Get(t) => {
+            let info = Producer::connect(&t.broker)?.get(&t.queue, &t.id)?;
+            println!("{info:?}");
+            Ok(())
+        }
+        Command::Cancel(t) => {
+            Producer::connect(&t.broker)?.cancel(&t.queue, &t.id)?;
+            println!("{{\"status\": \"cancelled\", \"id\": \"{}\"}}", t.id);
+            Ok(())
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Broker threads and the gateway's runtime in one process; the gateway
+/// reaches the broker over loopback TCP exactly as a separate one would.
+fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
+    let node = broker::Node::start(args.broker.node_config()?)?;
+    let connect_host = match args.broker.bind.as_str() {
+        "0.0.0.0" | "*" => "127.0.0.1".to_string(),
+        "::" => "[::1]".to_string(),
+        other => other.to_string(),
+    };
+    let endpoint = format!("tcp://{connect_host}:{}", args.broker.port);
+    let listen = args
+        .listen
+        .unwrap_or_else(|| gateway::cli::default_listen(8088));
+    let link = gateway::broker_link::LinkConfig::for_broker(&endpoint, args.concurrency)
+        .map_err(anyhow::Error::msg)?;
+    let rt = tokio_runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        tracing::info!(%listen, broker = %endpoint, "miyamoto standalone ready");
+        gateway::serve(listener, link, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    node.shutdown();
+    Ok(())
+}

@@ -41,7 +41,9 @@ impl BrokerArgs {
             if v.is_finite() && v > 0.0 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(anyhow::anyhow!("--{name} must be a positive number of seconds"))
+                Err(anyhow::anyhow!(
+                    "--{name} must be a positive number of seconds"
+                ))
             }
         };
         if self.port == u16::MAX {

@@ -80,7 +80,11 @@ impl Producer {
             })?;
             let deadline = Instant::now() + self.attempt_timeout;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                if self.socket.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
+                if self
+                    .socket
+                    .poll(zmq::POLLIN, left.as_millis().max(1) as i64)?
+                    == 0
+                {
                     break;
                 }
                 let parts = self.socket.recv_multipart(0)?;

@@ -137,7 +137,12 @@ impl Dispatcher {
                 return;
             }
         };
-        if let WorkerMessage::Ready { pools, credit, name } = msg {
+        if let WorkerMessage::Ready {
+            pools,
+            credit,
+            name,
+        } = msg
+        {
             self.register(identity, pools, credit, name, now, out);
             return;
         }
@@ -281,7 +286,13 @@ impl Dispatcher {
 
     /// A `Task` message could not be sent: put it back in front of its
     /// pool. An unreachable worker is forgotten.
-    pub fn unsent(&mut self, identity: &[u8], delivery: u64, unreachable: bool, out: &mut Vec<Out>) {
+    pub fn unsent(
+        &mut self,
+        identity: &[u8],
+        delivery: u64,
+        unreachable: bool,
+        out: &mut Vec<Out>,
+    ) {
         if let Some(w) = self.workers.get_mut(identity) {
             if let Some(f) = w.in_flight.remove(&delivery) {
                 if let Some(waiting) = f.waiting {
@@ -431,7 +442,9 @@ mod tests {
     fn sent_tasks(out: &[Out]) -> Vec<(Vec<u8>, u64)> {
         out.iter()
             .filter_map(|o| match o {
-                Out::Send(id, BrokerMessage::Task { delivery, .. }) => Some((id.clone(), *delivery)),
+                Out::Send(id, BrokerMessage::Task { delivery, .. }) => {
+                    Some((id.clone(), *delivery))
+                }
                 _ => None,
             })
             .collect()
@@ -499,10 +512,15 @@ mod tests {
         d.on_dispatch("p".into(), 7, 60.0, task("t"), now, &mut out);
         out.clear();
         d.tick(now + Duration::from_secs(6), &mut out);
-        assert!(out.iter().any(|o| matches!(o, Out::Schedule(Command::Lost { delivery: 7, .. }))));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Out::Schedule(Command::Lost { delivery: 7, .. }))));
         assert_eq!(d.worker_count(), 0);
         out.clear();
         d.on_message(b"w", Ok(WorkerMessage::Heartbeat), now, &mut out);
-        assert!(matches!(out[0], Out::Send(_, BrokerMessage::Disconnect { .. })));
+        assert!(matches!(
+            out[0],
+            Out::Send(_, BrokerMessage::Disconnect { .. })
+        ));
     }
 }

@@ -92,15 +92,19 @@ impl Node {
             config.base_port + WORKER_PORT_OFFSET
         );
         let clients = sockets::router(&ctx)?;
-        clients.bind(&client_endpoint).map_err(|source| StartError::Bind {
-            endpoint: client_endpoint.clone(),
-            source,
-        })?;
+        clients
+            .bind(&client_endpoint)
+            .map_err(|source| StartError::Bind {
+                endpoint: client_endpoint.clone(),
+                source,
+            })?;
         let workers = sockets::router(&ctx)?;
-        workers.bind(&worker_endpoint).map_err(|source| StartError::Bind {
-            endpoint: worker_endpoint.clone(),
-            source,
-        })?;
+        workers
+            .bind(&worker_endpoint)
+            .map_err(|source| StartError::Bind {
+                endpoint: worker_endpoint.clone(),
+                source,
+            })?;
 
         let (bell, doorbell) = sockets::doorbell()?;
         let (cmd_tx, cmd_rx) = unbounded();

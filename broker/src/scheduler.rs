@@ -270,7 +270,10 @@ impl Store {
                 Some((id, t)) => ReplyBody::Task {
                     task: self.info(id, t),
                 },
-                None => error(ErrorCode::NotFound, format!("no task {id} in queue {queue}")),
+                None => error(
+                    ErrorCode::NotFound,
+                    format!("no task {id} in queue {queue}"),
+                ),
             },
             ClientCommand::Ping => ReplyBody::Pong {
                 node: self.config.node_id.clone(),
@@ -311,8 +314,8 @@ impl Store {
     fn enqueue(&mut self, spec: ValidTask, now_us: u64) -> ReplyBody {
         let id = Uuid::new_v4();
         let replica = 0u32;
-        let fire_at =
-            secs_to_micros(spec.eta) + replica as u64 * self.config.replica_offset.as_micros() as u64;
+        let fire_at = secs_to_micros(spec.eta)
+            + replica as u64 * self.config.replica_offset.as_micros() as u64;
         let reply = ReplyBody::Enqueued {
             id: id.to_string(),
             queue: spec.queue.clone(),
@@ -343,15 +346,31 @@ impl Store {
         (t.spec.queue == queue).then_some((id, t))
     }
 
-    fn cancel(&mut self, queue: &str, id_str: &str, now_us: u64, out: &mut Vec<Event>) -> ReplyBody {
+    fn cancel(
+        &mut self,
+        queue: &str,
+        id_str: &str,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> ReplyBody {
         let Some((id, task)) = self.find(queue, id_str) else {
-            return error(ErrorCode::NotFound, format!("no task {id_str} in queue {queue}"));
+            return error(
+                ErrorCode::NotFound,
+                format!("no task {id_str} in queue {queue}"),
+            );
         };
         match task.state {
             TaskState::Succeeded => {
-                return error(ErrorCode::NotFound, format!("task {id_str} already succeeded"))
+                return error(
+                    ErrorCode::NotFound,
+                    format!("task {id_str} already succeeded"),
+                )
             }
-            TaskState::Cancelled => return ReplyBody::Cancelled { id: id_str.to_string() },
+            TaskState::Cancelled => {
+                return ReplyBody::Cancelled {
+                    id: id_str.to_string(),
+                }
+            }
             _ => {}
         }
         if let Some(task) = self.tasks.get_mut(&id) {
@@ -522,7 +541,11 @@ pub fn spawn(
                     }
                     store.apply(cmd, now_micros(), &mut out);
                     n += 1;
-                    next = if n < 1024 { commands.try_recv().ok() } else { None };
+                    next = if n < 1024 {
+                        commands.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 flush(&mut out, &events, &bell);
                 if stop {

@@ -40,7 +40,8 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
     if spec.url.is_empty() {
         return Err("task.url is required".into());
     }
-    let url = url::Url::parse(&spec.url).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
+    let url =
+        url::Url::parse(&spec.url).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
     let pool = match url.scheme() {
         "http" | "https" => {
             if url.host_str().is_none_or(str::is_empty) {
@@ -50,19 +51,29 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
         }
         "zmq" => {
             let pool = url.host_str().unwrap_or("");
-            if !is_valid_pool_name(pool) || !matches!(url.path(), "" | "/") || url.query().is_some() {
-                return Err("zmq URLs must be zmq://POOL with POOL matching [A-Za-z0-9_.-]{1,100}".into());
+            if !is_valid_pool_name(pool) || !matches!(url.path(), "" | "/") || url.query().is_some()
+            {
+                return Err(
+                    "zmq URLs must be zmq://POOL with POOL matching [A-Za-z0-9_.-]{1,100}".into(),
+                );
             }
             pool.to_string()
         }
-        other => return Err(format!("task.url scheme must be http, https or zmq, not {other:?}")),
+        other => {
+            return Err(format!(
+                "task.url scheme must be http, https or zmq, not {other:?}"
+            ))
+        }
     };
     let method = match spec.method.as_deref() {
         None | Some("") => "POST".to_string(),
         Some(m) => {
             let upper = m.to_ascii_uppercase();
             if !METHODS.contains(&upper.as_str()) {
-                return Err(format!("task.method must be one of {}, not {m:?}", METHODS.join(", ")));
+                return Err(format!(
+                    "task.method must be one of {}, not {m:?}",
+                    METHODS.join(", ")
+                ));
             }
             upper
         }
@@ -75,7 +86,10 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
         None => spec.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum(),
     };
     if body_len > protocol::MAX_TASK_BODY_BYTES {
-        return Err(format!("the task body exceeds {} bytes", protocol::MAX_TASK_BODY_BYTES));
+        return Err(format!(
+            "the task body exceeds {} bytes",
+            protocol::MAX_TASK_BODY_BYTES
+        ));
     }
     let eta = match (spec.countdown, spec.eta) {
         (Some(_), Some(_)) => return Err("task.countdown and task.eta are exclusive".into()),
@@ -107,7 +121,11 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
     let timeout = match spec.timeout {
         None => DEFAULT_TIMEOUT_SECS,
         Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS => t,
-        Some(_) => return Err(format!("task.timeout must be between 0 and {MAX_TIMEOUT_SECS} seconds")),
+        Some(_) => {
+            return Err(format!(
+                "task.timeout must be between 0 and {MAX_TIMEOUT_SECS} seconds"
+            ))
+        }
     };
     for (k, v) in &spec.headers {
         if k.is_empty() || !k.bytes().all(is_token_byte) {
@@ -147,7 +165,10 @@ mod tests {
     use super::*;
 
     fn spec(url: &str) -> TaskSpec {
-        TaskSpec { url: url.into(), ..Default::default() }
+        TaskSpec {
+            url: url.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -169,20 +190,53 @@ mod tests {
         bad(spec("ftp://x/"));
         bad(spec("not a url"));
         bad(spec("zmq://a/b"));
-        bad(TaskSpec { countdown: Some(1.0), eta: Some(1.0), ..spec("http://a/") });
-        bad(TaskSpec { countdown: Some(f64::NAN), ..spec("http://a/") });
-        bad(TaskSpec { eta: Some(now + 31.0 * 86400.0), ..spec("http://a/") });
-        bad(TaskSpec { name: Some("a b".into()), ..spec("http://a/") });
-        bad(TaskSpec { method: Some("TRACE".into()), ..spec("http://a/") });
-        bad(TaskSpec { timeout: Some(0.0), ..spec("http://a/") });
-        bad(TaskSpec { headers: vec![("a b".into(), "v".into())], ..spec("http://a/") });
-        bad(TaskSpec { headers: vec![("a".into(), "v\r\nx".into())], ..spec("http://a/") });
+        bad(TaskSpec {
+            countdown: Some(1.0),
+            eta: Some(1.0),
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            countdown: Some(f64::NAN),
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            eta: Some(now + 31.0 * 86400.0),
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            name: Some("a b".into()),
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            method: Some("TRACE".into()),
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            timeout: Some(0.0),
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            headers: vec![("a b".into(), "v".into())],
+            ..spec("http://a/")
+        });
+        bad(TaskSpec {
+            headers: vec![("a".into(), "v\r\nx".into())],
+            ..spec("http://a/")
+        });
         assert!(validate("bad_queue", spec("http://a/"), now).is_err());
     }
 
     #[test]
     fn past_eta_means_now() {
-        let t = validate("default", TaskSpec { eta: Some(5.0), ..spec("http://a/") }, 1000.0).unwrap();
+        let t = validate(
+            "default",
+            TaskSpec {
+                eta: Some(5.0),
+                ..spec("http://a/")
+            },
+            1000.0,
+        )
+        .unwrap();
         assert_eq!(t.eta, 1000.0);
     }
 }

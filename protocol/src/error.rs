@@ -83,7 +83,10 @@ impl fmt::Display for Error {
                 "expected 3 frames (empty delimiter, header, body), got {n}"
             ),
             Kind::Delimiter => write!(f, "the first frame must be empty (the delimiter)"),
-            Kind::Header => write!(f, "the header frame must be \"MYM\" followed by a version byte"),
+            Kind::Header => write!(
+                f,
+                "the header frame must be \"MYM\" followed by a version byte"
+            ),
             Kind::Version(v) => write!(
                 f,
                 "protocol version {v} is not supported (this node speaks {})",

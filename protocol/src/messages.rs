@@ -67,6 +67,8 @@ pub enum ClientCommand {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct TaskSpec {
     /// `http://…`, `https://…` (a webhook) or `zmq://POOL` (pulling workers).
+    /// Missing or empty is rejected with `bad_request`.
+    #[serde(default)]
     pub url: String,
     /// POST (default), GET, PUT, PATCH or DELETE.
     #[serde(default)]
@@ -316,16 +318,14 @@ pub fn is_valid_queue_name(s: &str) -> bool {
 /// `[A-Za-z0-9_-]{1,500}`.
 pub fn is_valid_task_name(s: &str) -> bool {
     (1..=500).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `[A-Za-z0-9_.-]{1,100}`: the POOL of a `zmq://POOL` URL.
 pub fn is_valid_pool_name(s: &str) -> bool {
     (1..=100).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -407,17 +407,44 @@ mod tests {
     #[test]
     fn replies_round_trip() {
         let replies = vec![
-            ReplyBody::Enqueued { id: "x".into(), queue: "q".into(), eta: 12.5 },
+            ReplyBody::Enqueued {
+                id: "x".into(),
+                queue: "q".into(),
+                eta: 12.5,
+            },
             ReplyBody::Cancelled { id: "x".into() },
-            ReplyBody::Pong { node: "n".into(), version: "1".into() },
-            ReplyBody::Error { code: ErrorCode::BadRequest, reason: "no".into() },
-            ReplyBody::Task { task: TaskInfo {
-                id: "x".into(), queue: "q".into(), name: None, url: "http://a/".into(), method: "POST".into(),
-                state: TaskState::Retrying, eta: 3.0, attempts: 2, executions: 1, last_status: Some(500),
-                last_error: Some("HTTP 500".into()), created: 1.0, replica: 0, replica_offset: 5.0 } },
+            ReplyBody::Pong {
+                node: "n".into(),
+                version: "1".into(),
+            },
+            ReplyBody::Error {
+                code: ErrorCode::BadRequest,
+                reason: "no".into(),
+            },
+            ReplyBody::Task {
+                task: TaskInfo {
+                    id: "x".into(),
+                    queue: "q".into(),
+                    name: None,
+                    url: "http://a/".into(),
+                    method: "POST".into(),
+                    state: TaskState::Retrying,
+                    eta: 3.0,
+                    attempts: 2,
+                    executions: 1,
+                    last_status: Some(500),
+                    last_error: Some("HTTP 500".into()),
+                    created: 1.0,
+                    replica: 0,
+                    replica_offset: 5.0,
+                },
+            },
         ];
         for body in replies {
-            let r = ClientReply { request_id: "r".into(), body };
+            let r = ClientReply {
+                request_id: "r".into(),
+                body,
+            };
             let back: ClientReply = decode(&encode(&r)).unwrap();
             assert_eq!(back, r);
         }
@@ -429,10 +456,26 @@ mod tests {
         // integer where a float is expected.
         use serde::Serialize;
         #[derive(Serialize)]
-        struct T<'a> { url: &'a str, countdown: u8 }
+        struct T<'a> {
+            url: &'a str,
+            countdown: u8,
+        }
         #[derive(Serialize)]
-        struct R<'a> { request_id: &'a str, #[serde(rename = "type")] ty: &'a str, task: T<'a> }
-        let body = rmp_serde::to_vec_named(&R { request_id: "1", ty: "enqueue", task: T { url: "zmq://p", countdown: 5 } }).unwrap();
+        struct R<'a> {
+            request_id: &'a str,
+            #[serde(rename = "type")]
+            ty: &'a str,
+            task: T<'a>,
+        }
+        let body = rmp_serde::to_vec_named(&R {
+            request_id: "1",
+            ty: "enqueue",
+            task: T {
+                url: "zmq://p",
+                countdown: 5,
+            },
+        })
+        .unwrap();
         let frames = vec![Vec::new(), crate::frames::header().to_vec(), body];
         let req: ClientRequest = decode(&frames).unwrap();
         match req.command {

@@ -1,1 +1,14 @@
-fn main(){}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    broker::cli::init_logging();
+    let args = gateway::cli::GatewayArgs::parse();
+    match gateway::cli::run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("miyamoto-gateway: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

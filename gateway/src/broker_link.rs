@@ -1,0 +1,321 @@
+//! The gateway's ZeroMQ side: one dedicated thread that owns both sockets
+//! to the broker and is linked to tokio by channels.
+//!
+//! * Requests (enqueue, get, cancel) from HTTP handlers arrive on a
+//!   crossbeam channel with a `oneshot` for the reply; the thread sends
+//!   them on a DEALER to the broker's base port and matches replies by
+//!   request id. `ZMQ_IMMEDIATE` makes a send fail at once while no broker
+//!   is connected, so the caller gets a 503 rather than a late enqueue.
+//! * Webhook work: the thread registers on the broker's worker port for
+//!   the `*http` pool with the dispatcher's concurrency as credit, passes
+//!   each task to tokio, and sends back the results webhooks report.
+//!
+//! The doorbell wakes the thread from `zmq::poll` when a channel has work.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use broker::sockets::{self, Bell, Doorbell};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use protocol::{
+    BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
+    ReplyBody, WorkerMessage, HTTP_POOL,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a request to the broker got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// No broker is connected.
+    NotConnected,
+    /// The broker did not answer in time.
+    Timeout,
+    /// The link thread has stopped.
+    Closed,
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::NotConnected => write!(f, "no broker is reachable"),
+            LinkError::Timeout => write!(f, "the broker did not answer in time"),
+            LinkError::Closed => write!(f, "the gateway's broker link has stopped"),
+        }
+    }
+}
+
+/// Settings of the link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The broker's base-port endpoint, e.g. `tcp://127.0.0.1:7000`.
+    pub client_endpoint: String,
+    /// The broker's worker endpoint (base port + 1).
+    pub worker_endpoint: String,
+    /// Webhooks in flight at once (the credit granted to the broker).
+    pub concurrency: u32,
+    pub request_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// Re-register after hearing nothing from the broker this long.
+    pub broker_expiry: Duration,
+}
+
+impl LinkConfig {
+    /// Derives the worker endpoint (port + 1) from a base-port endpoint.
+    pub fn for_broker(client_endpoint: &str, concurrency: u32) -> Result<LinkConfig, String> {
+        let (head, port) = client_endpoint
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{client_endpoint:?} is not tcp://HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{client_endpoint:?} does not end in a port number"))?;
+        if !head.starts_with("tcp://") || port == u16::MAX {
+            return Err(format!("{client_endpoint:?} is not tcp://HOST:PORT"));
+        }
+        Ok(LinkConfig {
+            client_endpoint: client_endpoint.to_string(),
+            worker_endpoint: format!("{head}:{}", port + 1),
+            concurrency: concurrency.max(1),
+            request_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            broker_expiry: Duration::from_secs(5),
+        })
+    }
+}
+
+struct LinkRequest {
+    command: ClientCommand,
+    reply: oneshot::Sender<Result<ReplyBody, LinkError>>,
+}
+
+/// The handle HTTP handlers use; cheap to clone.
+#[derive(Clone)]
+pub struct BrokerLink {
+    requests: Sender<LinkRequest>,
+    results: Sender<DeliveryResult>,
+    bell: Bell,
+    stop: Arc<AtomicBool>,
+}
+
+/// A task to deliver, handed from the link thread to tokio.
+#[derive(Debug)]
+pub struct Delivery {
+    pub delivery: u64,
+    pub task: DeliveredTask,
+}
+
+impl BrokerLink {
+    /// Starts the link thread. Webhook tasks arrive on the returned receiver.
+    pub fn start(
+        config: LinkConfig,
+    ) -> std::io::Result<(BrokerLink, mpsc::UnboundedReceiver<Delivery>)> {
+        let (bell, doorbell) = sockets::doorbell()?;
+        let (req_tx, req_rx) = unbounded();
+        let (res_tx, res_rx) = unbounded();
+        let (job_tx, job_rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        thread::Builder::new()
+            .name("broker-link".into())
+            .spawn(move || {
+                if let Err(e) = run(config, doorbell, req_rx, res_rx, job_tx, &thread_stop) {
+                    tracing::error!(error = %e, "broker link stopped");
+                }
+            })?;
+        Ok((
+            BrokerLink {
+                requests: req_tx,
+                results: res_tx,
+                bell,
+                stop,
+            },
+            job_rx,
+        ))
+    }
+
+    /// Sends a request to the broker and waits for its reply.
+    pub async fn request(&self, command: ClientCommand) -> Result<ReplyBody, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(LinkRequest { command, reply: tx })
+            .map_err(|_| LinkError::Closed)?;
+        self.bell.ring();
+        rx.await.unwrap_or(Err(LinkError::Closed))
+    }
+
+    /// Reports a webhook's outcome to the broker.
+    pub fn report(&self, result: DeliveryResult) {
+        if self.results.send(result).is_ok() {
+            self.bell.ring();
+        }
+    }
+
+    /// Stops the link thread.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.bell.ring();
+    }
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<ReplyBody, LinkError>>,
+    deadline: Instant,
+}
+
+fn run(
+    config: LinkConfig,
+    doorbell: Doorbell,
+    requests: Receiver<LinkRequest>,
+    results: Receiver<DeliveryResult>,
+    jobs: mpsc::UnboundedSender<Delivery>,
+    stop: &AtomicBool,
+) -> Result<(), zmq::Error> {
+    let ctx = zmq::Context::new();
+    let client = sockets::dealer(&ctx, true)?;
+    client.connect(&config.client_endpoint)?;
+    let mut worker = Registration::new(&ctx, &config)?;
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let tick = Duration::from_millis(100);
+    loop {
+        let (c, w) = {
+            let mut items = [
+                client.as_poll_item(zmq::POLLIN),
+                worker.socket.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(doorbell.fd(), zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, tick.as_millis() as i64) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            (items[0].is_readable(), items[1].is_readable())
+        };
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        doorbell.clear();
+        let now = Instant::now();
+        while let Ok(r) = requests.try_recv() {
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let frames = protocol::encode(&ClientRequest {
+                request_id: request_id.clone(),
+                command: r.command,
+            });
+            match sockets::send_parts(&client, &frames) {
+                Ok(()) => {
+                    pending.insert(
+                        request_id,
+                        Pending {
+                            reply: r.reply,
+                            deadline: now + config.request_timeout,
+                        },
+                    );
+                }
+                Err(_) => {
+                    let _ = r.reply.send(Err(LinkError::NotConnected));
+                }
+            }
+        }
+        while let Ok(result) = results.try_recv() {
+            worker.send(&WorkerMessage::Result(result));
+        }
+        if c {
+            while let Some(parts) = sockets::try_recv(&client) {
+                match protocol::decode::<ClientReply, _>(&parts) {
+                    Ok(reply) => {
+                        if let Some(p) = pending.remove(&reply.request_id) {
+                            let _ = p.reply.send(Ok(reply.body));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "undecodable reply from broker"),
+                }
+            }
+        }
+        if w {
+            while let Some(parts) = sockets::try_recv(&worker.socket) {
+                worker.last_heard = Instant::now();
+                match protocol::decode::<BrokerMessage, _>(&parts) {
+                    Ok(BrokerMessage::Task { delivery, task }) => {
+                        let _ = jobs.send(Delivery { delivery, task });
+                    }
+                    Ok(BrokerMessage::Heartbeat) => {}
+                    Ok(BrokerMessage::Disconnect { reason }) => {
+                        tracing::info!(%reason, "broker asked the dispatcher to register again");
+                        worker.ready();
+                    }
+                    Ok(BrokerMessage::Error { reason, .. }) => {
+                        tracing::warn!(%reason, "broker reported an error to the dispatcher")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "undecodable message from broker"),
+                }
+            }
+        }
+        let now = Instant::now();
+        pending.retain(|_, p| {
+            if p.deadline <= now {
+                // The sender may be gone (client hung up): nothing to do.
+                let reply = std::mem::replace(&mut p.reply, oneshot::channel().0);
+                let _ = reply.send(Err(LinkError::Timeout));
+                false
+            } else {
+                true
+            }
+        });
+        worker.keep_alive(&ctx, &config)?;
+    }
+}
+
+/// The dispatcher's registration on the worker port.
+struct Registration {
+    socket: zmq::Socket,
+    last_heard: Instant,
+    last_sent: Instant,
+    concurrency: u32,
+}
+
+impl Registration {
+    fn new(ctx: &zmq::Context, config: &LinkConfig) -> Result<Registration, zmq::Error> {
+        let socket = sockets::dealer(ctx, false)?;
+        socket.connect(&config.worker_endpoint)?;
+        let now = Instant::now();
+        let mut r = Registration {
+            socket,
+            last_heard: now,
+            last_sent: now,
+            concurrency: config.concurrency,
+        };
+        r.ready();
+        Ok(r)
+    }
+
+    fn send(&mut self, msg: &WorkerMessage) {
+        // Queued by ZeroMQ while the broker is away; dropped only when the
+        // high-water mark is reached, which the broker's heartbeat expiry
+        // and our re-registration recover from.
+        if sockets::send_parts(&self.socket, &protocol::encode(msg)).is_ok() {
+            self.last_sent = Instant::now();
+        }
+    }
+
+    fn ready(&mut self) {
+        self.send(&WorkerMessage::Ready {
+            pools: vec![HTTP_POOL.to_string()],
+            credit: self.concurrency,
+            name: Some(format!("gateway-{}", std::process::id())),
+        });
+    }
+
+    fn keep_alive(&mut self, ctx: &zmq::Context, config: &LinkConfig) -> Result<(), zmq::Error> {
+        let now = Instant::now();
+        if now.duration_since(self.last_heard) >= config.broker_expiry {
+            tracing::warn!("broker silent; registering again on a new connection");
+            *self = Registration::new(ctx, config)?;
+            return Ok(());
+        }
+        if now.duration_since(self.last_sent) >= config.heartbeat_interval {
+            self.send(&WorkerMessage::Heartbeat);
+        }
+        Ok(())
+    }
+}
