@@ -33,6 +33,27 @@ enum Command {
     Get(TaskRef),
     /// Cancel a task.
     Cancel(TaskRef),
+    /// A pull worker that logs each task as a JSON line and answers success.
+    Worker(WorkerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct WorkerArgs {
+    /// The broker's worker endpoint (base port + 1).
+    #[arg(long, default_value = "tcp://127.0.0.1:7001")]
+    broker: String,
+    /// Pools to serve (the POOL of zmq://POOL task URLs).
+    #[arg(long = "pool", required = true)]
+    pools: Vec<String>,
+    /// Tasks held at once.
+    #[arg(long, default_value_t = 1)]
+    credit: u32,
+    /// Seconds to hold each task before answering.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
+    /// Answer failure instead of success.
+    #[arg(long)]
+    fail: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -118,11 +139,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{info:?}");
             Ok(())
         }
+        Command::Worker(w) => work(w),
         Command::Cancel(t) => {
             Producer::connect(&t.broker)?.cancel(&t.queue, &t.id)?;
             println!("{{\"status\": \"cancelled\", \"id\": \"{}\"}}", t.id);
             Ok(())
         }
+    }
+}
+
+/// Serves tasks forever: one JSON line per task on stdout, flushed before
+/// the hold starts, so a watcher knows the task is in hand.
+fn work(args: WorkerArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
+    let mut worker = broker::client::Worker::connect(&args.broker, &pools, args.credit)?;
+    let hold = std::time::Duration::from_secs_f64(args.hold.max(0.0));
+    loop {
+        let Some(job) = worker.next(std::time::Duration::from_secs(1))? else {
+            continue;
+        };
+        let line = serde_json::json!({
+            "id": job.task.id,
+            "params": job.task.params,
+            "retry_count": job.task.retry_count,
+            "execution_count": job.task.execution_count,
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        drop(out);
+        // Keep heartbeats going while holding the task.
+        let until = std::time::Instant::now() + hold;
+        while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+            if let Some(extra) = worker.next(left)? {
+                // Credit 1 makes this rare; answer it as failed so it is retried.
+                worker.report(&extra, protocol::Outcome::Failure, Some("busy".into()))?;
+            }
+        }
+        let outcome = if args.fail {
+            protocol::Outcome::Failure
+        } else {
+            protocol::Outcome::Success
+        };
+        worker.report(&job, outcome, None)?;
     }
 }
 

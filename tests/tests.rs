@@ -1,0 +1,10 @@
+//! Cross-process tests: real `miyamoto` processes on real sockets, a real
+//! HTTP server receiving the webhooks. Every test runs under a timeout
+//! (see `util::run`), which kills its processes when it fires.
+
+mod util;
+
+mod api;
+mod python;
+mod webhooks;
+mod zmq_clients;

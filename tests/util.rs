@@ -1,0 +1,438 @@
+//! Shared helpers: process harness with a timeout, free ports, an HTTP
+//! client, and a scripted HTTP receiver that records every webhook.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+
+/// The `miyamoto` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_miyamoto"))
+}
+
+/// Unix seconds now.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Processes started by one test; all killed when the test ends.
+#[derive(Default)]
+pub struct Harness {
+    children: Mutex<Vec<Child>>,
+}
+
+/// Runs `f` with a harness; fails if it takes longer than `limit`.
+/// Processes are killed in every case.
+pub fn run<F>(limit: Duration, f: F)
+where
+    F: FnOnce(&Harness) + Send + 'static,
+{
+    let h = Arc::new(Harness::default());
+    let (tx, rx) = mpsc::channel();
+    let inner = h.clone();
+    let t = thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&inner)));
+        let _ = tx.send(());
+        r
+    });
+    let finished = rx.recv_timeout(limit).is_ok();
+    h.kill_all();
+    if !finished {
+        panic!("test timed out after {limit:?}");
+    }
+    if let Err(p) = t.join().expect("test thread") {
+        std::panic::resume_unwind(p);
+    }
+}
+
+impl Harness {
+    /// Starts `miyamoto ARGS`, its output going to a log file.
+    pub fn spawn(&self, args: &[&str]) -> u32 {
+        let log = log_file(args);
+        let child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn miyamoto");
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        pid
+    }
+
+    /// Starts `miyamoto ARGS` and hands back its stdout lines.
+    pub fn spawn_piped(&self, args: &[&str]) -> (u32, mpsc::Receiver<String>) {
+        let log = log_file(args);
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn miyamoto");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        (pid, rx)
+    }
+
+    /// Starts an arbitrary program (e.g. Python), output to a log file.
+    pub fn spawn_program(&self, program: &str, args: &[&str]) -> Child {
+        let log = log_file(args);
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"))
+    }
+
+    /// `kill -9` one of this test's processes.
+    pub fn kill(&self, pid: u32) {
+        let mut children = self.children.lock().unwrap();
+        if let Some(c) = children.iter_mut().find(|c| c.id() == pid) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn kill_all(&self) {
+        for c in self.children.lock().unwrap().iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `miyamoto standalone` on free ports, ready to serve.
+    pub fn standalone(&self) -> Node {
+        let base = free_base();
+        let http = free_port();
+        let listen = format!("127.0.0.1:{http}");
+        let pid = self.spawn(&[
+            "standalone",
+            "--port",
+            &base.to_string(),
+            "--listen",
+            &listen,
+        ]);
+        let _ = pid;
+        let node = Node { base, http };
+        node.wait_ready();
+        node
+    }
+
+    /// `miyamoto broker` on a free base port.
+    pub fn broker(&self, base: u16) -> u32 {
+        self.spawn(&["broker", "--port", &base.to_string()])
+    }
+}
+
+fn log_file(args: &[&str]) -> std::fs::File {
+    static N: AtomicU16 = AtomicU16::new(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!(
+        "{}-{}-{}.log",
+        args.first().copied().unwrap_or("x").replace('/', "_"),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    std::fs::File::create(dir.join(name)).unwrap()
+}
+
+/// A standalone node's addresses.
+pub struct Node {
+    pub base: u16,
+    pub http: u16,
+}
+
+impl Node {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.http, path)
+    }
+    pub fn client_endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.base)
+    }
+    pub fn worker_endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.base + 1)
+    }
+    /// Waits until `GET /health` answers 200 (the gateway reached the broker).
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = try_http("GET", &self.url("/health"), &[], "") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node on {} never became ready", self.http);
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A base port whose successor is free too.
+pub fn free_base() -> u16 {
+    for _ in 0..100 {
+        let p = free_port();
+        if p < 65000
+            && TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// One HTTP request; the answer's status and JSON body (Null if not JSON).
+pub fn try_http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<(u16, Value), String> {
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(body.into()))
+        .map_err(|e| e.to_string())?;
+    runtime().block_on(async {
+        let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let fut = async {
+            let resp = client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+        };
+        tokio::time::timeout(Duration::from_secs(15), fut)
+            .await
+            .map_err(|_| "HTTP request timed out".to_string())?
+    })
+}
+
+/// Like [`try_http`], panicking on transport errors.
+pub fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (u16, Value) {
+    try_http(method, url, headers, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// A form-encoded POST.
+pub fn post_form(url: &str, body: &str) -> (u16, Value) {
+    http(
+        "POST",
+        url,
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        body.to_string(),
+    )
+}
+
+/// A webhook as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+    /// Unix seconds when it arrived.
+    pub at: f64,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// How the receiver answers one request.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            headers: vec![],
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A real HTTP server on a free port that records every request and
+/// answers from a script (then 200).
+pub struct Receiver {
+    pub addr: SocketAddr,
+    seen: Mutex<mpsc::Receiver<Seen>>,
+    script: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let script: Arc<Mutex<VecDeque<Answer>>> = Arc::default();
+        let s = script.clone();
+        runtime().spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let tx = tx.clone();
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        let s = s.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let _ = tx.send(Seen {
+                                method: parts.method.to_string(),
+                                target: parts.uri.to_string(),
+                                headers: parts.headers,
+                                body,
+                                at: now(),
+                            });
+                            let answer =
+                                s.lock().unwrap().pop_front().unwrap_or(Answer::status(200));
+                            tokio::time::sleep(answer.delay).await;
+                            let mut resp =
+                                hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *resp.status_mut() =
+                                hyper::StatusCode::from_u16(answer.status).unwrap();
+                            for (k, v) in answer.headers {
+                                resp.headers_mut().insert(k, v.parse().unwrap());
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            seen: Mutex::new(rx),
+            script,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Queues answers for the next requests.
+    pub fn answer(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.script.lock().unwrap().extend(answers);
+    }
+
+    /// The next request, waiting up to `wait`.
+    pub fn next(&self, wait: Duration) -> Option<Seen> {
+        self.seen.lock().unwrap().recv_timeout(wait).ok()
+    }
+
+    /// The next request, or a panic after `wait`.
+    pub fn expect(&self, wait: Duration) -> Seen {
+        self.next(wait)
+            .unwrap_or_else(|| panic!("no webhook arrived within {wait:?}"))
+    }
+}
+
+/// Polls `GET /queue/Q/tasks/ID` until `pred` holds on the JSON.
+pub fn wait_task(
+    node: &Node,
+    queue: &str,
+    id: &str,
+    wait: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + wait;
+    let url = node.url(&format!("/queue/{queue}/tasks/{id}"));
+    loop {
+        let (status, v) = http("GET", &url, &[], "");
+        if status == 200 && pred(&v) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("task {id} never reached the expected state; last: {status} {v}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
