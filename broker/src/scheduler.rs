@@ -33,6 +33,9 @@ const REQUEST_DEDUP_MAX: usize = 1_000_000;
 
 /// What the I/O loop asks of the scheduler.
 #[derive(Debug)]
+// Commands are moved through a channel once; boxing would add an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// A client request; the reply goes back to `identity`.
     Request {
@@ -52,6 +55,7 @@ pub enum Command {
 
 /// What the scheduler tells the I/O loop.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     Reply {
         identity: Vec<u8>,

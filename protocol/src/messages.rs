@@ -271,6 +271,9 @@ pub enum Outcome {
 /// What a broker sends on the worker port.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// Messages live only between decode and dispatch; boxing would cost an
+// allocation per task for no saving.
+#[allow(clippy::large_enum_variant)]
 pub enum BrokerMessage {
     /// One delivery; answer with [`WorkerMessage::Result`] quoting `delivery`.
     Task { delivery: u64, task: DeliveredTask },
