@@ -302,3 +302,42 @@ fn gateway_without_broker_answers_503() {
         assert_error(resp, 503, "no broker");
     });
 }
+
+#[test]
+fn separate_gateway_survives_a_broker_restart() {
+    run(LIMIT, |h| {
+        let base = free_base();
+        let http_port = free_port();
+        let broker = h.broker(base);
+        h.spawn(&[
+            "gateway",
+            "--listen",
+            &format!("127.0.0.1:{http_port}"),
+            "--broker",
+            &format!("tcp://127.0.0.1:{base}"),
+        ]);
+        let node = Node {
+            base,
+            http: http_port,
+        };
+        node.wait_ready();
+        let rx = Receiver::start();
+        let (status, _) = post_form(
+            &node.url("/queue"),
+            &format!("task.url={}", rx.url("/before")),
+        );
+        assert_eq!(status, 200);
+        assert_eq!(rx.expect(Duration::from_secs(10)).target, "/before");
+
+        h.kill(broker);
+        h.broker(base);
+        node.wait_ready();
+        let (status, _) = post_form(
+            &node.url("/queue"),
+            &format!("task.url={}", rx.url("/after")),
+        );
+        assert_eq!(status, 200);
+        // The gateway's dispatcher registers again on the new broker.
+        assert_eq!(rx.expect(Duration::from_secs(15)).target, "/after");
+    });
+}

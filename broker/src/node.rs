@@ -276,7 +276,7 @@ impl IoLoop {
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "malformed client request");
                     let reply = ClientReply {
-                        request_id: String::new(),
+                        request_id: protocol::frames::peek_request_id(rest).unwrap_or_default(),
                         body: ReplyBody::Error {
                             code: e.code(),
                             reason: e.to_string(),

@@ -28,6 +28,8 @@ use crate::validate::{validate, ValidTask};
 
 /// How long a request id is remembered for deduplication.
 pub const REQUEST_DEDUP: Duration = Duration::from_secs(600);
+/// Longest accepted request id.
+pub const MAX_REQUEST_ID_BYTES: usize = 100;
 /// At most this many request ids are remembered.
 const REQUEST_DEDUP_MAX: usize = 1_000_000;
 
@@ -252,11 +254,20 @@ impl Store {
     }
 
     fn request(&mut self, req: ClientRequest, now_us: u64, out: &mut Vec<Event>) -> ClientReply {
+        if !(1..=MAX_REQUEST_ID_BYTES).contains(&req.request_id.len()) {
+            return ClientReply {
+                request_id: req.request_id,
+                body: error(
+                    ErrorCode::BadRequest,
+                    format!("request_id must be 1 to {MAX_REQUEST_ID_BYTES} bytes"),
+                ),
+            };
+        }
         let mutating = matches!(
             req.command,
             ClientCommand::Enqueue { .. } | ClientCommand::Cancel { .. }
         );
-        if mutating && !req.request_id.is_empty() {
+        if mutating {
             if let Some(r) = self.recent_requests.get(&req.request_id) {
                 self.stats.duplicate_requests += 1;
                 return r.clone();
@@ -288,7 +299,7 @@ impl Store {
             request_id: req.request_id,
             body,
         };
-        if mutating && !reply.request_id.is_empty() {
+        if mutating {
             if self.recent_requests.len() >= REQUEST_DEDUP_MAX {
                 if let Some((_, old)) = self.recent_order.pop_front() {
                     self.recent_requests.remove(&old);

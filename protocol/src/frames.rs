@@ -46,6 +46,21 @@ pub fn decode<T: DeserializeOwned, F: AsRef<[u8]>>(frames: &[F]) -> Result<T, Er
     rmp_serde::from_slice(body).map_err(Error::body)
 }
 
+/// Reads just the `request_id` of a body that failed to decode as a whole,
+/// so the error reply can still be matched by the client. `None` when the
+/// body is not a map holding a `request_id` string.
+pub fn peek_request_id<F: AsRef<[u8]>>(frames: &[F]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        request_id: String,
+    }
+    let body = frames.last()?.as_ref();
+    if body.len() > MAX_BODY_BYTES {
+        return None;
+    }
+    rmp_serde::from_slice::<Id>(body).ok().map(|i| i.request_id)
+}
+
 /// Validates delimiter, header and version; returns the body frame.
 pub fn check_layout<F: AsRef<[u8]>>(frames: &[F]) -> Result<&[u8], Error> {
     if frames.len() != 3 {
@@ -86,8 +101,18 @@ mod tests {
         assert!(decode::<ClientRequest, _>(&bad)
             .unwrap_err()
             .is_unsupported_version());
+        // A map with a request id but a bad command still yields the id.
+        let mut bad = ok.clone();
+        bad[2] = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([
+            ("request_id", "abc"),
+            ("type", "nonsense"),
+        ]))
+        .unwrap();
+        assert!(decode::<ClientRequest, _>(&bad).unwrap_err().is_body());
+        assert_eq!(peek_request_id(&bad).as_deref(), Some("abc"));
         let mut bad = ok.clone();
         bad[2] = vec![0xc1];
+        assert_eq!(peek_request_id(&bad), None);
         assert!(decode::<ClientRequest, _>(&bad).unwrap_err().is_body());
     }
 }
