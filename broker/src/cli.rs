@@ -21,9 +21,14 @@ pub struct BrokerArgs {
     /// This node's id in logs and replies (default: node-PORT).
     #[arg(long)]
     pub node_id: Option<String>,
-    /// Seconds succeeded and cancelled tasks stay inspectable.
+    /// Seconds succeeded and cancelled tasks stay inspectable (default for
+    /// queues that do not set `retention`).
     #[arg(long, default_value_t = 3600.0)]
     pub retention: f64,
+    /// Queue configuration file (TOML): a `[defaults]` table for every
+    /// queue and one `[queues.NAME]` table per queue.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     /// Seconds between replicas' fire times.
     #[arg(long, default_value_t = 5.0)]
     pub replica_offset: f64,
@@ -49,6 +54,19 @@ impl BrokerArgs {
         if self.port == u16::MAX {
             anyhow::bail!("--port must leave room for PORT+1");
         }
+        let mut queue_defaults = protocol::QueueConfig {
+            retention: secs("retention", self.retention)?.as_secs_f64(),
+            ..Default::default()
+        };
+        let mut queues = Vec::new();
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let (d, q) = parse_queue_file(&text, queue_defaults)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            queue_defaults = d;
+            queues = q;
+        }
         Ok(NodeConfig {
             bind: self.bind.clone(),
             base_port: self.port,
@@ -57,9 +75,9 @@ impl BrokerArgs {
                     .node_id
                     .clone()
                     .unwrap_or_else(|| format!("node-{}", self.port)),
-                retention: secs("retention", self.retention)?,
+                queue_defaults,
+                queues,
                 replica_offset: secs("replica-offset", self.replica_offset)?,
-                ..Default::default()
             },
             dispatch: DispatchConfig {
                 heartbeat_interval: secs("heartbeat-interval", self.heartbeat_interval)?,
@@ -68,6 +86,37 @@ impl BrokerArgs {
             },
         })
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueFile {
+    #[serde(default)]
+    defaults: Option<protocol::QueueConfigPatch>,
+    #[serde(default)]
+    queues: std::collections::BTreeMap<String, protocol::QueueConfigPatch>,
+}
+
+/// Reads a queue configuration file: the defaults for every queue and the
+/// settings of each named queue, checked like `PUT /queue/NAME`.
+pub fn parse_queue_file(
+    text: &str,
+    mut defaults: protocol::QueueConfig,
+) -> Result<(protocol::QueueConfig, Vec<(String, protocol::QueueConfig)>), String> {
+    let file: QueueFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    if let Some(d) = file.defaults {
+        crate::queues::apply_patch(&mut defaults, d).map_err(|e| format!("[defaults]: {e}"))?;
+    }
+    let mut queues = Vec::new();
+    for (name, patch) in file.queues {
+        if !protocol::is_valid_queue_name(&name) {
+            return Err(format!("queue name {name:?} must match [A-Za-z0-9-]{{1,100}}"));
+        }
+        let mut c = defaults.clone();
+        crate::queues::apply_patch(&mut c, patch).map_err(|e| format!("[queues.{name}]: {e}"))?;
+        queues.push((name, c));
+    }
+    Ok((defaults, queues))
 }
 
 /// Starts a node and serves until the process is stopped.
@@ -85,4 +134,24 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_file() {
+        let (d, q) = parse_queue_file(
+            "[defaults]\nmax_attempts = 5\n[queues.emails]\nrate = 20\nburst = 5\n",
+            protocol::QueueConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(d.max_attempts, 5);
+        assert_eq!(q[0].0, "emails");
+        assert_eq!((q[0].1.rate, q[0].1.burst, q[0].1.max_attempts), (20.0, 5, 5));
+        assert!(parse_queue_file("[queues.x]\nrat = 1\n", Default::default()).is_err());
+        assert!(parse_queue_file("[queues.x]\nburst = 0\n", Default::default()).is_err());
+        assert!(parse_queue_file("[queues.\"a b\"]\n", Default::default()).is_err());
+    }
 }

@@ -111,6 +111,7 @@ impl Producer {
         match self.request(ClientCommand::Enqueue {
             queue: queue.into(),
             task,
+            wait: None,
         })? {
             ReplyBody::Enqueued { id, eta, .. } => Ok((id, eta)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -278,6 +279,8 @@ impl Worker {
             reason,
             retry_after: None,
             responded: true,
+            body: None,
+            no_retry: false,
         }))
     }
 

@@ -436,6 +436,7 @@ mod tests {
             timeout: 1.0,
             retry_count: 0,
             execution_count: 0,
+            signing_secrets: vec![],
         }
     }
 
@@ -486,6 +487,8 @@ mod tests {
                 reason: None,
                 retry_after: None,
                 responded: true,
+                body: None,
+                no_retry: false,
             })),
             now,
             &mut out,

@@ -7,6 +7,7 @@
 //!   every change of a task's state happens there.
 //! * [`dispatch`] — pulling workers (and gateways): registry, credit,
 //!   heartbeats, deadlines; owned by the I/O thread.
+//! * [`queues`] — per-queue settings, token bucket, tombstones, figures.
 //! * [`validate`] — enqueue rules; [`retry`] — the backoff policy.
 //! * [`sockets`] — the one place sockets are made, and the doorbell.
 //! * [`client`] — blocking Rust clients for producers and pulling workers.
@@ -17,6 +18,7 @@ pub mod client;
 pub mod clock;
 pub mod dispatch;
 pub mod node;
+pub mod queues;
 pub mod retry;
 pub mod scheduler;
 pub mod sockets;

@@ -13,6 +13,8 @@ pub struct RetryPolicy {
     pub max_doublings: u32,
     /// Attempts in all, the first included; `None` is unlimited.
     pub max_attempts: Option<u32>,
+    /// No retry starts this long after the first attempt; `None` is unlimited.
+    pub max_age: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -22,6 +24,7 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_secs(3600),
             max_doublings: 16,
             max_attempts: Some(100),
+            max_age: None,
         }
     }
 }
@@ -39,9 +42,18 @@ impl RetryPolicy {
         Duration::from_secs_f64(if secs.is_finite() { secs.min(max) } else { max })
     }
 
-    /// Whether another attempt may follow `attempts` attempts made.
-    pub fn allows_another(&self, attempts: u32) -> bool {
-        self.max_attempts.is_none_or(|max| attempts < max)
+    /// Whether another attempt may follow `attempts` attempts made, `age`
+    /// after the first one. With both limits set, retries stop only when
+    /// both are exhausted (App Engine's rule); with one, that one decides.
+    pub fn allows_another(&self, attempts: u32, age: Duration) -> bool {
+        let attempts_left = self.max_attempts.map(|max| attempts < max);
+        let age_left = self.max_age.map(|max| age < max);
+        match (attempts_left, age_left) {
+            (Some(a), Some(b)) => a || b,
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => true,
+        }
     }
 
     /// The delay before the next attempt after `attempts` attempts, at
@@ -72,6 +84,7 @@ mod tests {
             max_backoff: Duration::from_secs(300),
             max_doublings: 3,
             max_attempts: None,
+            max_age: None,
         };
         let got: Vec<f64> = (1..=7).map(|n| secs(&p, n)).collect();
         assert_eq!(got, vec![10.0, 20.0, 40.0, 80.0, 160.0, 240.0, 300.0]);
@@ -84,8 +97,27 @@ mod tests {
         assert!((secs(&p, 2) - 0.2).abs() < 1e-9);
         assert!((secs(&p, 3) - 0.4).abs() < 1e-9);
         assert_eq!(secs(&p, 90), 3600.0);
-        assert!(p.allows_another(99));
-        assert!(!p.allows_another(100));
+        assert!(p.allows_another(99, Duration::ZERO));
+        assert!(!p.allows_another(100, Duration::ZERO));
+    }
+
+    #[test]
+    fn both_limits_must_be_exhausted() {
+        let p = RetryPolicy {
+            max_attempts: Some(3),
+            max_age: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        assert!(p.allows_another(5, Duration::from_secs(10)), "age left");
+        assert!(p.allows_another(1, Duration::from_secs(100)), "attempts left");
+        assert!(!p.allows_another(3, Duration::from_secs(60)));
+        let age_only = RetryPolicy {
+            max_attempts: None,
+            max_age: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        assert!(age_only.allows_another(1000, Duration::from_secs(59)));
+        assert!(!age_only.allows_another(1, Duration::from_secs(60)));
     }
 
     #[test]

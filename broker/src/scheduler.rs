@@ -1,5 +1,5 @@
-//! The task store and its timers: every change to a task's state happens
-//! here, in [`Store::apply`] and [`Store::fire_due`].
+//! The task store, its queues and its timers: every change to a task's
+//! state happens here, in [`Store::apply`] and [`Store::fire_due`].
 //!
 //! [`Store`] is sans-IO (commands and a clock in, events out) so it can be
 //! tested without sockets; [`spawn`] runs it on its own thread, fed by a
@@ -9,22 +9,27 @@
 //!
 //! Timers are a `BTreeMap` keyed by (fire time µs, sequence): enqueue,
 //! cancel and firing are O(log n), so a million pending tasks stay cheap.
+//! A task whose timer fires joins its queue's ready line; the queue hands
+//! it to the dispatcher when its token bucket, concurrency cap, pause and
+//! 429/503 slow-down allow.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use protocol::{
-    ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult, ErrorCode, Outcome,
-    ReplyBody, TaskInfo, TaskState,
+    AttemptResult, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
+    ErrorCode, Outcome, QueueConfig, QueueConfigPatch, QueueInfo, ReplyBody, TaskDetail, TaskInfo,
+    TaskSpec, TaskState, HTTP_POOL,
 };
+use serde_bytes::ByteBuf;
 use uuid::Uuid;
 
 use crate::clock::{micros_to_secs, now_micros, secs_to_micros};
-use crate::retry::RetryPolicy;
+use crate::queues::{self, DedupEntry, KeyKind, Queue};
 use crate::sockets::Bell;
-use crate::validate::{validate, ValidTask};
+use crate::validate::{validate_with, ValidTask};
 
 /// How long a request id is remembered for deduplication.
 pub const REQUEST_DEDUP: Duration = Duration::from_secs(600);
@@ -32,6 +37,14 @@ pub const REQUEST_DEDUP: Duration = Duration::from_secs(600);
 pub const MAX_REQUEST_ID_BYTES: usize = 100;
 /// At most this many request ids are remembered.
 const REQUEST_DEDUP_MAX: usize = 1_000_000;
+/// How much of a worker's answer is kept with the task.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Most tasks in one batch.
+pub const MAX_BATCH: usize = 1000;
+/// Longest `wait` of an enqueue.
+pub const MAX_WAIT_SECS: f64 = 300.0;
+/// Longest slow-down a 429/503 imposes on its queue.
+const MAX_QUEUE_SLOWDOWN: Duration = Duration::from_secs(60);
 
 /// What the I/O loop asks of the scheduler.
 #[derive(Debug)]
@@ -78,9 +91,10 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     pub node_id: String,
-    pub retry: RetryPolicy,
-    /// How long succeeded and cancelled tasks stay inspectable.
-    pub retention: Duration,
+    /// Settings of queues created on first use.
+    pub queue_defaults: QueueConfig,
+    /// Queues configured at start (from the config file).
+    pub queues: Vec<(String, QueueConfig)>,
     /// Seconds between replicas' fire times (replica i fires at eta + i × offset).
     pub replica_offset: Duration,
 }
@@ -89,8 +103,8 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             node_id: "node".into(),
-            retry: RetryPolicy::default(),
-            retention: Duration::from_secs(3600),
+            queue_defaults: QueueConfig::default(),
+            queues: Vec::new(),
             replica_offset: Duration::from_secs(5),
         }
     }
@@ -111,7 +125,7 @@ pub struct Stats {
 
 struct Task {
     spec: ValidTask,
-    created: f64,
+    created_us: u64,
     replica: u32,
     state: TaskState,
     /// This replica's next fire time, or when a finished task expires.
@@ -121,32 +135,77 @@ struct Task {
     executions: u32,
     last_status: Option<u16>,
     last_error: Option<String>,
+    last_response: Option<Vec<u8>>,
+    first_attempt_us: Option<u64>,
     /// The delivery under way while `Running`.
     delivery: Option<u64>,
+    /// In its queue's ready line (due, waiting for a token or a slot).
+    in_ready: bool,
+    /// A callback report: gets no callbacks of its own.
+    is_callback: bool,
 }
 
-/// Every task of this node, and its timers.
+enum Timer {
+    /// Fire a pending task, or forget a finished one.
+    Task(Uuid),
+    /// A queue waiting for a token or for its 429/503 slow-down to end.
+    Wake(String),
+    /// An enqueue's `wait` ran out.
+    Wait(Uuid),
+    /// A name or idempotency key's tombstone may have expired.
+    Tombstone(String, KeyKind, String),
+}
+
+/// An enqueue holding its reply until the first attempt finishes.
+struct Waiter {
+    identity: Vec<u8>,
+    request_id: String,
+    queue: String,
+    eta: f64,
+    timer: (u64, u64),
+}
+
+/// The outcome of one settled attempt, as `settle` receives it.
+struct Verdict {
+    outcome: Outcome,
+    status: Option<u16>,
+    reason: Option<String>,
+    retry_after: Option<f64>,
+    responded: bool,
+    body: Option<Vec<u8>>,
+    no_retry: bool,
+}
+
+/// Every task of this node, its queues and its timers.
 pub struct Store {
     config: SchedulerConfig,
     tasks: HashMap<Uuid, Task>,
-    timers: BTreeMap<(u64, u64), Uuid>,
+    queues: HashMap<String, Queue>,
+    timers: BTreeMap<(u64, u64), Timer>,
     seq: u64,
     next_delivery: u64,
     recent_requests: HashMap<String, ClientReply>,
     recent_order: VecDeque<(u64, String)>,
+    waiters: HashMap<Uuid, Vec<Waiter>>,
     pub stats: Stats,
 }
 
 impl Store {
     pub fn new(config: SchedulerConfig) -> Self {
+        let mut queues = HashMap::new();
+        for (name, c) in &config.queues {
+            queues.insert(name.clone(), Queue::new(c.clone(), now_micros()));
+        }
         Store {
             config,
             tasks: HashMap::new(),
+            queues,
             timers: BTreeMap::new(),
             seq: 0,
             next_delivery: 1,
             recent_requests: HashMap::new(),
             recent_order: VecDeque::new(),
+            waiters: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -169,136 +228,243 @@ impl Store {
     pub fn apply(&mut self, cmd: Command, now_us: u64, out: &mut Vec<Event>) {
         match cmd {
             Command::Request { identity, request } => {
-                let reply = self.request(request, now_us, out);
-                out.push(Event::Reply { identity, reply });
+                if let Some(reply) = self.request(&identity, request, now_us, out) {
+                    out.push(Event::Reply { identity, reply });
+                }
             }
             Command::Result(r) => {
-                let responded = r.responded || r.outcome == Outcome::Success;
-                self.settle(
-                    &r.task_id,
-                    r.delivery,
-                    r.outcome,
-                    r.status,
-                    r.reason,
-                    r.retry_after,
-                    responded,
-                    now_us,
-                );
+                let verdict = Verdict {
+                    responded: r.responded || r.outcome == Outcome::Success,
+                    outcome: r.outcome,
+                    status: r.status,
+                    reason: r.reason,
+                    retry_after: r.retry_after,
+                    body: r.body.map(|b| b.into_vec()),
+                    no_retry: r.no_retry,
+                };
+                self.settle(&r.task_id, r.delivery, verdict, now_us, out);
             }
             Command::Lost {
                 delivery,
                 task_id,
                 reason,
-            } => self.settle(
-                &task_id,
-                delivery,
-                Outcome::Failure,
-                None,
-                Some(reason),
-                None,
-                false,
-                now_us,
-            ),
+            } => {
+                let verdict = Verdict {
+                    outcome: Outcome::Failure,
+                    status: None,
+                    reason: Some(reason),
+                    retry_after: None,
+                    responded: false,
+                    body: None,
+                    no_retry: false,
+                };
+                self.settle(&task_id, delivery, verdict, now_us, out);
+            }
             Command::Shutdown => {}
         }
     }
 
     /// Fires every timer due at `now_us`.
     pub fn fire_due(&mut self, now_us: u64, out: &mut Vec<Event>) {
-        while let Some((&key, &id)) = self.timers.iter().next() {
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        while let Some((&key, _)) = self.timers.iter().next() {
             if key.0 > now_us {
                 break;
             }
-            self.timers.remove(&key);
-            let Some(task) = self.tasks.get_mut(&id) else {
-                continue;
+            let Some(timer) = self.timers.remove(&key) else {
+                break;
             };
-            task.timer = None;
-            if task.state.is_final() {
-                if task.state != TaskState::Failed {
-                    self.tasks.remove(&id);
+            match timer {
+                Timer::Task(id) => {
+                    let Some(task) = self.tasks.get_mut(&id) else {
+                        continue;
+                    };
+                    task.timer = None;
+                    if task.state.is_final() {
+                        if task.state != TaskState::Failed {
+                            self.remove_task(id);
+                        }
+                        continue;
+                    }
+                    // Scheduled or Retrying: due. Join the ready line.
+                    task.in_ready = true;
+                    let queue = task.spec.queue.clone();
+                    if let Some(q) = self.queues.get_mut(&queue) {
+                        q.ready.push_back(id);
+                    }
+                    touched.insert(queue);
                 }
-                continue;
+                Timer::Wake(queue) => {
+                    if let Some(q) = self.queues.get_mut(&queue) {
+                        if q.wake == Some(key) {
+                            q.wake = None;
+                        }
+                    }
+                    touched.insert(queue);
+                }
+                Timer::Wait(id) => {
+                    if let Some(list) = self.waiters.get_mut(&id) {
+                        if let Some(pos) = list.iter().position(|w| w.timer == key) {
+                            let w = list.remove(pos);
+                            out.push(waiter_reply(w, id, None));
+                        }
+                        if list.is_empty() {
+                            self.waiters.remove(&id);
+                        }
+                    }
+                }
+                Timer::Tombstone(queue, kind, name) => {
+                    if let Some(q) = self.queues.get_mut(&queue) {
+                        let k = (kind, name);
+                        if q.keys
+                            .get(&k)
+                            .and_then(|e| e.tombstone_until)
+                            .is_some_and(|until| until <= now_us)
+                        {
+                            q.keys.remove(&k);
+                        }
+                    }
+                }
             }
-            // Scheduled or Retrying: start an attempt.
-            let delivery = self.next_delivery;
-            self.next_delivery += 1;
-            task.state = TaskState::Running;
-            task.delivery = Some(delivery);
-            let retry_count = task.attempts;
-            task.attempts += 1;
-            self.stats.dispatched += 1;
-            let s = &task.spec;
-            out.push(Event::Dispatch {
-                pool: s.pool.clone(),
-                delivery,
-                timeout: s.timeout,
-                task: DeliveredTask {
-                    id: id.to_string(),
-                    queue: s.queue.clone(),
-                    name: s.name.clone(),
-                    url: s.url.clone(),
-                    method: s.method.clone(),
-                    params: s.params.clone(),
-                    body: s.body.clone().map(serde_bytes::ByteBuf::from),
-                    content_type: s.content_type.clone(),
-                    headers: s.headers.clone(),
-                    eta: s.eta,
-                    timeout: s.timeout,
-                    retry_count,
-                    execution_count: task.executions,
-                },
-            });
+        }
+        for queue in touched {
+            self.pump(&queue, now_us, out);
         }
         self.expire_requests(now_us);
     }
 
-    fn request(&mut self, req: ClientRequest, now_us: u64, out: &mut Vec<Event>) -> ClientReply {
-        if !(1..=MAX_REQUEST_ID_BYTES).contains(&req.request_id.len()) {
-            return ClientReply {
-                request_id: req.request_id,
+    fn request(
+        &mut self,
+        identity: &[u8],
+        req: ClientRequest,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> Option<ClientReply> {
+        let request_id = req.request_id;
+        if !(1..=MAX_REQUEST_ID_BYTES).contains(&request_id.len()) {
+            return Some(ClientReply {
+                request_id,
                 body: error(
                     ErrorCode::BadRequest,
                     format!("request_id must be 1 to {MAX_REQUEST_ID_BYTES} bytes"),
                 ),
-            };
+            });
         }
-        let mutating = matches!(
+        let mutating = !matches!(
             req.command,
-            ClientCommand::Enqueue { .. } | ClientCommand::Cancel { .. }
+            ClientCommand::Get { .. }
+                | ClientCommand::Ping
+                | ClientCommand::ListTasks { .. }
+                | ClientCommand::GetQueue { .. }
+                | ClientCommand::ListQueues
         );
         if mutating {
-            if let Some(r) = self.recent_requests.get(&req.request_id) {
+            if let Some(r) = self.recent_requests.get(&request_id) {
                 self.stats.duplicate_requests += 1;
-                return r.clone();
+                return Some(r.clone());
             }
         }
+        if let Some(queue) = command_queue(&req.command) {
+            if !protocol::is_valid_queue_name(queue) {
+                return Some(ClientReply {
+                    request_id,
+                    body: error(
+                        ErrorCode::BadRequest,
+                        "queue names must match [A-Za-z0-9-]{1,100}",
+                    ),
+                });
+            }
+        }
+        let mut deferred = false;
         let body = match req.command {
-            ClientCommand::Enqueue { queue, task } => {
-                match validate(&queue, task, micros_to_secs(now_us)) {
-                    Ok(t) => self.enqueue(t, now_us),
-                    Err(reason) => error(ErrorCode::BadRequest, reason),
+            ClientCommand::Enqueue { queue, task, wait } => {
+                let body = self.enqueue(&queue, task, false, now_us);
+                if let (Some(wait), ReplyBody::Enqueued { id, eta, .. }) = (wait, &body) {
+                    if wait.is_finite() && wait > 0.0 {
+                        if let Ok(uid) = Uuid::parse_str(id) {
+                            let until = now_us + secs_to_micros(wait.min(MAX_WAIT_SECS));
+                            let timer = self.add_timer(until, Timer::Wait(uid));
+                            self.waiters.entry(uid).or_default().push(Waiter {
+                                identity: identity.to_vec(),
+                                request_id: request_id.clone(),
+                                queue: queue.clone(),
+                                eta: *eta,
+                                timer,
+                            });
+                            deferred = true;
+                        }
+                    }
+                }
+                body
+            }
+            ClientCommand::EnqueueBatch { queue, tasks } => {
+                if tasks.len() > MAX_BATCH {
+                    error(
+                        ErrorCode::BadRequest,
+                        format!("a batch holds at most {MAX_BATCH} tasks"),
+                    )
+                } else {
+                    let results = tasks
+                        .into_iter()
+                        .map(|t| self.enqueue(&queue, t, false, now_us))
+                        .collect();
+                    ReplyBody::Batch { results }
                 }
             }
             ClientCommand::Cancel { queue, id } => self.cancel(&queue, &id, now_us, out),
             ClientCommand::Get { queue, id } => match self.find(&queue, &id) {
-                Some((id, t)) => ReplyBody::Task {
-                    task: self.info(id, t),
+                Some(uid) => ReplyBody::Task {
+                    task: self.info(uid, true),
                 },
-                None => error(
-                    ErrorCode::NotFound,
-                    format!("no task {id} in queue {queue}"),
-                ),
+                None => not_found(&queue, &id),
             },
+            ClientCommand::Run { queue, id } => self.run(&queue, &id, now_us, out),
+            ClientCommand::ListTasks {
+                queue,
+                state,
+                limit,
+                cursor,
+                full,
+            } => self.list_tasks(&queue, state, limit, cursor, full),
+            ClientCommand::ConfigureQueue { queue, config } => {
+                self.configure(&queue, config, now_us, out)
+            }
+            ClientCommand::GetQueue { queue } => ReplyBody::Queue {
+                queue: self.queue_info(&queue, now_us),
+            },
+            ClientCommand::ListQueues => {
+                let mut names: Vec<String> = self.queues.keys().cloned().collect();
+                names.sort();
+                ReplyBody::Queues {
+                    queues: names
+                        .iter()
+                        .map(|n| self.queue_info(n, now_us))
+                        .collect(),
+                }
+            }
+            ClientCommand::PauseQueue { queue } => {
+                self.queue_mut(&queue, now_us).paused = true;
+                ReplyBody::Queue {
+                    queue: self.queue_info(&queue, now_us),
+                }
+            }
+            ClientCommand::ResumeQueue { queue } => {
+                self.queue_mut(&queue, now_us).paused = false;
+                self.pump(&queue, now_us, out);
+                ReplyBody::Queue {
+                    queue: self.queue_info(&queue, now_us),
+                }
+            }
+            ClientCommand::PurgeQueue { queue } => {
+                let removed = self.purge(&queue, now_us, out);
+                ReplyBody::Purged { queue, removed }
+            }
             ClientCommand::Ping => ReplyBody::Pong {
                 node: self.config.node_id.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
         };
-        let reply = ClientReply {
-            request_id: req.request_id,
-            body,
-        };
+        let reply = ClientReply { request_id, body };
         if mutating {
             if self.recent_requests.len() >= REQUEST_DEDUP_MAX {
                 if let Some((_, old)) = self.recent_order.pop_front() {
@@ -312,7 +478,7 @@ impl Store {
                 reply.request_id.clone(),
             ));
         }
-        reply
+        (!deferred).then_some(reply)
     }
 
     fn expire_requests(&mut self, now_us: u64) {
@@ -326,7 +492,41 @@ impl Store {
         }
     }
 
-    fn enqueue(&mut self, spec: ValidTask, now_us: u64) -> ReplyBody {
+    /// The queue, created with the defaults on first use.
+    fn queue_mut(&mut self, name: &str, now_us: u64) -> &mut Queue {
+        let defaults = &self.config.queue_defaults;
+        self.queues
+            .entry(name.to_string())
+            .or_insert_with(|| Queue::new(defaults.clone(), now_us))
+    }
+
+    fn enqueue(&mut self, queue: &str, spec: TaskSpec, is_callback: bool, now_us: u64) -> ReplyBody {
+        let default_timeout = self.queue_mut(queue, now_us).config.timeout;
+        let spec = match validate_with(queue, spec, micros_to_secs(now_us), default_timeout) {
+            Ok(t) => t,
+            Err(reason) => return error(ErrorCode::BadRequest, reason),
+        };
+        let keys = task_keys(&spec);
+        for key in &keys {
+            let entry = self.queues.get(queue).and_then(|q| q.keys.get(key)).cloned();
+            let Some(e) = entry else { continue };
+            let live = self
+                .tasks
+                .get(&e.id)
+                .is_some_and(|t| !t.state.is_final());
+            if live {
+                return ReplyBody::Duplicate {
+                    id: e.id.to_string(),
+                    tombstoned: false,
+                };
+            }
+            if e.tombstone_until.is_some_and(|u| u > now_us) {
+                return ReplyBody::Duplicate {
+                    id: e.id.to_string(),
+                    tombstoned: true,
+                };
+            }
+        }
         let id = Uuid::new_v4();
         let replica = 0u32;
         let fire_at = secs_to_micros(spec.eta)
@@ -335,51 +535,166 @@ impl Store {
             id: id.to_string(),
             queue: spec.queue.clone(),
             eta: spec.eta,
+            result: None,
         };
-        let task = Task {
-            spec,
-            created: micros_to_secs(now_us),
-            replica,
-            state: TaskState::Scheduled,
-            fire_at_us: fire_at,
-            timer: None,
-            attempts: 0,
-            executions: 0,
-            last_status: None,
-            last_error: None,
-            delivery: None,
-        };
-        self.tasks.insert(id, task);
-        self.set_timer(id, fire_at);
+        let q = self.queue_mut(queue, now_us);
+        for key in keys {
+            q.keys.insert(
+                key,
+                DedupEntry {
+                    id,
+                    tombstone_until: None,
+                },
+            );
+        }
+        q.index.insert((now_us, id));
+        q.count(None, Some(TaskState::Scheduled));
+        self.tasks.insert(
+            id,
+            Task {
+                spec,
+                created_us: now_us,
+                replica,
+                state: TaskState::Scheduled,
+                fire_at_us: fire_at,
+                timer: None,
+                attempts: 0,
+                executions: 0,
+                last_status: None,
+                last_error: None,
+                last_response: None,
+                first_attempt_us: None,
+                delivery: None,
+                in_ready: false,
+                is_callback,
+            },
+        );
+        self.set_task_timer(id, fire_at);
         self.stats.enqueued += 1;
         reply
     }
 
-    fn find(&self, queue: &str, id: &str) -> Option<(Uuid, &Task)> {
+    fn find(&self, queue: &str, id: &str) -> Option<Uuid> {
         let id = Uuid::parse_str(id).ok()?;
         let t = self.tasks.get(&id)?;
-        (t.spec.queue == queue).then_some((id, t))
+        (t.spec.queue == queue).then_some(id)
     }
 
-    fn cancel(
-        &mut self,
-        queue: &str,
-        id_str: &str,
-        now_us: u64,
-        out: &mut Vec<Event>,
-    ) -> ReplyBody {
-        let Some((id, task)) = self.find(queue, id_str) else {
-            return error(
-                ErrorCode::NotFound,
-                format!("no task {id_str} in queue {queue}"),
-            );
+    /// Moves a task to `to`, keeping its queue's counters right.
+    fn transition(&mut self, id: Uuid, to: TaskState) {
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let from = t.state;
+        t.state = to;
+        if let Some(q) = self.queues.get_mut(&t.spec.queue) {
+            q.count(Some(from), Some(to));
+        }
+    }
+
+    /// Hands ready tasks of `queue` to the dispatcher while its limits allow.
+    fn pump(&mut self, queue: &str, now_us: u64, out: &mut Vec<Event>) {
+        loop {
+            let Some(q) = self.queues.get_mut(queue) else {
+                return;
+            };
+            if q.paused {
+                return;
+            }
+            let Some(&id) = q.ready.front() else { return };
+            if !self.tasks.get(&id).is_some_and(|t| t.in_ready) {
+                q.ready.pop_front();
+                continue;
+            }
+            if now_us < q.slow_until_us {
+                let at = q.slow_until_us;
+                self.set_wake(queue, at);
+                return;
+            }
+            if !q.has_slot() {
+                // A settling delivery frees a slot and pumps again.
+                return;
+            }
+            if let Err(at) = q.take_token(now_us) {
+                self.set_wake(queue, at);
+                return;
+            }
+            q.ready.pop_front();
+            self.dispatch(id, now_us, out);
+        }
+    }
+
+    fn set_wake(&mut self, queue: &str, at_us: u64) {
+        let current = self.queues.get(queue).and_then(|q| q.wake);
+        if current.is_some_and(|k| k.0 <= at_us) {
+            return;
+        }
+        if let Some(k) = current {
+            self.timers.remove(&k);
+        }
+        let key = self.add_timer(at_us, Timer::Wake(queue.to_string()));
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.wake = Some(key);
+        }
+    }
+
+    /// Starts an attempt now.
+    fn dispatch(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
+        self.clear_timer(id);
+        self.transition(id, TaskState::Running);
+        let delivery = self.next_delivery;
+        self.next_delivery += 1;
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.in_ready = false;
+        task.delivery = Some(delivery);
+        task.first_attempt_us.get_or_insert(now_us);
+        let retry_count = task.attempts;
+        task.attempts += 1;
+        self.stats.dispatched += 1;
+        let s = &task.spec;
+        let mut signing_secrets = Vec::new();
+        if let Some(q) = self.queues.get_mut(&s.queue) {
+            q.running += 1;
+            q.record_dispatch(now_us);
+            if s.pool == HTTP_POOL {
+                signing_secrets = q.config.signing_secrets.clone();
+            }
+        }
+        out.push(Event::Dispatch {
+            pool: s.pool.clone(),
+            delivery,
+            timeout: s.timeout,
+            task: DeliveredTask {
+                id: id.to_string(),
+                queue: s.queue.clone(),
+                name: s.name.clone(),
+                url: s.url.clone(),
+                method: s.method.clone(),
+                params: s.params.clone(),
+                body: s.body.clone().map(ByteBuf::from),
+                content_type: s.content_type.clone(),
+                headers: s.headers.clone(),
+                eta: s.eta,
+                timeout: s.timeout,
+                retry_count,
+                execution_count: task.executions,
+                signing_secrets,
+            },
+        });
+    }
+
+    fn cancel(&mut self, queue: &str, id_str: &str, now_us: u64, out: &mut Vec<Event>) -> ReplyBody {
+        let Some(id) = self.find(queue, id_str) else {
+            return not_found(queue, id_str);
+        };
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return not_found(queue, id_str);
         };
         match task.state {
             TaskState::Succeeded => {
-                return error(
-                    ErrorCode::NotFound,
-                    format!("task {id_str} already succeeded"),
-                )
+                return error(ErrorCode::NotFound, format!("task {id_str} already succeeded"))
             }
             TaskState::Cancelled => {
                 return ReplyBody::Cancelled {
@@ -388,37 +703,54 @@ impl Store {
             }
             _ => {}
         }
-        if let Some(task) = self.tasks.get_mut(&id) {
-            if let (TaskState::Running, Some(delivery)) = (task.state, task.delivery) {
-                out.push(Event::Revoke { delivery });
-            }
-            task.delivery = None;
-            task.state = TaskState::Cancelled;
+        let was_running = task.state == TaskState::Running;
+        if let (true, Some(delivery)) = (was_running, task.delivery) {
+            out.push(Event::Revoke { delivery });
         }
+        task.delivery = None;
+        task.in_ready = false;
+        if was_running {
+            if let Some(q) = self.queues.get_mut(queue) {
+                q.running = q.running.saturating_sub(1);
+            }
+        }
+        self.transition(id, TaskState::Cancelled);
         self.stats.cancelled += 1;
-        self.finish(id, now_us);
+        self.finish(id, now_us, out);
+        self.answer_waiters(id, None, out);
+        if was_running {
+            self.pump(queue, now_us, out);
+        }
         ReplyBody::Cancelled {
             id: id_str.to_string(),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn settle(
-        &mut self,
-        task_id: &str,
-        delivery: u64,
-        outcome: Outcome,
-        status: Option<u16>,
-        reason: Option<String>,
-        retry_after: Option<f64>,
-        responded: bool,
-        now_us: u64,
-    ) {
+    fn run(&mut self, queue: &str, id_str: &str, now_us: u64, out: &mut Vec<Event>) -> ReplyBody {
+        let Some(id) = self.find(queue, id_str) else {
+            return not_found(queue, id_str);
+        };
+        let state = self.tasks.get(&id).map(|t| t.state);
+        match state {
+            Some(TaskState::Scheduled | TaskState::Retrying | TaskState::Failed) => {
+                self.dispatch(id, now_us, out);
+                ReplyBody::Task {
+                    task: self.info(id, false),
+                }
+            }
+            Some(s) => error(
+                ErrorCode::Conflict,
+                format!("task {id_str} is {} and cannot be run", s.as_str()),
+            ),
+            None => not_found(queue, id_str),
+        }
+    }
+
+    fn settle(&mut self, task_id: &str, delivery: u64, v: Verdict, now_us: u64, out: &mut Vec<Event>) {
         let Some(id) = Uuid::parse_str(task_id).ok() else {
             self.stats.stale_results += 1;
             return;
         };
-        let policy = self.config.retry.clone();
         let Some(task) = self.tasks.get_mut(&id) else {
             self.stats.stale_results += 1;
             return;
@@ -428,45 +760,302 @@ impl Store {
             return;
         }
         task.delivery = None;
-        task.last_status = status;
-        if responded {
+        task.last_status = v.status;
+        task.last_response = v.body.clone().map(|mut b| {
+            b.truncate(MAX_RESPONSE_BYTES);
+            b
+        });
+        if v.responded {
             task.executions += 1;
         }
-        match outcome {
+        let queue = task.spec.queue.clone();
+        let attempts = task.attempts;
+        let age = Duration::from_micros(now_us.saturating_sub(task.first_attempt_us.unwrap_or(now_us)));
+        let attempt = AttemptResult {
+            outcome: v.outcome,
+            status: v.status,
+            body: task.last_response.clone().map(ByteBuf::from),
+            error: if v.outcome == Outcome::Failure {
+                Some(v.reason.clone().unwrap_or_else(|| failure_text(v.status)))
+            } else {
+                None
+            },
+        };
+        let Some(q) = self.queues.get_mut(&queue) else {
+            return;
+        };
+        q.running = q.running.saturating_sub(1);
+        let policy = q.policy.clone();
+        match v.outcome {
             Outcome::Success => {
-                task.state = TaskState::Succeeded;
-                task.last_error = None;
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.last_error = None;
+                }
+                self.transition(id, TaskState::Succeeded);
                 self.stats.succeeded += 1;
-                self.finish(id, now_us);
+                self.finish(id, now_us, out);
+                self.callback(id, true, now_us);
             }
             Outcome::Failure => {
-                task.last_error = Some(reason.unwrap_or_else(|| match status {
-                    Some(s) => format!("HTTP {s}"),
-                    None => "failed".into(),
-                }));
-                if policy.allows_another(task.attempts) {
-                    task.state = TaskState::Retrying;
-                    let delay = policy.next_delay(task.attempts, retry_after);
-                    let at = now_us + delay.as_micros() as u64;
-                    task.fire_at_us = at;
-                    self.stats.retried += 1;
-                    self.set_timer(id, at);
-                } else {
-                    task.state = TaskState::Failed;
-                    self.stats.failed += 1;
-                    self.clear_timer(id);
+                if matches!(v.status, Some(429) | Some(503)) {
+                    let hold = v
+                        .retry_after
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .map(Duration::from_secs_f64)
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(MAX_QUEUE_SLOWDOWN);
+                    q.slow_until_us = q.slow_until_us.max(now_us + hold.as_micros() as u64);
                 }
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.last_error = attempt.error.clone();
+                }
+                if !v.no_retry && policy.allows_another(attempts, age) {
+                    let delay = policy.next_delay(attempts, v.retry_after);
+                    let at = now_us + delay.as_micros() as u64;
+                    self.transition(id, TaskState::Retrying);
+                    if let Some(t) = self.tasks.get_mut(&id) {
+                        t.fire_at_us = at;
+                    }
+                    self.stats.retried += 1;
+                    self.set_task_timer(id, at);
+                } else {
+                    self.transition(id, TaskState::Failed);
+                    self.stats.failed += 1;
+                    self.finish(id, now_us, out);
+                    self.callback(id, false, now_us);
+                }
+            }
+        }
+        self.answer_waiters(id, Some(attempt), out);
+        self.pump(&queue, now_us, out);
+    }
+
+    /// A task became final: retention timer (not for dead letters, which
+    /// are kept) and tombstones for its name and idempotency key.
+    fn finish(&mut self, id: Uuid, now_us: u64, _out: &mut Vec<Event>) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        let state = t.state;
+        let queue = t.spec.queue.clone();
+        let keys = task_keys(&t.spec);
+        let (retention, dedup) = match self.queues.get(&queue) {
+            Some(q) => (q.config.retention, q.config.dedup_window),
+            None => (3600.0, 3600.0),
+        };
+        if state == TaskState::Failed {
+            self.clear_timer(id);
+        } else {
+            let at = now_us + secs_to_micros(retention);
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.fire_at_us = at;
+            }
+            self.set_task_timer(id, at);
+        }
+        let until = now_us + secs_to_micros(dedup);
+        for key in keys {
+            let owned = self
+                .queues
+                .get(&queue)
+                .and_then(|q| q.keys.get(&key))
+                .is_some_and(|e| e.id == id);
+            if !owned {
+                continue;
+            }
+            if dedup <= 0.0 {
+                if let Some(q) = self.queues.get_mut(&queue) {
+                    q.keys.remove(&key);
+                }
+                continue;
+            }
+            if let Some(e) = self.queues.get_mut(&queue).and_then(|q| q.keys.get_mut(&key)) {
+                e.tombstone_until = Some(until);
+            }
+            self.add_timer(until, Timer::Tombstone(queue.clone(), key.0, key.1));
+        }
+    }
+
+    /// Enqueues the JSON report of a finished task to its callback URL.
+    fn callback(&mut self, id: Uuid, succeeded: bool, now_us: u64) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        if t.is_callback {
+            return;
+        }
+        let url = if succeeded {
+            t.spec.callback_url.clone()
+        } else {
+            t.spec.failure_callback_url.clone()
+        };
+        let Some(url) = url else { return };
+        let report = serde_json::json!({
+            "task_id": id.to_string(),
+            "queue": t.spec.queue,
+            "name": t.spec.name,
+            "url": t.spec.url,
+            "status": if succeeded { "succeeded" } else { "failed" },
+            "attempts": t.attempts,
+            "last_status": t.last_status,
+            "last_error": t.last_error,
+            "response_body": t.last_response.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+        });
+        let queue = t.spec.queue.clone();
+        let spec = TaskSpec {
+            url,
+            body: Some(ByteBuf::from(report.to_string().into_bytes())),
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        if let ReplyBody::Error { reason, .. } = self.enqueue(&queue, spec, true, now_us) {
+            tracing::warn!(task = %id, %reason, "callback could not be enqueued");
+        }
+    }
+
+    fn answer_waiters(&mut self, id: Uuid, result: Option<AttemptResult>, out: &mut Vec<Event>) {
+        if let Some(list) = self.waiters.remove(&id) {
+            for w in list {
+                self.timers.remove(&w.timer);
+                out.push(waiter_reply(w, id, result.clone()));
             }
         }
     }
 
-    /// Moves a finished task onto its retention timer.
-    fn finish(&mut self, id: Uuid, now_us: u64) {
-        let at = now_us + self.config.retention.as_micros() as u64;
-        if let Some(t) = self.tasks.get_mut(&id) {
-            t.fire_at_us = at;
+    /// Forgets a task entirely (retention over, or purged).
+    fn remove_task(&mut self, id: Uuid) {
+        self.clear_timer(id);
+        let Some(t) = self.tasks.remove(&id) else {
+            return;
+        };
+        if let Some(q) = self.queues.get_mut(&t.spec.queue) {
+            q.index.remove(&(t.created_us, id));
+            q.count(Some(t.state), None);
         }
-        self.set_timer(id, at);
+    }
+
+    fn purge(&mut self, queue: &str, now_us: u64, out: &mut Vec<Event>) -> u64 {
+        let Some(q) = self.queues.get(queue) else {
+            return 0;
+        };
+        let ids: Vec<Uuid> = q
+            .index
+            .range(..=(now_us, Uuid::max()))
+            .map(|(_, id)| *id)
+            .collect();
+        let mut removed = 0;
+        for id in ids {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery) {
+                out.push(Event::Revoke { delivery });
+                if let Some(q) = self.queues.get_mut(queue) {
+                    q.running = q.running.saturating_sub(1);
+                }
+            }
+            // No tombstones: the names are free again at once.
+            let keys = task_keys(&t.spec);
+            if let Some(q) = self.queues.get_mut(queue) {
+                for key in keys {
+                    if q.keys.get(&key).is_some_and(|e| e.id == id) {
+                        q.keys.remove(&key);
+                    }
+                }
+            }
+            self.answer_waiters(id, None, out);
+            self.remove_task(id);
+            removed += 1;
+        }
+        self.pump(queue, now_us, out);
+        removed
+    }
+
+    fn configure(
+        &mut self,
+        queue: &str,
+        patch: QueueConfigPatch,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> ReplyBody {
+        let q = self.queue_mut(queue, now_us);
+        let mut config = q.config.clone();
+        if let Err(reason) = queues::apply_patch(&mut config, patch) {
+            return error(ErrorCode::BadRequest, reason);
+        }
+        q.set_config(config);
+        self.pump(queue, now_us, out);
+        ReplyBody::Queue {
+            queue: self.queue_info(queue, now_us),
+        }
+    }
+
+    fn queue_info(&self, name: &str, now_us: u64) -> QueueInfo {
+        let fresh;
+        let q = match self.queues.get(name) {
+            Some(q) => q,
+            None => {
+                fresh = Queue::new(self.config.queue_defaults.clone(), now_us);
+                &fresh
+            }
+        };
+        let oldest = q
+            .ready
+            .iter()
+            .find(|id| self.tasks.get(id).is_some_and(|t| t.in_ready))
+            .and_then(|id| self.tasks.get(id))
+            .map(|t| t.fire_at_us);
+        let lag = oldest
+            .map(|at| micros_to_secs(now_us.saturating_sub(at)))
+            .unwrap_or(0.0);
+        QueueInfo {
+            name: name.to_string(),
+            config: queues::redacted(&q.config),
+            paused: q.paused,
+            stats: q.stats(now_us, lag),
+        }
+    }
+
+    fn list_tasks(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        limit: Option<u32>,
+        cursor: Option<String>,
+        full: bool,
+    ) -> ReplyBody {
+        let limit = limit.unwrap_or(100).clamp(1, 1000) as usize;
+        let start = match cursor.as_deref() {
+            None | Some("") => None,
+            Some(c) => match parse_cursor(c) {
+                Some(k) => Some(k),
+                None => return error(ErrorCode::BadRequest, "invalid cursor"),
+            },
+        };
+        let Some(q) = self.queues.get(queue) else {
+            return ReplyBody::Tasks {
+                tasks: Vec::new(),
+                next_cursor: None,
+            };
+        };
+        let range = match start {
+            Some(k) => q.index.range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+            None => q.index.range(..),
+        };
+        let mut tasks = Vec::new();
+        let mut last = None;
+        let mut next_cursor = None;
+        for &(created, id) in range {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            if state.is_some_and(|s| s != t.state) {
+                continue;
+            }
+            if tasks.len() == limit {
+                // More match: the next page starts after the last one returned.
+                next_cursor = last.map(|(c, i)| make_cursor(c, i));
+                break;
+            }
+            tasks.push(self.info(id, full));
+            last = Some((created, id));
+        }
+        ReplyBody::Tasks { tasks, next_cursor }
     }
 
     fn clear_timer(&mut self, id: Uuid) {
@@ -477,26 +1066,52 @@ impl Store {
         }
     }
 
-    fn set_timer(&mut self, id: Uuid, at_us: u64) {
-        self.clear_timer(id);
+    fn add_timer(&mut self, at_us: u64, timer: Timer) -> (u64, u64) {
         self.seq += 1;
         let key = (at_us, self.seq);
-        self.timers.insert(key, id);
+        self.timers.insert(key, timer);
+        key
+    }
+
+    fn set_task_timer(&mut self, id: Uuid, at_us: u64) {
+        self.clear_timer(id);
+        let key = self.add_timer(at_us, Timer::Task(id));
         if let Some(t) = self.tasks.get_mut(&id) {
             t.timer = Some(key);
         }
     }
 
-    fn info(&self, id: Uuid, t: &Task) -> TaskInfo {
+    fn info(&self, id: Uuid, full: bool) -> TaskInfo {
+        let Some(t) = self.tasks.get(&id) else {
+            return TaskInfo {
+                id: id.to_string(),
+                queue: String::new(),
+                name: None,
+                url: String::new(),
+                method: String::new(),
+                state: TaskState::Cancelled,
+                eta: 0.0,
+                attempts: 0,
+                executions: 0,
+                last_status: None,
+                last_error: None,
+                created: 0.0,
+                replica: 0,
+                replica_offset: 0.0,
+                first_attempt: None,
+                detail: None,
+            };
+        };
+        let s = &t.spec;
         TaskInfo {
             id: id.to_string(),
-            queue: t.spec.queue.clone(),
-            name: t.spec.name.clone(),
-            url: t.spec.url.clone(),
-            method: t.spec.method.clone(),
+            queue: s.queue.clone(),
+            name: s.name.clone(),
+            url: s.url.clone(),
+            method: s.method.clone(),
             state: t.state,
             eta: if t.state.is_final() {
-                t.spec.eta
+                s.eta
             } else {
                 micros_to_secs(t.fire_at_us)
             },
@@ -504,11 +1119,86 @@ impl Store {
             executions: t.executions,
             last_status: t.last_status,
             last_error: t.last_error.clone(),
-            created: t.created,
+            created: micros_to_secs(t.created_us),
             replica: t.replica,
             replica_offset: self.config.replica_offset.as_secs_f64(),
+            first_attempt: t.first_attempt_us.map(micros_to_secs),
+            detail: full.then(|| TaskDetail {
+                params: s.params.clone(),
+                body: s.body.clone().map(ByteBuf::from),
+                content_type: s.content_type.clone(),
+                headers: s.headers.clone(),
+                timeout: s.timeout,
+                callback_url: s.callback_url.clone(),
+                failure_callback_url: s.failure_callback_url.clone(),
+                last_response: t.last_response.clone().map(ByteBuf::from),
+            }),
         }
     }
+}
+
+fn command_queue(c: &ClientCommand) -> Option<&str> {
+    match c {
+        ClientCommand::Enqueue { queue, .. }
+        | ClientCommand::EnqueueBatch { queue, .. }
+        | ClientCommand::Cancel { queue, .. }
+        | ClientCommand::Get { queue, .. }
+        | ClientCommand::Run { queue, .. }
+        | ClientCommand::ListTasks { queue, .. }
+        | ClientCommand::ConfigureQueue { queue, .. }
+        | ClientCommand::GetQueue { queue }
+        | ClientCommand::PauseQueue { queue }
+        | ClientCommand::ResumeQueue { queue }
+        | ClientCommand::PurgeQueue { queue } => Some(queue),
+        ClientCommand::ListQueues | ClientCommand::Ping => None,
+    }
+}
+
+/// The dedup keys a task holds in its queue.
+fn task_keys(spec: &ValidTask) -> Vec<(KeyKind, String)> {
+    let mut keys = Vec::new();
+    if let Some(n) = &spec.name {
+        keys.push((KeyKind::Name, n.clone()));
+    }
+    if let Some(k) = &spec.idempotency_key {
+        keys.push((KeyKind::Idempotency, k.clone()));
+    }
+    keys
+}
+
+fn make_cursor(created_us: u64, id: Uuid) -> String {
+    format!("{created_us}.{}", id.simple())
+}
+
+fn parse_cursor(c: &str) -> Option<(u64, Uuid)> {
+    let (a, b) = c.split_once('.')?;
+    Some((a.parse().ok()?, Uuid::parse_str(b).ok()?))
+}
+
+fn waiter_reply(w: Waiter, id: Uuid, result: Option<AttemptResult>) -> Event {
+    Event::Reply {
+        identity: w.identity,
+        reply: ClientReply {
+            request_id: w.request_id,
+            body: ReplyBody::Enqueued {
+                id: id.to_string(),
+                queue: w.queue,
+                eta: w.eta,
+                result,
+            },
+        },
+    }
+}
+
+fn failure_text(status: Option<u16>) -> String {
+    match status {
+        Some(s) => format!("HTTP {s}"),
+        None => "failed".into(),
+    }
+}
+
+fn not_found(queue: &str, id: &str) -> ReplyBody {
+    error(ErrorCode::NotFound, format!("no task {id} in queue {queue}"))
 }
 
 fn error(code: ErrorCode, reason: impl Into<String>) -> ReplyBody {
@@ -556,11 +1246,7 @@ pub fn spawn(
                     }
                     store.apply(cmd, now_micros(), &mut out);
                     n += 1;
-                    next = if n < 1024 {
-                        commands.try_recv().ok()
-                    } else {
-                        None
-                    };
+                    next = if n < 1024 { commands.try_recv().ok() } else { None };
                 }
                 flush(&mut out, &events, &bell);
                 if stop {
@@ -584,168 +1270,4 @@ fn flush(out: &mut Vec<Event>, events: &Sender<Event>, bell: &Bell) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use protocol::TaskSpec;
-
-    fn enqueue(store: &mut Store, rid: &str, spec: TaskSpec, now: u64) -> ReplyBody {
-        let mut out = Vec::new();
-        store.apply(
-            Command::Request {
-                identity: b"c".to_vec(),
-                request: ClientRequest {
-                    request_id: rid.into(),
-                    command: ClientCommand::Enqueue {
-                        queue: "default".into(),
-                        task: spec,
-                    },
-                },
-            },
-            now,
-            &mut out,
-        );
-        match out.pop() {
-            Some(Event::Reply { reply, .. }) => reply.body,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn spec(countdown: f64) -> TaskSpec {
-        TaskSpec {
-            url: "http://localhost/w".into(),
-            countdown: Some(countdown),
-            ..Default::default()
-        }
-    }
-
-    fn dispatches(out: &[Event]) -> Vec<(u64, DeliveredTask)> {
-        out.iter()
-            .filter_map(|e| match e {
-                Event::Dispatch { delivery, task, .. } => Some((*delivery, task.clone())),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn fires_at_eta_and_retries_with_backoff() {
-        let mut s = Store::new(SchedulerConfig::default());
-        let t0 = 1_000_000_000;
-        let ReplyBody::Enqueued { id, .. } = enqueue(&mut s, "r1", spec(5.0), t0) else {
-            panic!()
-        };
-        let mut out = Vec::new();
-        s.fire_due(t0 + 4_999_999, &mut out);
-        assert!(out.is_empty());
-        s.fire_due(t0 + 5_000_000, &mut out);
-        let d = dispatches(&out);
-        assert_eq!(d.len(), 1);
-        assert_eq!(d[0].1.retry_count, 0);
-        let fail = |delivery| {
-            Command::Result(DeliveryResult {
-                delivery,
-                task_id: id.clone(),
-                outcome: Outcome::Failure,
-                status: Some(500),
-                reason: None,
-                retry_after: None,
-                responded: true,
-            })
-        };
-        s.apply(fail(d[0].0), t0 + 5_000_000, &mut out);
-        // A duplicate verdict is ignored.
-        s.apply(fail(d[0].0), t0 + 5_000_000, &mut out);
-        assert_eq!(s.stats.stale_results, 1);
-        out.clear();
-        s.fire_due(t0 + 5_099_999, &mut out);
-        assert!(out.is_empty(), "retry must wait min_backoff");
-        s.fire_due(t0 + 5_100_000, &mut out);
-        let d = dispatches(&out);
-        assert_eq!((d[0].1.retry_count, d[0].1.execution_count), (1, 1));
-    }
-
-    #[test]
-    fn resent_request_is_not_enqueued_twice() {
-        let mut s = Store::new(SchedulerConfig::default());
-        let a = enqueue(&mut s, "same", spec(1.0), 10);
-        let b = enqueue(&mut s, "same", spec(1.0), 20);
-        assert_eq!(a, b);
-        assert_eq!(s.len(), 1);
-        enqueue(&mut s, "other", spec(1.0), 20);
-        assert_eq!(s.len(), 2);
-    }
-
-    #[test]
-    fn cancel_revokes_a_running_delivery_and_expires_after_retention() {
-        let mut s = Store::new(SchedulerConfig {
-            retention: Duration::from_secs(10),
-            ..Default::default()
-        });
-        let ReplyBody::Enqueued { id, .. } = enqueue(&mut s, "r", spec(0.0), 0) else {
-            panic!()
-        };
-        let mut out = Vec::new();
-        s.fire_due(0, &mut out);
-        let d = dispatches(&out)[0].0;
-        out.clear();
-        s.apply(
-            Command::Request {
-                identity: vec![],
-                request: ClientRequest {
-                    request_id: "c".into(),
-                    command: ClientCommand::Cancel {
-                        queue: "default".into(),
-                        id: id.clone(),
-                    },
-                },
-            },
-            1,
-            &mut out,
-        );
-        assert!(out.contains(&Event::Revoke { delivery: d }));
-        s.fire_due(9_000_000, &mut out);
-        assert_eq!(s.len(), 1);
-        s.fire_due(10_000_001, &mut out);
-        assert_eq!(s.len(), 0);
-    }
-
-    #[test]
-    fn exhausted_task_is_kept_as_failed() {
-        let mut s = Store::new(SchedulerConfig {
-            retry: RetryPolicy {
-                max_attempts: Some(2),
-                ..Default::default()
-            },
-            retention: Duration::from_secs(1),
-            ..Default::default()
-        });
-        let ReplyBody::Enqueued { id, .. } = enqueue(&mut s, "r", spec(0.0), 0) else {
-            panic!()
-        };
-        let mut now = 0;
-        for _ in 0..2 {
-            let mut out = Vec::new();
-            s.fire_due(now, &mut out);
-            let d = dispatches(&out)[0].0;
-            s.apply(
-                Command::Lost {
-                    delivery: d,
-                    task_id: id.clone(),
-                    reason: "worker lost".into(),
-                },
-                now,
-                &mut out,
-            );
-            now += 10_000_000;
-        }
-        let mut out = Vec::new();
-        s.fire_due(now + 100_000_000, &mut out);
-        assert!(out.is_empty());
-        let (uid, t) = s.find("default", &id).unwrap();
-        let info = s.info(uid, t);
-        assert_eq!(info.state, TaskState::Failed);
-        assert_eq!(info.attempts, 2);
-        assert_eq!(info.executions, 0);
-        assert_eq!(info.last_error.as_deref(), Some("worker lost"));
-    }
-}
+mod tests;

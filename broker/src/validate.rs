@@ -30,10 +30,34 @@ pub struct ValidTask {
     /// Unix seconds; never in the past of `now`.
     pub eta: f64,
     pub timeout: f64,
+    pub callback_url: Option<String>,
+    pub failure_callback_url: Option<String>,
+    pub idempotency_key: Option<String>,
 }
 
-/// Checks `spec` for `queue` at time `now` (unix seconds).
+/// Checks `spec` for `queue` at time `now` (unix seconds), with the default
+/// per-attempt timeout [`DEFAULT_TIMEOUT_SECS`].
 pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, String> {
+    validate_with(queue, spec, now, DEFAULT_TIMEOUT_SECS)
+}
+
+/// A callback URL must be a plain http(s) URL with a host.
+fn callback(field: &str, url: Option<String>) -> Result<Option<String>, String> {
+    let Some(url) = url else { return Ok(None) };
+    let parsed = url::Url::parse(&url).map_err(|e| format!("{field} is not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{field} must be an http or https URL with a host"));
+    }
+    Ok(Some(parsed.to_string()))
+}
+
+/// Like [`validate`], with the queue's default timeout.
+pub fn validate_with(
+    queue: &str,
+    spec: TaskSpec,
+    now: f64,
+    default_timeout: f64,
+) -> Result<ValidTask, String> {
     if !is_valid_queue_name(queue) {
         return Err("queue names must match [A-Za-z0-9-]{1,100}".into());
     }
@@ -119,7 +143,7 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
         }
     }
     let timeout = match spec.timeout {
-        None => DEFAULT_TIMEOUT_SECS,
+        None => default_timeout,
         Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS => t,
         Some(_) => {
             return Err(format!(
@@ -140,6 +164,13 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
             return Err("content_type has a control character".into());
         }
     }
+    let callback_url = callback("callback_url", spec.callback_url)?;
+    let failure_callback_url = callback("failure_callback_url", spec.failure_callback_url)?;
+    if let Some(k) = &spec.idempotency_key {
+        if !(1..=500).contains(&k.len()) || !k.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err("the idempotency key must be 1 to 500 visible ASCII characters".into());
+        }
+    }
     Ok(ValidTask {
         queue: queue.to_string(),
         name: spec.name,
@@ -152,6 +183,9 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
         headers: spec.headers,
         eta,
         timeout,
+        callback_url,
+        failure_callback_url,
+        idempotency_key: spec.idempotency_key,
     })
 }
 

@@ -41,12 +41,65 @@ pub struct ClientRequest {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientCommand {
-    /// Store a task; answered by [`ReplyBody::Enqueued`].
+    /// Store a task; answered by [`ReplyBody::Enqueued`] or
+    /// [`ReplyBody::Duplicate`]. With `wait` (seconds), the reply is held
+    /// until the first attempt finishes or the wait runs out, and then
+    /// carries the attempt's `result`.
     Enqueue {
         #[serde(default = "default_queue")]
         queue: String,
         task: TaskSpec,
+        #[serde(default)]
+        wait: Option<f64>,
     },
+    /// Store up to 1000 tasks; answered by [`ReplyBody::Batch`] with one
+    /// result per task, in order. A bad task does not reject the others.
+    EnqueueBatch {
+        #[serde(default = "default_queue")]
+        queue: String,
+        tasks: Vec<TaskSpec>,
+    },
+    /// Dispatch a task now, ignoring its eta, pause and rate limits
+    /// (also re-runs a failed task); answered by [`ReplyBody::Task`].
+    Run {
+        #[serde(default = "default_queue")]
+        queue: String,
+        id: String,
+    },
+    /// List a queue's tasks in creation order; answered by [`ReplyBody::Tasks`].
+    ListTasks {
+        #[serde(default = "default_queue")]
+        queue: String,
+        /// Only tasks in this state.
+        #[serde(default)]
+        state: Option<TaskState>,
+        /// Page size, 1–1000 (default 100).
+        #[serde(default)]
+        limit: Option<u32>,
+        /// `next_cursor` of the previous page.
+        #[serde(default)]
+        cursor: Option<String>,
+        /// Include bodies, parameters, headers and the last response.
+        #[serde(default)]
+        full: bool,
+    },
+    /// Change a queue's configuration (only the fields given); answered by
+    /// [`ReplyBody::Queue`].
+    ConfigureQueue {
+        queue: String,
+        config: QueueConfigPatch,
+    },
+    /// A queue's configuration and live figures; [`ReplyBody::Queue`].
+    GetQueue { queue: String },
+    /// Every known queue; [`ReplyBody::Queues`].
+    ListQueues,
+    /// Accept tasks but dispatch none; [`ReplyBody::Queue`].
+    PauseQueue { queue: String },
+    /// Undo a pause; [`ReplyBody::Queue`].
+    ResumeQueue { queue: String },
+    /// Remove every task created before the call, leaving no tombstones;
+    /// [`ReplyBody::Purged`].
+    PurgeQueue { queue: String },
     /// Cancel a task that has not succeeded; answered by [`ReplyBody::Cancelled`].
     Cancel {
         #[serde(default = "default_queue")]
@@ -95,9 +148,20 @@ pub struct TaskSpec {
     /// Optional task name, `[A-Za-z0-9_-]{1,500}`.
     #[serde(default)]
     pub name: Option<String>,
-    /// Seconds the worker has to answer each attempt (default 30).
+    /// Seconds the worker has to answer each attempt (default: the
+    /// queue's `timeout`, 30 s unless configured).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// Receives a JSON report when the task succeeds.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// Receives a JSON report when the task fails for good.
+    #[serde(default)]
+    pub failure_callback_url: Option<String>,
+    /// Deduplicates an unnamed enqueue like a name does (HTTP:
+    /// `Idempotency-Key`), `[\x21-\x7e]{1,500}`.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// A broker's answer to a [`ClientRequest`].
@@ -118,6 +182,36 @@ pub enum ReplyBody {
         queue: String,
         /// When the task first fires, unix seconds.
         eta: f64,
+        /// With `wait`: the first attempt's outcome, or nil if the wait ran out.
+        #[serde(default)]
+        result: Option<AttemptResult>,
+    },
+    /// The task's name (or idempotency key) is taken: by a task that is
+    /// still pending or running (`tombstoned` false), or by one that
+    /// finished or was deleted within the queue's dedup window (true).
+    Duplicate {
+        id: String,
+        tombstoned: bool,
+    },
+    /// One reply per task of an `enqueue_batch`, in order: `enqueued`,
+    /// `duplicate` or `error`.
+    Batch {
+        results: Vec<ReplyBody>,
+    },
+    Tasks {
+        tasks: Vec<TaskInfo>,
+        /// Pass back as `cursor` for the next page; nil on the last page.
+        next_cursor: Option<String>,
+    },
+    Queue {
+        queue: QueueInfo,
+    },
+    Queues {
+        queues: Vec<QueueInfo>,
+    },
+    Purged {
+        queue: String,
+        removed: u64,
     },
     Task {
         task: TaskInfo,
@@ -151,6 +245,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug on the node's side.
     Internal,
+    /// The task is not in a state that allows the request (e.g. `run` on
+    /// a running or succeeded task).
+    Conflict,
 }
 
 /// Lifecycle of a task.
@@ -213,6 +310,153 @@ pub struct TaskInfo {
     pub replica: u32,
     /// Seconds between replicas' fire times.
     pub replica_offset: f64,
+    /// First attempt's start, unix seconds.
+    #[serde(default)]
+    pub first_attempt: Option<f64>,
+    /// Only in full views (`get`, `list_tasks` with `full`).
+    #[serde(default)]
+    pub detail: Option<TaskDetail>,
+}
+
+/// The parts of a task a listing leaves out unless asked.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct TaskDetail {
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: Option<ByteBuf>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    pub timeout: f64,
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub failure_callback_url: Option<String>,
+    /// The first 64 KiB of the last answer's body.
+    #[serde(default)]
+    pub last_response: Option<ByteBuf>,
+}
+
+/// The outcome of one attempt, as a `wait`ing enqueue reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct AttemptResult {
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// The first 64 KiB of the answer's body.
+    #[serde(default)]
+    pub body: Option<ByteBuf>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A queue's settings. Durations are seconds.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct QueueConfig {
+    /// Dispatches per second (token refill rate); 0 means unlimited.
+    pub rate: f64,
+    /// Token bucket size: dispatches allowed at once after a quiet spell.
+    pub burst: u32,
+    /// Deliveries in flight at once; 0 means unlimited.
+    pub max_concurrent: u32,
+    /// Attempts in all, the first included; -1 means unlimited.
+    pub max_attempts: i64,
+    /// Seconds since the first attempt after which no retry starts; 0
+    /// means unlimited. With both limits set, retries stop only when both
+    /// are exhausted.
+    pub max_age: f64,
+    pub min_backoff: f64,
+    pub max_backoff: f64,
+    pub max_doublings: u32,
+    /// Default per-attempt deadline of the queue's tasks.
+    pub timeout: f64,
+    /// How long a finished or deleted task's name stays taken.
+    pub dedup_window: f64,
+    /// How long succeeded and cancelled tasks stay inspectable.
+    pub retention: f64,
+    /// Standard Webhooks secrets (`whsec_…`) that sign this queue's
+    /// webhooks; several during a key rotation. Never echoed back: replies
+    /// carry `"***"` per secret.
+    #[serde(default)]
+    pub signing_secrets: Vec<String>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            rate: 0.0,
+            burst: 100,
+            max_concurrent: 0,
+            max_attempts: 100,
+            max_age: 0.0,
+            min_backoff: 0.1,
+            max_backoff: 3600.0,
+            max_doublings: 16,
+            timeout: 30.0,
+            dedup_window: 3600.0,
+            retention: 3600.0,
+            signing_secrets: Vec::new(),
+        }
+    }
+}
+
+/// Fields to change in a [`QueueConfig`]; absent fields stay as they are.
+/// Unknown fields are rejected, so a typo is an error rather than ignored.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfigPatch {
+    #[serde(default)]
+    pub rate: Option<f64>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
+    pub max_attempts: Option<i64>,
+    #[serde(default)]
+    pub max_age: Option<f64>,
+    #[serde(default)]
+    pub min_backoff: Option<f64>,
+    #[serde(default)]
+    pub max_backoff: Option<f64>,
+    #[serde(default)]
+    pub max_doublings: Option<u32>,
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    #[serde(default)]
+    pub dedup_window: Option<f64>,
+    #[serde(default)]
+    pub retention: Option<f64>,
+    #[serde(default)]
+    pub signing_secrets: Option<Vec<String>>,
+}
+
+/// A queue as `get_queue` reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub config: QueueConfig,
+    pub paused: bool,
+    pub stats: QueueStats,
+}
+
+/// Live figures of a queue.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct QueueStats {
+    pub scheduled: u64,
+    pub running: u64,
+    pub retrying: u64,
+    /// Dead letters.
+    pub failed: u64,
+    /// Succeeded tasks still within the retention window.
+    pub succeeded: u64,
+    pub cancelled: u64,
+    /// Dispatches per second over the last minute.
+    pub dispatches_per_second: f64,
+    /// Seconds the oldest due-but-undispatched task is overdue (0 if none).
+    pub lag: f64,
 }
 
 /// What a worker (or a gateway) sends on the worker port.
@@ -258,6 +502,13 @@ pub struct DeliveryResult {
     /// that send a result always count as answering.
     #[serde(default)]
     pub responded: bool,
+    /// The first 64 KiB of the answer's body, kept with the task.
+    #[serde(default)]
+    pub body: Option<ByteBuf>,
+    /// The worker asked not to retry (HTTP: `X-Task-No-Retry: true`): a
+    /// failure ends the task as failed at once.
+    #[serde(default)]
+    pub no_retry: bool,
 }
 
 /// Success or failure of one delivery.
@@ -311,6 +562,10 @@ pub struct DeliveredTask {
     pub retry_count: u32,
     /// Earlier attempts that got an answer.
     pub execution_count: u32,
+    /// Secrets to sign the webhook with (HTTP tasks of queues that have
+    /// them; gateways only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_secrets: Vec<String>,
 }
 
 /// `[A-Za-z0-9-]{1,100}`.

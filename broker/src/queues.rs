@@ -1,0 +1,292 @@
+//! Per-queue settings and the state the scheduler keeps for each queue:
+//! token bucket, concurrency, pause, name tombstones, live figures.
+//! Owned by the scheduler thread, like the tasks.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use protocol::{QueueConfig, QueueConfigPatch, QueueStats, TaskState};
+use uuid::Uuid;
+
+use crate::retry::RetryPolicy;
+
+/// Checks a patch and applies it to `config`.
+pub fn apply_patch(config: &mut QueueConfig, p: QueueConfigPatch) -> Result<(), String> {
+    let mut c = config.clone();
+    fn secs(name: &str, v: f64, allow_zero: bool) -> Result<f64, String> {
+        if v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0)) && v <= 30.0 * 86400.0 {
+            Ok(v)
+        } else {
+            Err(format!(
+                "{name} must be a number of seconds{} (at most 30 days)",
+                if allow_zero { ", 0 or more" } else { " above 0" }
+            ))
+        }
+    }
+    if let Some(v) = p.rate {
+        if !v.is_finite() || v < 0.0 {
+            return Err("rate must be dispatches per second, 0 (unlimited) or more".into());
+        }
+        c.rate = v;
+    }
+    if let Some(v) = p.burst {
+        if v == 0 {
+            return Err("burst must be at least 1".into());
+        }
+        c.burst = v;
+    }
+    if let Some(v) = p.max_concurrent {
+        c.max_concurrent = v;
+    }
+    if let Some(v) = p.max_attempts {
+        if v == 0 || v < -1 || v > u32::MAX as i64 {
+            return Err("max_attempts must be -1 (unlimited) or at least 1".into());
+        }
+        c.max_attempts = v;
+    }
+    if let Some(v) = p.max_age {
+        c.max_age = secs("max_age", v, true)?;
+    }
+    if let Some(v) = p.min_backoff {
+        c.min_backoff = secs("min_backoff", v, false)?;
+    }
+    if let Some(v) = p.max_backoff {
+        c.max_backoff = secs("max_backoff", v, false)?;
+    }
+    if let Some(v) = p.max_doublings {
+        if v > 64 {
+            return Err("max_doublings must be at most 64".into());
+        }
+        c.max_doublings = v;
+    }
+    if let Some(v) = p.timeout {
+        if !(v.is_finite() && v > 0.0 && v <= crate::validate::MAX_TIMEOUT_SECS) {
+            return Err(format!(
+                "timeout must be above 0 and at most {} seconds",
+                crate::validate::MAX_TIMEOUT_SECS
+            ));
+        }
+        c.timeout = v;
+    }
+    if let Some(v) = p.dedup_window {
+        c.dedup_window = secs("dedup_window", v, true)?;
+    }
+    if let Some(v) = p.retention {
+        c.retention = secs("retention", v, true)?;
+    }
+    if let Some(v) = p.signing_secrets {
+        for s in &v {
+            if decode_secret(s).is_none() {
+                return Err("signing secrets must be whsec_ followed by base64".into());
+            }
+        }
+        c.signing_secrets = v;
+    }
+    if c.min_backoff > c.max_backoff {
+        return Err("min_backoff must not exceed max_backoff".into());
+    }
+    *config = c;
+    Ok(())
+}
+
+/// The key bytes of a `whsec_<base64>` secret (the prefix is optional).
+pub fn decode_secret(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let raw = s.strip_prefix("whsec_").unwrap_or(s);
+    let key = base64::engine::general_purpose::STANDARD.decode(raw).ok()?;
+    (!key.is_empty()).then_some(key)
+}
+
+/// The retry policy a queue's settings describe.
+pub fn retry_policy(c: &QueueConfig) -> RetryPolicy {
+    RetryPolicy {
+        min_backoff: Duration::from_secs_f64(c.min_backoff),
+        max_backoff: Duration::from_secs_f64(c.max_backoff),
+        max_doublings: c.max_doublings,
+        max_attempts: u32::try_from(c.max_attempts).ok(),
+        max_age: (c.max_age > 0.0).then(|| Duration::from_secs_f64(c.max_age)),
+    }
+}
+
+/// A copy fit for replies: secrets replaced by `***`.
+pub fn redacted(c: &QueueConfig) -> QueueConfig {
+    let mut c = c.clone();
+    for s in c.signing_secrets.iter_mut() {
+        *s = "***".into();
+    }
+    c
+}
+
+/// Who holds a name (or idempotency key), and until when it stays taken
+/// once that task is final.
+#[derive(Debug, Clone)]
+pub struct DedupEntry {
+    pub id: Uuid,
+    /// Set when the task became final or was deleted: unix µs.
+    pub tombstone_until: Option<u64>,
+}
+
+/// Which namespace a dedup key lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    Name,
+    Idempotency,
+}
+
+/// Scheduler-side state of one queue.
+pub struct Queue {
+    pub config: QueueConfig,
+    pub policy: RetryPolicy,
+    pub paused: bool,
+    tokens: f64,
+    refilled_us: u64,
+    /// Deliveries in flight (counted against `max_concurrent`).
+    pub running: u32,
+    /// Due tasks waiting for a token or a concurrency slot, oldest first.
+    /// Entries may be stale (the task ran or went away): check on pop.
+    pub ready: VecDeque<Uuid>,
+    /// The wake-up timer set while tokens or slots are short.
+    pub wake: Option<(u64, u64)>,
+    /// A 429/503 answer holds the whole queue until then (unix µs).
+    pub slow_until_us: u64,
+    counts: HashMap<TaskState, u64>,
+    /// Dispatches per second over the last minute: (second, count).
+    dispatch_seconds: VecDeque<(u64, u32)>,
+    pub keys: HashMap<(KeyKind, String), DedupEntry>,
+    /// Creation order of the queue's tasks, for listing and purging.
+    pub index: BTreeSet<(u64, Uuid)>,
+}
+
+impl Queue {
+    pub fn new(config: QueueConfig, now_us: u64) -> Queue {
+        Queue {
+            policy: retry_policy(&config),
+            tokens: config.burst as f64,
+            config,
+            paused: false,
+            refilled_us: now_us,
+            running: 0,
+            ready: VecDeque::new(),
+            wake: None,
+            slow_until_us: 0,
+            counts: HashMap::new(),
+            dispatch_seconds: VecDeque::new(),
+            keys: HashMap::new(),
+            index: BTreeSet::new(),
+        }
+    }
+
+    pub fn set_config(&mut self, config: QueueConfig) {
+        self.policy = retry_policy(&config);
+        self.tokens = self.tokens.min(config.burst as f64);
+        self.config = config;
+    }
+
+    /// Moves a task between state counters (`None` for arrival/removal).
+    pub fn count(&mut self, from: Option<TaskState>, to: Option<TaskState>) {
+        if let Some(f) = from {
+            if let Some(n) = self.counts.get_mut(&f) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if let Some(t) = to {
+            *self.counts.entry(t).or_insert(0) += 1;
+        }
+    }
+
+    /// Whether a concurrency slot is free.
+    pub fn has_slot(&self) -> bool {
+        self.config.max_concurrent == 0 || self.running < self.config.max_concurrent
+    }
+
+    /// Takes a dispatch token, or says when one will be there (unix µs).
+    pub fn take_token(&mut self, now_us: u64) -> Result<(), u64> {
+        if self.config.rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = self.config.burst.max(1) as f64;
+        let elapsed = now_us.saturating_sub(self.refilled_us) as f64 / 1e6;
+        self.tokens = (self.tokens + elapsed * self.config.rate).min(burst);
+        self.refilled_us = now_us;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / self.config.rate;
+            Err(now_us + (wait * 1e6).ceil() as u64)
+        }
+    }
+
+    /// Records one dispatch for the per-minute rate.
+    pub fn record_dispatch(&mut self, now_us: u64) {
+        let sec = now_us / 1_000_000;
+        match self.dispatch_seconds.back_mut() {
+            Some((s, n)) if *s == sec => *n += 1,
+            _ => self.dispatch_seconds.push_back((sec, 1)),
+        }
+        while self
+            .dispatch_seconds
+            .front()
+            .is_some_and(|(s, _)| *s + 60 <= sec)
+        {
+            self.dispatch_seconds.pop_front();
+        }
+    }
+
+    pub fn stats(&self, now_us: u64, lag: f64) -> QueueStats {
+        let sec = now_us / 1_000_000;
+        let last_minute: u64 = self
+            .dispatch_seconds
+            .iter()
+            .filter(|(s, _)| *s + 60 > sec)
+            .map(|(_, n)| *n as u64)
+            .sum();
+        let n = |s| self.counts.get(&s).copied().unwrap_or(0);
+        QueueStats {
+            scheduled: n(TaskState::Scheduled),
+            running: n(TaskState::Running),
+            retrying: n(TaskState::Retrying),
+            failed: n(TaskState::Failed),
+            succeeded: n(TaskState::Succeeded),
+            cancelled: n(TaskState::Cancelled),
+            dispatches_per_second: last_minute as f64 / 60.0,
+            lag,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let mut q = Queue::new(
+            QueueConfig {
+                rate: 10.0,
+                burst: 3,
+                ..Default::default()
+            },
+            0,
+        );
+        for _ in 0..3 {
+            assert!(q.take_token(0).is_ok());
+        }
+        let next = q.take_token(0).unwrap_err();
+        assert_eq!(next, 100_000);
+        assert!(q.take_token(100_000).is_ok());
+        assert!(q.take_token(100_000).is_err());
+    }
+
+    #[test]
+    fn patches_are_checked() {
+        let mut c = QueueConfig::default();
+        assert!(apply_patch(&mut c, QueueConfigPatch { burst: Some(0), ..Default::default() }).is_err());
+        assert!(apply_patch(&mut c, QueueConfigPatch { max_attempts: Some(0), ..Default::default() }).is_err());
+        assert!(apply_patch(&mut c, QueueConfigPatch { min_backoff: Some(10.0), max_backoff: Some(5.0), ..Default::default() }).is_err());
+        assert!(apply_patch(&mut c, QueueConfigPatch { signing_secrets: Some(vec!["whsec_!!".into()]), ..Default::default() }).is_err());
+        apply_patch(&mut c, QueueConfigPatch { rate: Some(20.0), max_attempts: Some(-1), ..Default::default() }).unwrap();
+        assert_eq!(c.rate, 20.0);
+        assert_eq!(retry_policy(&c).max_attempts, None);
+    }
+}

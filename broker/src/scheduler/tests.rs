@@ -1,0 +1,424 @@
+//! Unit tests of the store: timing, retries, queues, names, waits.
+
+use super::*;
+use crate::retry::RetryPolicy;
+
+const T0: u64 = 1_800_000_000_000_000;
+
+struct Harness {
+    store: Store,
+    out: Vec<Event>,
+    n: u64,
+}
+
+impl Harness {
+    fn new(defaults: QueueConfig) -> Harness {
+        Harness {
+            store: Store::new(SchedulerConfig {
+                queue_defaults: defaults,
+                ..Default::default()
+            }),
+            out: Vec::new(),
+            n: 0,
+        }
+    }
+
+    fn request(&mut self, command: ClientCommand, now: u64) -> Option<ReplyBody> {
+        self.n += 1;
+        self.out.clear();
+        self.store.apply(
+            Command::Request {
+                identity: b"c".to_vec(),
+                request: ClientRequest {
+                    request_id: format!("r{}", self.n),
+                    command,
+                },
+            },
+            now,
+            &mut self.out,
+        );
+        self.out.iter().rev().find_map(|e| match e {
+            Event::Reply { reply, .. } => Some(reply.body.clone()),
+            _ => None,
+        })
+    }
+
+    fn enqueue(&mut self, spec: TaskSpec, now: u64) -> ReplyBody {
+        self.request(
+            ClientCommand::Enqueue {
+                queue: "default".into(),
+                task: spec,
+                wait: None,
+            },
+            now,
+        )
+        .expect("a reply")
+    }
+
+    fn enqueue_id(&mut self, spec: TaskSpec, now: u64) -> String {
+        match self.enqueue(spec, now) {
+            ReplyBody::Enqueued { id, .. } => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn fire(&mut self, now: u64) -> Vec<(u64, DeliveredTask)> {
+        self.out.clear();
+        self.store.fire_due(now, &mut self.out);
+        dispatches(&self.out)
+    }
+
+    fn settle(&mut self, delivery: u64, id: &str, outcome: Outcome, status: Option<u16>, now: u64) -> Vec<(u64, DeliveredTask)> {
+        self.out.clear();
+        self.store.apply(
+            Command::Result(DeliveryResult {
+                delivery,
+                task_id: id.into(),
+                outcome,
+                status,
+                reason: None,
+                retry_after: None,
+                responded: status.is_some(),
+                body: Some(ByteBuf::from(b"answer".to_vec())),
+                no_retry: false,
+            }),
+            now,
+            &mut self.out,
+        );
+        dispatches(&self.out)
+    }
+
+    fn state(&self, id: &str) -> TaskState {
+        self.store.info(Uuid::parse_str(id).unwrap(), false).state
+    }
+}
+
+fn spec(countdown: f64) -> TaskSpec {
+    TaskSpec {
+        url: "http://localhost/w".into(),
+        countdown: Some(countdown),
+        ..Default::default()
+    }
+}
+
+fn named(name: &str) -> TaskSpec {
+    TaskSpec {
+        name: Some(name.into()),
+        ..spec(10.0)
+    }
+}
+
+fn dispatches(out: &[Event]) -> Vec<(u64, DeliveredTask)> {
+    out.iter()
+        .filter_map(|e| match e {
+            Event::Dispatch { delivery, task, .. } => Some((*delivery, task.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn fires_at_eta_and_retries_with_backoff() {
+    let mut h = Harness::new(QueueConfig::default());
+    let id = h.enqueue_id(spec(5.0), T0);
+    assert!(h.fire(T0 + 4_999_999).is_empty());
+    let d = h.fire(T0 + 5_000_000);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].1.retry_count, 0);
+    h.settle(d[0].0, &id, Outcome::Failure, Some(500), T0 + 5_000_000);
+    // A duplicate verdict is ignored.
+    h.settle(d[0].0, &id, Outcome::Failure, Some(500), T0 + 5_000_000);
+    assert_eq!(h.store.stats.stale_results, 1);
+    assert!(h.fire(T0 + 5_099_999).is_empty(), "retry must wait min_backoff");
+    let d = h.fire(T0 + 5_100_000);
+    assert_eq!((d[0].1.retry_count, d[0].1.execution_count), (1, 1));
+}
+
+#[test]
+fn resent_request_is_not_enqueued_twice() {
+    let mut h = Harness::new(QueueConfig::default());
+    let req = |rid: &str| Command::Request {
+        identity: vec![],
+        request: ClientRequest {
+            request_id: rid.into(),
+            command: ClientCommand::Enqueue {
+                queue: "default".into(),
+                task: spec(1.0),
+                wait: None,
+            },
+        },
+    };
+    let mut out = Vec::new();
+    h.store.apply(req("same"), 10, &mut out);
+    h.store.apply(req("same"), 20, &mut out);
+    assert_eq!(out[0], out[1]);
+    assert_eq!(h.store.len(), 1);
+    h.store.apply(req("other"), 20, &mut out);
+    assert_eq!(h.store.len(), 2);
+    h.store.apply(req(""), 20, &mut out);
+    assert!(matches!(&out[3], Event::Reply { reply, .. } if matches!(reply.body, ReplyBody::Error { code: ErrorCode::BadRequest, .. })));
+}
+
+#[test]
+fn cancel_revokes_a_running_delivery_and_expires_after_retention() {
+    let mut h = Harness::new(QueueConfig {
+        retention: 10.0,
+        ..Default::default()
+    });
+    let id = h.enqueue_id(spec(0.0), T0);
+    let d = h.fire(T0)[0].0;
+    h.request(
+        ClientCommand::Cancel {
+            queue: "default".into(),
+            id: id.clone(),
+        },
+        T0 + 1,
+    );
+    assert!(h.out.contains(&Event::Revoke { delivery: d }));
+    h.fire(T0 + 9_000_000);
+    assert_eq!(h.store.len(), 1);
+    h.fire(T0 + 10_000_002);
+    assert_eq!(h.store.len(), 0);
+}
+
+#[test]
+fn exhausted_task_is_kept_as_failed_and_can_be_rerun() {
+    let mut h = Harness::new(QueueConfig {
+        max_attempts: 2,
+        retention: 1.0,
+        ..Default::default()
+    });
+    let id = h.enqueue_id(spec(0.0), T0);
+    let mut now = T0;
+    for _ in 0..2 {
+        let d = h.fire(now)[0].0;
+        h.out.clear();
+        h.store.apply(
+            Command::Lost {
+                delivery: d,
+                task_id: id.clone(),
+                reason: "worker lost".into(),
+            },
+            now,
+            &mut h.out,
+        );
+        now += 10_000_000;
+    }
+    assert!(h.fire(now + 100_000_000).is_empty());
+    let info = h.store.info(Uuid::parse_str(&id).unwrap(), false);
+    assert_eq!(info.state, TaskState::Failed);
+    assert_eq!((info.attempts, info.executions), (2, 0));
+    assert_eq!(info.last_error.as_deref(), Some("worker lost"));
+    let q = h.store.queue_info("default", now);
+    assert_eq!(q.stats.failed, 1);
+    // `run` re-dispatches a dead letter.
+    let reply = h.request(ClientCommand::Run { queue: "default".into(), id: id.clone() }, now);
+    assert!(matches!(reply, Some(ReplyBody::Task { .. })));
+    let d = dispatches(&h.out);
+    assert_eq!(d[0].1.retry_count, 2);
+    h.settle(d[0].0, &id, Outcome::Success, Some(200), now);
+    assert_eq!(h.state(&id), TaskState::Succeeded);
+}
+
+#[test]
+fn rate_limit_spaces_dispatches_and_concurrency_caps_them() {
+    let mut h = Harness::new(QueueConfig {
+        rate: 10.0,
+        burst: 2,
+        max_concurrent: 3,
+        ..Default::default()
+    });
+    let ids: Vec<String> = (0..6).map(|_| h.enqueue_id(spec(0.0), T0)).collect();
+    // Burst of 2 at once, then one per 100 ms.
+    assert_eq!(h.fire(T0).len(), 2);
+    assert_eq!(h.fire(T0 + 99_000).len(), 0);
+    let third = h.fire(T0 + 100_000);
+    assert_eq!(third.len(), 1);
+    // Three in flight: the cap holds even though tokens accrue.
+    assert_eq!(h.fire(T0 + 1_000_000).len(), 0);
+    let q = h.store.queue_info("default", T0 + 1_000_000);
+    assert_eq!(q.stats.running, 3);
+    assert!(q.stats.lag >= 0.99, "lag {}", q.stats.lag);
+    // Settling one frees a slot, which the next ready task takes at once.
+    let freed = h.settle(third[0].0, &third[0].1.id, Outcome::Success, Some(200), T0 + 1_000_000);
+    assert_eq!(freed.len(), 1);
+    assert!(ids.contains(&freed[0].1.id));
+}
+
+#[test]
+fn pause_resume_and_purge() {
+    let mut h = Harness::new(QueueConfig::default());
+    h.request(ClientCommand::PauseQueue { queue: "default".into() }, T0);
+    let a = h.enqueue_id(named("a"), T0);
+    let _b = h.enqueue_id(spec(0.0), T0);
+    assert!(h.fire(T0 + 20_000_000).is_empty(), "a paused queue dispatches nothing");
+    h.request(ClientCommand::ResumeQueue { queue: "default".into() }, T0 + 20_000_000);
+    assert_eq!(dispatches(&h.out).len(), 2);
+    let _c = h.enqueue_id(spec(100.0), T0 + 20_000_000);
+    let reply = h.request(ClientCommand::PurgeQueue { queue: "default".into() }, T0 + 20_000_001);
+    assert_eq!(reply, Some(ReplyBody::Purged { queue: "default".into(), removed: 3 }));
+    assert_eq!(h.store.len(), 0);
+    assert!(h.out.iter().filter(|e| matches!(e, Event::Revoke { .. })).count() == 2);
+    // No tombstone: the name is free again.
+    assert!(matches!(h.enqueue(named("a"), T0 + 20_000_002), ReplyBody::Enqueued { .. }));
+    let _ = a;
+}
+
+#[test]
+fn duplicate_and_tombstoned_names() {
+    let mut h = Harness::new(QueueConfig {
+        dedup_window: 100.0,
+        retention: 10.0,
+        ..Default::default()
+    });
+    let id = h.enqueue_id(named("job-1"), T0);
+    assert_eq!(
+        h.enqueue(named("job-1"), T0),
+        ReplyBody::Duplicate { id: id.clone(), tombstoned: false }
+    );
+    h.request(ClientCommand::Cancel { queue: "default".into(), id: id.clone() }, T0 + 1);
+    assert_eq!(
+        h.enqueue(named("job-1"), T0 + 2),
+        ReplyBody::Duplicate { id: id.clone(), tombstoned: true }
+    );
+    // The task itself is forgotten after retention; its tombstone lasts the dedup window.
+    h.fire(T0 + 50_000_000);
+    assert_eq!(h.store.len(), 0);
+    assert!(matches!(h.enqueue(named("job-1"), T0 + 50_000_001), ReplyBody::Duplicate { tombstoned: true, .. }));
+    h.fire(T0 + 101_000_000);
+    assert!(matches!(h.enqueue(named("job-1"), T0 + 101_000_001), ReplyBody::Enqueued { .. }));
+    // Idempotency keys work the same, in their own namespace.
+    let k = TaskSpec { idempotency_key: Some("k1".into()), ..spec(1.0) };
+    let first = h.enqueue_id(k.clone(), T0 + 102_000_000);
+    assert_eq!(h.enqueue(k, T0 + 102_000_000), ReplyBody::Duplicate { id: first, tombstoned: false });
+}
+
+#[test]
+fn wait_answers_after_the_first_attempt_or_when_it_runs_out() {
+    let mut h = Harness::new(QueueConfig::default());
+    let reply = h.request(
+        ClientCommand::Enqueue { queue: "default".into(), task: spec(0.0), wait: Some(5.0) },
+        T0,
+    );
+    assert!(reply.is_none(), "the reply waits");
+    let d = h.fire(T0);
+    h.settle(d[0].0, &d[0].1.id, Outcome::Failure, Some(500), T0 + 1000);
+    let reply = h.out.iter().find_map(|e| match e {
+        Event::Reply { reply, .. } => Some(reply.body.clone()),
+        _ => None,
+    });
+    match reply {
+        Some(ReplyBody::Enqueued { result: Some(r), .. }) => {
+            assert_eq!(r.status, Some(500));
+            assert_eq!(r.body.as_deref().map(|b| b.to_vec()), Some(b"answer".to_vec()));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A wait that runs out answers without a result.
+    let reply = h.request(
+        ClientCommand::Enqueue { queue: "default".into(), task: spec(60.0), wait: Some(1.0) },
+        T0,
+    );
+    assert!(reply.is_none());
+    h.out.clear();
+    h.store.fire_due(T0 + 1_000_000, &mut h.out);
+    let replies: Vec<&ReplyBody> = h
+        .out
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reply { reply, .. } => Some(&reply.body),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(replies[..], [ReplyBody::Enqueued { result: None, .. }]), "{replies:?}");
+}
+
+#[test]
+fn callbacks_report_success_and_failure() {
+    let mut h = Harness::new(QueueConfig { max_attempts: 1, ..Default::default() });
+    let ok = TaskSpec { callback_url: Some("http://cb/ok".into()), ..spec(0.0) };
+    let bad = TaskSpec { failure_callback_url: Some("http://cb/bad".into()), ..spec(0.0) };
+    let ok_id = h.enqueue_id(ok, T0);
+    let bad_id = h.enqueue_id(bad, T0);
+    let d = h.fire(T0);
+    for (delivery, task) in d {
+        let outcome = if task.id == ok_id { Outcome::Success } else { Outcome::Failure };
+        h.settle(delivery, &task.id, outcome, Some(if task.id == ok_id { 200 } else { 500 }), T0);
+    }
+    let callbacks = h.fire(T0 + 1);
+    assert_eq!(callbacks.len(), 2);
+    for (_, cb) in callbacks {
+        let report: serde_json::Value = serde_json::from_slice(cb.body.as_deref().unwrap()).unwrap();
+        if cb.url == "http://cb/ok" {
+            assert_eq!(report["task_id"], ok_id.as_str());
+            assert_eq!(report["status"], "succeeded");
+            assert_eq!(report["response_body"], "answer");
+        } else {
+            assert_eq!(cb.url, "http://cb/bad");
+            assert_eq!(report["task_id"], bad_id.as_str());
+            assert_eq!(report["status"], "failed");
+            assert_eq!(report["last_status"], 500);
+        }
+    }
+}
+
+#[test]
+fn batch_reports_each_task_and_list_pages() {
+    let mut h = Harness::new(QueueConfig::default());
+    let tasks = vec![spec(10.0), TaskSpec { url: "ftp://x".into(), ..Default::default() }, spec(10.0)];
+    let Some(ReplyBody::Batch { results }) = h.request(ClientCommand::EnqueueBatch { queue: "default".into(), tasks }, T0) else {
+        panic!()
+    };
+    assert!(matches!(results[0], ReplyBody::Enqueued { .. }));
+    assert!(matches!(results[1], ReplyBody::Error { code: ErrorCode::BadRequest, .. }));
+    assert!(matches!(results[2], ReplyBody::Enqueued { .. }));
+    for i in 0..3 {
+        h.enqueue_id(spec(10.0), T0 + 1 + i);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let Some(ReplyBody::Tasks { tasks, next_cursor }) = h.request(
+            ClientCommand::ListTasks { queue: "default".into(), state: Some(TaskState::Scheduled), limit: Some(2), cursor: cursor.clone(), full: false },
+            T0 + 10,
+        ) else {
+            panic!()
+        };
+        assert!(tasks.iter().all(|t| t.detail.is_none()));
+        seen.extend(tasks.into_iter().map(|t| t.id));
+        match next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let mut dedup = seen.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 5, "pages overlapped");
+}
+
+#[test]
+fn no_retry_and_max_age() {
+    let mut h = Harness::new(QueueConfig::default());
+    let id = h.enqueue_id(spec(0.0), T0);
+    let d = h.fire(T0);
+    h.out.clear();
+    h.store.apply(
+        Command::Result(DeliveryResult {
+            delivery: d[0].0,
+            task_id: id.clone(),
+            outcome: Outcome::Failure,
+            status: Some(400),
+            reason: None,
+            retry_after: None,
+            responded: true,
+            body: None,
+            no_retry: true,
+        }),
+        T0,
+        &mut h.out,
+    );
+    assert_eq!(h.state(&id), TaskState::Failed);
+    let _ = RetryPolicy::default();
+}
