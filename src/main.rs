@@ -66,6 +66,14 @@ struct StandaloneArgs {
     /// Webhook deliveries in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: u32,
+    /// Standard Webhooks secret (`whsec_<base64>`) for queues without their
+    /// own; repeatable. Also MIYAMOTO_SIGNING_SECRETS (comma-separated).
+    #[arg(
+        long = "signing-secret",
+        env = "MIYAMOTO_SIGNING_SECRETS",
+        value_delimiter = ','
+    )]
+    signing_secrets: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,13 +215,14 @@ fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| gateway::cli::default_listen(8088));
     let link = gateway::broker_link::LinkConfig::for_broker(&endpoint, args.concurrency)
         .map_err(anyhow::Error::msg)?;
+    let webhooks = gateway::cli::webhook_config(&args.signing_secrets)?;
     let rt = tokio_runtime()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         tracing::info!(%listen, broker = %endpoint, "miyamoto standalone ready");
-        gateway::serve(listener, link, async {
+        gateway::serve(listener, link, webhooks, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

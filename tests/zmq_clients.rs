@@ -90,6 +90,7 @@ fn resent_request_is_acted_on_once() {
                     countdown: Some(600.0),
                     ..Default::default()
                 },
+                wait: None,
             },
         };
         let frames = protocol::encode(&req);

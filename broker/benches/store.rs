@@ -27,6 +27,7 @@ fn enqueue(store: &mut Store, n: u64, countdown: f64, now: u64, out: &mut Vec<Ev
                         countdown: Some(countdown),
                         ..Default::default()
                     },
+                    wait: None,
                 },
             },
         },

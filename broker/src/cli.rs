@@ -110,7 +110,9 @@ pub fn parse_queue_file(
     let mut queues = Vec::new();
     for (name, patch) in file.queues {
         if !protocol::is_valid_queue_name(&name) {
-            return Err(format!("queue name {name:?} must match [A-Za-z0-9-]{{1,100}}"));
+            return Err(format!(
+                "queue name {name:?} must match [A-Za-z0-9-]{{1,100}}"
+            ));
         }
         let mut c = defaults.clone();
         crate::queues::apply_patch(&mut c, patch).map_err(|e| format!("[queues.{name}]: {e}"))?;
@@ -149,7 +151,10 @@ mod tests {
         .unwrap();
         assert_eq!(d.max_attempts, 5);
         assert_eq!(q[0].0, "emails");
-        assert_eq!((q[0].1.rate, q[0].1.burst, q[0].1.max_attempts), (20.0, 5, 5));
+        assert_eq!(
+            (q[0].1.rate, q[0].1.burst, q[0].1.max_attempts),
+            (20.0, 5, 5)
+        );
         assert!(parse_queue_file("[queues.x]\nrat = 1\n", Default::default()).is_err());
         assert!(parse_queue_file("[queues.x]\nburst = 0\n", Default::default()).is_err());
         assert!(parse_queue_file("[queues.\"a b\"]\n", Default::default()).is_err());

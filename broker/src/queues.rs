@@ -19,7 +19,11 @@ pub fn apply_patch(config: &mut QueueConfig, p: QueueConfigPatch) -> Result<(), 
         } else {
             Err(format!(
                 "{name} must be a number of seconds{} (at most 30 days)",
-                if allow_zero { ", 0 or more" } else { " above 0" }
+                if allow_zero {
+                    ", 0 or more"
+                } else {
+                    " above 0"
+                }
             ))
         }
     }
@@ -281,11 +285,48 @@ mod tests {
     #[test]
     fn patches_are_checked() {
         let mut c = QueueConfig::default();
-        assert!(apply_patch(&mut c, QueueConfigPatch { burst: Some(0), ..Default::default() }).is_err());
-        assert!(apply_patch(&mut c, QueueConfigPatch { max_attempts: Some(0), ..Default::default() }).is_err());
-        assert!(apply_patch(&mut c, QueueConfigPatch { min_backoff: Some(10.0), max_backoff: Some(5.0), ..Default::default() }).is_err());
-        assert!(apply_patch(&mut c, QueueConfigPatch { signing_secrets: Some(vec!["whsec_!!".into()]), ..Default::default() }).is_err());
-        apply_patch(&mut c, QueueConfigPatch { rate: Some(20.0), max_attempts: Some(-1), ..Default::default() }).unwrap();
+        assert!(apply_patch(
+            &mut c,
+            QueueConfigPatch {
+                burst: Some(0),
+                ..Default::default()
+            }
+        )
+        .is_err());
+        assert!(apply_patch(
+            &mut c,
+            QueueConfigPatch {
+                max_attempts: Some(0),
+                ..Default::default()
+            }
+        )
+        .is_err());
+        assert!(apply_patch(
+            &mut c,
+            QueueConfigPatch {
+                min_backoff: Some(10.0),
+                max_backoff: Some(5.0),
+                ..Default::default()
+            }
+        )
+        .is_err());
+        assert!(apply_patch(
+            &mut c,
+            QueueConfigPatch {
+                signing_secrets: Some(vec!["whsec_!!".into()]),
+                ..Default::default()
+            }
+        )
+        .is_err());
+        apply_patch(
+            &mut c,
+            QueueConfigPatch {
+                rate: Some(20.0),
+                max_attempts: Some(-1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(c.rate, 20.0);
         assert_eq!(retry_policy(&c).max_attempts, None);
     }

@@ -109,7 +109,10 @@ mod tests {
             ..Default::default()
         };
         assert!(p.allows_another(5, Duration::from_secs(10)), "age left");
-        assert!(p.allows_another(1, Duration::from_secs(100)), "attempts left");
+        assert!(
+            p.allows_another(1, Duration::from_secs(100)),
+            "attempts left"
+        );
         assert!(!p.allows_another(3, Duration::from_secs(60)));
         let age_only = RetryPolicy {
             max_attempts: None,

@@ -436,10 +436,7 @@ impl Store {
                 let mut names: Vec<String> = self.queues.keys().cloned().collect();
                 names.sort();
                 ReplyBody::Queues {
-                    queues: names
-                        .iter()
-                        .map(|n| self.queue_info(n, now_us))
-                        .collect(),
+                    queues: names.iter().map(|n| self.queue_info(n, now_us)).collect(),
                 }
             }
             ClientCommand::PauseQueue { queue } => {
@@ -500,7 +497,13 @@ impl Store {
             .or_insert_with(|| Queue::new(defaults.clone(), now_us))
     }
 
-    fn enqueue(&mut self, queue: &str, spec: TaskSpec, is_callback: bool, now_us: u64) -> ReplyBody {
+    fn enqueue(
+        &mut self,
+        queue: &str,
+        spec: TaskSpec,
+        is_callback: bool,
+        now_us: u64,
+    ) -> ReplyBody {
         let default_timeout = self.queue_mut(queue, now_us).config.timeout;
         let spec = match validate_with(queue, spec, micros_to_secs(now_us), default_timeout) {
             Ok(t) => t,
@@ -508,12 +511,13 @@ impl Store {
         };
         let keys = task_keys(&spec);
         for key in &keys {
-            let entry = self.queues.get(queue).and_then(|q| q.keys.get(key)).cloned();
+            let entry = self
+                .queues
+                .get(queue)
+                .and_then(|q| q.keys.get(key))
+                .cloned();
             let Some(e) = entry else { continue };
-            let live = self
-                .tasks
-                .get(&e.id)
-                .is_some_and(|t| !t.state.is_final());
+            let live = self.tasks.get(&e.id).is_some_and(|t| !t.state.is_final());
             if live {
                 return ReplyBody::Duplicate {
                     id: e.id.to_string(),
@@ -685,7 +689,13 @@ impl Store {
         });
     }
 
-    fn cancel(&mut self, queue: &str, id_str: &str, now_us: u64, out: &mut Vec<Event>) -> ReplyBody {
+    fn cancel(
+        &mut self,
+        queue: &str,
+        id_str: &str,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> ReplyBody {
         let Some(id) = self.find(queue, id_str) else {
             return not_found(queue, id_str);
         };
@@ -694,7 +704,10 @@ impl Store {
         };
         match task.state {
             TaskState::Succeeded => {
-                return error(ErrorCode::NotFound, format!("task {id_str} already succeeded"))
+                return error(
+                    ErrorCode::NotFound,
+                    format!("task {id_str} already succeeded"),
+                )
             }
             TaskState::Cancelled => {
                 return ReplyBody::Cancelled {
@@ -746,7 +759,14 @@ impl Store {
         }
     }
 
-    fn settle(&mut self, task_id: &str, delivery: u64, v: Verdict, now_us: u64, out: &mut Vec<Event>) {
+    fn settle(
+        &mut self,
+        task_id: &str,
+        delivery: u64,
+        v: Verdict,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) {
         let Some(id) = Uuid::parse_str(task_id).ok() else {
             self.stats.stale_results += 1;
             return;
@@ -770,7 +790,8 @@ impl Store {
         }
         let queue = task.spec.queue.clone();
         let attempts = task.attempts;
-        let age = Duration::from_micros(now_us.saturating_sub(task.first_attempt_us.unwrap_or(now_us)));
+        let age =
+            Duration::from_micros(now_us.saturating_sub(task.first_attempt_us.unwrap_or(now_us)));
         let attempt = AttemptResult {
             outcome: v.outcome,
             status: v.status,
@@ -866,7 +887,11 @@ impl Store {
                 }
                 continue;
             }
-            if let Some(e) = self.queues.get_mut(&queue).and_then(|q| q.keys.get_mut(&key)) {
+            if let Some(e) = self
+                .queues
+                .get_mut(&queue)
+                .and_then(|q| q.keys.get_mut(&key))
+            {
                 e.tombstone_until = Some(until);
             }
             self.add_timer(until, Timer::Tombstone(queue.clone(), key.0, key.1));
@@ -1034,7 +1059,9 @@ impl Store {
             };
         };
         let range = match start {
-            Some(k) => q.index.range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+            Some(k) => q
+                .index
+                .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
             None => q.index.range(..),
         };
         let mut tasks = Vec::new();
@@ -1198,7 +1225,10 @@ fn failure_text(status: Option<u16>) -> String {
 }
 
 fn not_found(queue: &str, id: &str) -> ReplyBody {
-    error(ErrorCode::NotFound, format!("no task {id} in queue {queue}"))
+    error(
+        ErrorCode::NotFound,
+        format!("no task {id} in queue {queue}"),
+    )
 }
 
 fn error(code: ErrorCode, reason: impl Into<String>) -> ReplyBody {
@@ -1246,7 +1276,11 @@ pub fn spawn(
                     }
                     store.apply(cmd, now_micros(), &mut out);
                     n += 1;
-                    next = if n < 1024 { commands.try_recv().ok() } else { None };
+                    next = if n < 1024 {
+                        commands.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 flush(&mut out, &events, &bell);
                 if stop {

@@ -9,13 +9,22 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use protocol::{ClientCommand, ErrorCode, ReplyBody, TaskInfo, TaskSpec, DEFAULT_QUEUE};
+use std::time::Duration;
+
+use protocol::{
+    ClientCommand, ErrorCode, Outcome, QueueConfigPatch, ReplyBody, TaskInfo, TaskSpec, TaskState,
+    DEFAULT_QUEUE,
+};
 use serde_json::{json, Map, Value};
 
 use crate::broker_link::{BrokerLink, LinkError};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Most tasks in one batch.
+pub const MAX_BATCH: usize = 1000;
+/// Longest `?wait=` of an enqueue, in seconds.
+pub const MAX_WAIT_SECS: f64 = 300.0;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -23,42 +32,60 @@ type Resp = Response<Full<Bytes>>;
 pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().trim_end_matches('/').to_string();
+    let query: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let q = |name: &str| -> String { name.to_string() };
     let resp = match (segments.as_slice(), &method) {
-        (["queue"], &Method::POST) => enqueue(req, DEFAULT_QUEUE.to_string(), link).await,
-        (["queue", queue], &Method::POST) => enqueue(req, queue.to_string(), link).await,
+        (["queue"], &Method::POST) => enqueue(req, DEFAULT_QUEUE.into(), &query, link).await,
+        (["queue", queue], &Method::POST) => enqueue(req, q(queue), &query, link).await,
+        (["queue", queue], &Method::PUT) => configure(req, q(queue), link).await,
+        (["queue", queue], &Method::GET) => {
+            reply(&link, ClientCommand::GetQueue { queue: q(queue) }).await
+        }
+        (["queues"], &Method::GET) => reply(&link, ClientCommand::ListQueues).await,
+        (["queue", queue, "pause"], &Method::POST) => {
+            reply(&link, ClientCommand::PauseQueue { queue: q(queue) }).await
+        }
+        (["queue", queue, "resume"], &Method::POST) => {
+            reply(&link, ClientCommand::ResumeQueue { queue: q(queue) }).await
+        }
+        (["queue", queue, "purge"], &Method::POST) => {
+            reply(&link, ClientCommand::PurgeQueue { queue: q(queue) }).await
+        }
+        (["queue", queue, "batch"], &Method::POST) => batch(req, q(queue), link).await,
+        (["queue", queue, "tasks"], &Method::GET) => list_tasks(q(queue), &query, link).await,
         (["queue", queue, "tasks", id], &Method::GET) => {
             let cmd = ClientCommand::Get {
-                queue: queue.to_string(),
-                id: id.to_string(),
+                queue: q(queue),
+                id: q(id),
             };
-            match link.request(cmd).await {
-                Ok(ReplyBody::Task { task }) => json_response(StatusCode::OK, task_json(&task)),
-                other => failure(other),
-            }
+            reply(&link, cmd).await
         }
         (["queue", queue, "tasks", id], &Method::DELETE) => {
             let cmd = ClientCommand::Cancel {
-                queue: queue.to_string(),
-                id: id.to_string(),
+                queue: q(queue),
+                id: q(id),
             };
-            match link.request(cmd).await {
-                Ok(ReplyBody::Cancelled { id }) => {
-                    json_response(StatusCode::OK, json!({"status": "cancelled", "id": id}))
-                }
-                other => failure(other),
-            }
+            reply(&link, cmd).await
         }
-        (["health"], &Method::GET) => match link.request(ClientCommand::Ping).await {
-            Ok(ReplyBody::Pong { node, version }) => json_response(
-                StatusCode::OK,
-                json!({"status": "ok", "broker": node, "version": version}),
-            ),
-            other => failure(other),
-        },
-        (["queue"], _) | (["queue", _], _) => not_allowed("POST"),
+        (["queue", queue, "tasks", id, "run"], &Method::POST) => {
+            let cmd = ClientCommand::Run {
+                queue: q(queue),
+                id: q(id),
+            };
+            reply(&link, cmd).await
+        }
+        (["health"], &Method::GET) => reply(&link, ClientCommand::Ping).await,
+        (["queue"], _) => not_allowed("POST"),
+        (["queue", _], _) => not_allowed("GET, POST, PUT"),
+        (["queues"], _) | (["health"], _) | (["queue", _, "tasks"], _) => not_allowed("GET"),
+        (["queue", _, "pause" | "resume" | "purge" | "batch"], _) => not_allowed("POST"),
         (["queue", _, "tasks", _], _) => not_allowed("GET, DELETE"),
-        (["health"], _) => not_allowed("GET"),
+        (["queue", _, "tasks", _, "run"], _) => not_allowed("POST"),
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {method} {path}"),
@@ -67,13 +94,102 @@ pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, In
     Ok(resp)
 }
 
-async fn enqueue(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp {
-    if !protocol::is_valid_queue_name(&queue) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "queue names must match [A-Za-z0-9-]{1,100}",
-        );
+/// Sends `cmd` and renders the broker's answer.
+async fn reply(link: &BrokerLink, cmd: ClientCommand) -> Resp {
+    render(link.request(cmd).await)
+}
+
+/// Renders a broker answer (or link failure) as an HTTP response.
+fn render(r: Result<ReplyBody, LinkError>) -> Resp {
+    match r {
+        Ok(body) => {
+            let (status, v) = reply_json(body);
+            json_response(status, v)
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// The status and JSON of one reply body.
+fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
+    match body {
+        ReplyBody::Enqueued {
+            id,
+            eta,
+            result: None,
+            ..
+        } => (
+            StatusCode::OK,
+            json!({"status": "scheduled", "id": id, "eta": eta}),
+        ),
+        ReplyBody::Enqueued {
+            id,
+            eta,
+            result: Some(r),
+            ..
+        } => (
+            StatusCode::OK,
+            json!({
+                "status": match r.outcome { Outcome::Success => "succeeded", Outcome::Failure => "failed" },
+                "id": id,
+                "eta": eta,
+                "response": {
+                    "status": r.status,
+                    "body": r.body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                    "error": r.error,
+                },
+            }),
+        ),
+        ReplyBody::Duplicate { id, tombstoned } => (
+            StatusCode::CONFLICT,
+            json!({
+                "status": if tombstoned { "tombstoned" } else { "duplicate" },
+                "id": id,
+            }),
+        ),
+        ReplyBody::Batch { results } => (
+            StatusCode::OK,
+            Value::Array(results.into_iter().map(|r| reply_json(r).1).collect()),
+        ),
+        ReplyBody::Task { task } => (StatusCode::OK, task_json(&task)),
+        ReplyBody::Tasks { tasks, next_cursor } => (
+            StatusCode::OK,
+            json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "next_cursor": next_cursor}),
+        ),
+        ReplyBody::Cancelled { id } => (StatusCode::OK, json!({"status": "cancelled", "id": id})),
+        ReplyBody::Queue { queue } => (
+            StatusCode::OK,
+            serde_json::to_value(queue).unwrap_or(Value::Null),
+        ),
+        ReplyBody::Queues { queues } => (
+            StatusCode::OK,
+            json!({"queues": serde_json::to_value(queues).unwrap_or(Value::Null)}),
+        ),
+        ReplyBody::Purged { queue, removed } => (
+            StatusCode::OK,
+            json!({"status": "purged", "queue": queue, "removed": removed}),
+        ),
+        ReplyBody::Pong { node, version } => (
+            StatusCode::OK,
+            json!({"status": "ok", "broker": node, "version": version}),
+        ),
+        ReplyBody::Error { code, reason } => {
+            let status = match code {
+                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::Conflict => StatusCode::CONFLICT,
+                ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Malformed | ErrorCode::UnsupportedVersion | ErrorCode::Internal => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            };
+            (status, json!({"status": "error", "reason": reason}))
+        }
+    }
+}
+
+/// Reads a request body of at most [`MAX_REQUEST_BYTES`].
+async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), Resp> {
     let too_big = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -86,7 +202,7 @@ async fn enqueue(req: Request<Incoming>, queue: String, link: BrokerLink) -> Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
-        return too_big();
+        return Err(too_big());
     }
     let content_type = req
         .headers()
@@ -94,38 +210,189 @@ async fn enqueue(req: Request<Incoming>, queue: String, link: BrokerLink) -> Res
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+    match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
     {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_big(),
-        Err(e) => {
+        Ok(b) => Ok((content_type, b.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the body: {e}"),
+        )),
+    }
+}
+
+async fn enqueue(
+    req: Request<Incoming>,
+    queue: String,
+    query: &[(String, String)],
+    link: BrokerLink,
+) -> Resp {
+    if !protocol::is_valid_queue_name(&queue) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "queue names must match [A-Za-z0-9-]{1,100}",
+        );
+    }
+    let wait = match query.iter().find(|(k, _)| k == "wait") {
+        None => None,
+        Some((_, v)) => match v.parse::<f64>() {
+            Ok(w) if w.is_finite() && w >= 0.0 => Some(w.min(MAX_WAIT_SECS)),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("wait must be a number of seconds (at most {MAX_WAIT_SECS})"),
+                )
+            }
+        },
+    };
+    let idempotency_key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) => Some(k.to_string()),
+        Some(Err(_)) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("cannot read the body: {e}"),
+                "Idempotency-Key must be visible ASCII",
             )
         }
+    };
+    let (content_type, body) = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
     };
     let spec = if is_json(&content_type, &body) {
         parse_json(&body)
     } else {
         parse_form(&body)
     };
-    let spec = match spec {
+    let mut spec = match spec {
         Ok(s) => s,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    match link
-        .request(ClientCommand::Enqueue { queue, task: spec })
+    if idempotency_key.is_some() {
+        spec.idempotency_key = idempotency_key;
+    }
+    let extra = Duration::from_secs_f64(wait.unwrap_or(0.0));
+    let answer = link
+        .request_with(
+            ClientCommand::Enqueue {
+                queue,
+                task: spec,
+                wait,
+            },
+            extra,
+        )
+        .await;
+    // A wait that ran out answers 202: accepted, not finished yet.
+    if let (Some(_), Ok(ReplyBody::Enqueued { result: None, .. })) = (wait, &answer) {
+        let mut r = render(answer);
+        *r.status_mut() = StatusCode::ACCEPTED;
+        return r;
+    }
+    render(answer)
+}
+
+async fn batch(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp {
+    let (_, body) = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let items: Vec<Value> = match serde_json::from_slice(&body) {
+        Ok(Value::Array(items)) => items,
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "a batch is a JSON array of tasks"),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not valid JSON: {e}"),
+            )
+        }
+    };
+    if items.len() > MAX_BATCH {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("a batch holds at most {MAX_BATCH} tasks"),
+        );
+    }
+    // Items that do not parse are answered here, in place; the others go
+    // to the broker in one request.
+    let mut parsed = Vec::with_capacity(items.len());
+    let mut tasks = Vec::new();
+    for item in items {
+        match parse_json_value(item) {
+            Ok(spec) => {
+                parsed.push(None);
+                tasks.push(spec);
+            }
+            Err(reason) => parsed.push(Some(json!({"status": "error", "reason": reason}))),
+        }
+    }
+    let results = match link
+        .request(ClientCommand::EnqueueBatch { queue, tasks })
         .await
     {
-        Ok(ReplyBody::Enqueued { id, eta, .. }) => json_response(
-            StatusCode::OK,
-            json!({"status": "scheduled", "id": id, "eta": eta}),
-        ),
-        other => failure(other),
-    }
+        Ok(ReplyBody::Batch { results }) => results,
+        other => return render(other),
+    };
+    let mut from_broker = results.into_iter().map(|r| reply_json(r).1);
+    let out: Vec<Value> = parsed
+        .into_iter()
+        .map(|p| p.unwrap_or_else(|| from_broker.next().unwrap_or(Value::Null)))
+        .collect();
+    json_response(StatusCode::OK, Value::Array(out))
+}
+
+async fn configure(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp {
+    let (_, body) = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let config: QueueConfigPatch = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid queue configuration: {e}"),
+            )
+        }
+    };
+    reply(&link, ClientCommand::ConfigureQueue { queue, config }).await
+}
+
+async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink) -> Resp {
+    let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let state = match get("state") {
+        None | Some("") => None,
+        Some(s) => match serde_json::from_value::<TaskState>(Value::String(s.to_string())) {
+            Ok(st) => Some(st),
+            Err(_) => return error(StatusCode::BAD_REQUEST, format!("unknown state {s:?}")),
+        },
+    };
+    let limit = match get("limit") {
+        None => None,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => Some(n),
+            _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
+        },
+    };
+    let full = match get("view") {
+        None | Some("basic") => false,
+        Some("full") => true,
+        Some(v) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("view must be basic or full, not {v:?}"),
+            )
+        }
+    };
+    let cmd = ClientCommand::ListTasks {
+        queue,
+        state,
+        limit,
+        cursor: get("cursor").map(str::to_string),
+        full,
+    };
+    reply(&link, cmd).await
 }
 
 /// JSON when the content type says so, or when the body looks like a JSON
@@ -156,6 +423,8 @@ pub fn parse_form(body: &[u8]) -> Result<TaskSpec, String> {
             "eta" => eta_field = Some(v),
             "name" => spec.name = Some(v),
             "timeout" => spec.timeout = Some(number("task.timeout", &v)?),
+            "callback_url" => spec.callback_url = Some(v),
+            "failure_callback_url" => spec.failure_callback_url = Some(v),
             _ => match field.strip_prefix("header.") {
                 Some(name) if !name.is_empty() => spec.headers.push((name.to_string(), v)),
                 _ => return Err(format!("unknown task field {k:?}")),
@@ -193,6 +462,11 @@ pub fn parse_eta(v: &str) -> Result<f64, String> {
 pub fn parse_json(body: &[u8]) -> Result<TaskSpec, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    parse_json_value(value)
+}
+
+/// One task as a JSON value (an enqueue body, or an item of a batch).
+pub fn parse_json_value(value: Value) -> Result<TaskSpec, String> {
     let Value::Object(obj) = value else {
         return Err("the JSON body must be an object".into());
     };
@@ -208,6 +482,9 @@ pub fn parse_json(body: &[u8]) -> Result<TaskSpec, String> {
             "headers" => spec.headers = pairs(&k, v, false)?,
             "countdown" => spec.countdown = optional(&k, v, seconds)?,
             "timeout" => spec.timeout = optional(&k, v, seconds)?,
+            "callback_url" => spec.callback_url = optional(&k, v, string)?,
+            "failure_callback_url" => spec.failure_callback_url = optional(&k, v, string)?,
+            "idempotency_key" => spec.idempotency_key = optional(&k, v, string)?,
             "eta" => {
                 spec.eta = match v {
                     Value::Null => None,
@@ -289,7 +566,7 @@ fn pairs(k: &str, v: Value, allow_lists: bool) -> Result<Vec<(String, String)>, 
 }
 
 fn task_json(t: &TaskInfo) -> Value {
-    json!({
+    let mut v = json!({
         "id": t.id,
         "queue": t.queue,
         "name": t.name,
@@ -302,29 +579,22 @@ fn task_json(t: &TaskInfo) -> Value {
         "last_status": t.last_status,
         "last_error": t.last_error,
         "created": t.created,
-    })
-}
-
-/// Maps a broker error or an unexpected answer to an HTTP error.
-fn failure(r: Result<ReplyBody, LinkError>) -> Resp {
-    match r {
-        Ok(ReplyBody::Error { code, reason }) => {
-            let status = match code {
-                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
-                ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Malformed | ErrorCode::UnsupportedVersion | ErrorCode::Internal => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
-            };
-            error(status, reason)
-        }
-        Ok(other) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected answer from the broker: {other:?}"),
-        ),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        "first_attempt": t.first_attempt,
+    });
+    if let (Some(d), Value::Object(map)) = (&t.detail, &mut v) {
+        let text = |b: &Option<serde_bytes::ByteBuf>| {
+            b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        map.insert("params".into(), json!(d.params));
+        map.insert("body".into(), json!(text(&d.body)));
+        map.insert("content_type".into(), json!(d.content_type));
+        map.insert("headers".into(), json!(d.headers));
+        map.insert("timeout".into(), json!(d.timeout));
+        map.insert("callback_url".into(), json!(d.callback_url));
+        map.insert("failure_callback_url".into(), json!(d.failure_callback_url));
+        map.insert("last_response".into(), json!(text(&d.last_response)));
     }
+    v
 }
 
 fn not_allowed(allow: &'static str) -> Resp {

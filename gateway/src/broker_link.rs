@@ -87,6 +87,8 @@ impl LinkConfig {
 
 struct LinkRequest {
     command: ClientCommand,
+    /// Extra time on top of the link's request timeout (a `wait`).
+    extra: Duration,
     reply: oneshot::Sender<Result<ReplyBody, LinkError>>,
 }
 
@@ -137,9 +139,23 @@ impl BrokerLink {
 
     /// Sends a request to the broker and waits for its reply.
     pub async fn request(&self, command: ClientCommand) -> Result<ReplyBody, LinkError> {
+        self.request_with(command, Duration::ZERO).await
+    }
+
+    /// Like [`BrokerLink::request`], allowing `extra` time for the reply
+    /// (an enqueue that waits for its first attempt).
+    pub async fn request_with(
+        &self,
+        command: ClientCommand,
+        extra: Duration,
+    ) -> Result<ReplyBody, LinkError> {
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(LinkRequest { command, reply: tx })
+            .send(LinkRequest {
+                command,
+                extra,
+                reply: tx,
+            })
             .map_err(|_| LinkError::Closed)?;
         self.bell.ring();
         rx.await.unwrap_or(Err(LinkError::Closed))
@@ -208,7 +224,7 @@ fn run(
                         request_id,
                         Pending {
                             reply: r.reply,
-                            deadline: now + config.request_timeout,
+                            deadline: now + config.request_timeout + r.extra,
                         },
                     );
                 }

@@ -18,6 +18,39 @@ pub struct GatewayArgs {
     /// Webhook deliveries in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: u32,
+    /// Standard Webhooks secret (`whsec_<base64>`) signing every webhook of
+    /// queues without secrets of their own; repeat it during a key
+    /// rotation. Also read from MIYAMOTO_SIGNING_SECRETS (comma-separated).
+    #[arg(
+        long = "signing-secret",
+        env = "MIYAMOTO_SIGNING_SECRETS",
+        value_delimiter = ','
+    )]
+    pub signing_secrets: Vec<String>,
+}
+
+impl GatewayArgs {
+    /// The dispatcher's settings, with the secrets checked.
+    pub fn webhook_config(&self) -> anyhow::Result<crate::webhooks::WebhookConfig> {
+        webhook_config(&self.signing_secrets)
+    }
+}
+
+/// Checks signing secrets and builds the dispatcher's settings.
+pub fn webhook_config(secrets: &[String]) -> anyhow::Result<crate::webhooks::WebhookConfig> {
+    use base64::Engine;
+    for s in secrets {
+        let raw = s.strip_prefix("whsec_").unwrap_or(s);
+        if base64::engine::general_purpose::STANDARD
+            .decode(raw)
+            .map_or(true, |k| k.is_empty())
+        {
+            anyhow::bail!("a signing secret must be whsec_ followed by base64");
+        }
+    }
+    Ok(crate::webhooks::WebhookConfig {
+        signing_secrets: secrets.to_vec(),
+    })
 }
 
 /// `$INTERFACE:port`, as the original Miyamoto did.
@@ -42,7 +75,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, broker = %args.broker, "gateway listening");
-    crate::serve(listener, link, async {
+    let webhooks = args.webhook_config()?;
+    crate::serve(listener, link, webhooks, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

@@ -26,11 +26,17 @@ use tokio::net::TcpListener;
 pub async fn serve(
     listener: TcpListener,
     link_config: LinkConfig,
+    webhook_config: webhooks::WebhookConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let concurrency = link_config.concurrency as usize;
     let (link, jobs) = BrokerLink::start(link_config)?;
-    let dispatcher = tokio::spawn(webhooks::run(jobs, link.clone(), concurrency));
+    let dispatcher = tokio::spawn(webhooks::run(
+        jobs,
+        link.clone(),
+        concurrency,
+        webhook_config,
+    ));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {

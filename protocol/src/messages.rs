@@ -604,7 +604,8 @@ mod tests {
                   eta in proptest::option::of(0f64..1e10), name in proptest::option::of("[a-z_-]{1,10}"),
                   timeout in proptest::option::of(0f64..1e4)) -> TaskSpec {
             TaskSpec { url, method, params, body: body.map(ByteBuf::from), content_type: None,
-                       headers, countdown, eta, name, timeout }
+                       headers, countdown, eta, name, timeout, callback_url: Some("http://cb/".into()),
+                       failure_callback_url: None, idempotency_key: Some("k".into()) }
         }
     }
 
@@ -612,7 +613,16 @@ mod tests {
         #[test]
         fn client_requests_round_trip(id in ".{0,40}", queue in "[a-z-]{1,10}", task in spec()) {
             for command in [
-                ClientCommand::Enqueue { queue: queue.clone(), task: task.clone() },
+                ClientCommand::Enqueue { queue: queue.clone(), task: task.clone(), wait: Some(1.5) },
+                ClientCommand::EnqueueBatch { queue: queue.clone(), tasks: vec![task.clone(), task.clone()] },
+                ClientCommand::Run { queue: queue.clone(), id: id.clone() },
+                ClientCommand::ListTasks { queue: queue.clone(), state: Some(TaskState::Failed), limit: Some(5), cursor: Some(id.clone()), full: true },
+                ClientCommand::ConfigureQueue { queue: queue.clone(), config: QueueConfigPatch { rate: Some(2.5), max_attempts: Some(-1), signing_secrets: Some(vec!["whsec_AA==".into()]), ..Default::default() } },
+                ClientCommand::GetQueue { queue: queue.clone() },
+                ClientCommand::ListQueues,
+                ClientCommand::PauseQueue { queue: queue.clone() },
+                ClientCommand::ResumeQueue { queue: queue.clone() },
+                ClientCommand::PurgeQueue { queue: queue.clone() },
                 ClientCommand::Cancel { queue: queue.clone(), id: id.clone() },
                 ClientCommand::Get { queue: queue.clone(), id: id.clone() },
                 ClientCommand::Ping,
@@ -632,7 +642,8 @@ mod tests {
                 WorkerMessage::Heartbeat,
                 WorkerMessage::Disconnect,
                 WorkerMessage::Result(DeliveryResult { delivery, task_id: "t".into(), outcome: Outcome::Failure,
-                    status, reason: reason.clone(), retry_after: Some(1.5), responded: true }),
+                    status, reason: reason.clone(), retry_after: Some(1.5), responded: true,
+                    body: Some(ByteBuf::from(vec![1, 2, 3])), no_retry: true }),
             ];
             for m in msgs {
                 let back: WorkerMessage = decode(&encode(&m)).unwrap();
@@ -641,7 +652,8 @@ mod tests {
             let t = BrokerMessage::Task { delivery, task: DeliveredTask {
                 id: "i".into(), queue: "q".into(), name: task.name, url: task.url, method: "POST".into(),
                 params: task.params, body: task.body, content_type: reason, headers: task.headers,
-                eta: 1.0, timeout: 30.0, retry_count: 2, execution_count: 1 } };
+                eta: 1.0, timeout: 30.0, retry_count: 2, execution_count: 1,
+                signing_secrets: vec!["whsec_AA==".into()] } };
             let back: BrokerMessage = decode(&encode(&t)).unwrap();
             prop_assert_eq!(back, t);
         }
@@ -669,6 +681,31 @@ mod tests {
                 id: "x".into(),
                 queue: "q".into(),
                 eta: 12.5,
+                result: Some(AttemptResult {
+                    outcome: Outcome::Success,
+                    status: Some(200),
+                    body: Some(ByteBuf::from(b"ok".to_vec())),
+                    error: None,
+                }),
+            },
+            ReplyBody::Duplicate {
+                id: "x".into(),
+                tombstoned: true,
+            },
+            ReplyBody::Batch {
+                results: vec![ReplyBody::Cancelled { id: "y".into() }],
+            },
+            ReplyBody::Queue {
+                queue: QueueInfo {
+                    name: "q".into(),
+                    config: QueueConfig::default(),
+                    paused: true,
+                    stats: QueueStats::default(),
+                },
+            },
+            ReplyBody::Purged {
+                queue: "q".into(),
+                removed: 3,
             },
             ReplyBody::Cancelled { id: "x".into() },
             ReplyBody::Pong {
@@ -695,6 +732,8 @@ mod tests {
                     created: 1.0,
                     replica: 0,
                     replica_offset: 5.0,
+                    first_attempt: Some(2.0),
+                    detail: Some(TaskDetail::default()),
                 },
             },
         ];
@@ -737,7 +776,7 @@ mod tests {
         let frames = vec![Vec::new(), crate::frames::header().to_vec(), body];
         let req: ClientRequest = decode(&frames).unwrap();
         match req.command {
-            ClientCommand::Enqueue { queue, task } => {
+            ClientCommand::Enqueue { queue, task, .. } => {
                 assert_eq!(queue, DEFAULT_QUEUE);
                 assert_eq!(task.countdown, Some(5.0));
                 assert_eq!(task.url, "zmq://p");

@@ -68,7 +68,14 @@ impl Harness {
         dispatches(&self.out)
     }
 
-    fn settle(&mut self, delivery: u64, id: &str, outcome: Outcome, status: Option<u16>, now: u64) -> Vec<(u64, DeliveredTask)> {
+    fn settle(
+        &mut self,
+        delivery: u64,
+        id: &str,
+        outcome: Outcome,
+        status: Option<u16>,
+        now: u64,
+    ) -> Vec<(u64, DeliveredTask)> {
         self.out.clear();
         self.store.apply(
             Command::Result(DeliveryResult {
@@ -129,7 +136,10 @@ fn fires_at_eta_and_retries_with_backoff() {
     // A duplicate verdict is ignored.
     h.settle(d[0].0, &id, Outcome::Failure, Some(500), T0 + 5_000_000);
     assert_eq!(h.store.stats.stale_results, 1);
-    assert!(h.fire(T0 + 5_099_999).is_empty(), "retry must wait min_backoff");
+    assert!(
+        h.fire(T0 + 5_099_999).is_empty(),
+        "retry must wait min_backoff"
+    );
     let d = h.fire(T0 + 5_100_000);
     assert_eq!((d[0].1.retry_count, d[0].1.execution_count), (1, 1));
 }
@@ -156,7 +166,9 @@ fn resent_request_is_not_enqueued_twice() {
     h.store.apply(req("other"), 20, &mut out);
     assert_eq!(h.store.len(), 2);
     h.store.apply(req(""), 20, &mut out);
-    assert!(matches!(&out[3], Event::Reply { reply, .. } if matches!(reply.body, ReplyBody::Error { code: ErrorCode::BadRequest, .. })));
+    assert!(
+        matches!(&out[3], Event::Reply { reply, .. } if matches!(reply.body, ReplyBody::Error { code: ErrorCode::BadRequest, .. }))
+    );
 }
 
 #[test]
@@ -212,7 +224,13 @@ fn exhausted_task_is_kept_as_failed_and_can_be_rerun() {
     let q = h.store.queue_info("default", now);
     assert_eq!(q.stats.failed, 1);
     // `run` re-dispatches a dead letter.
-    let reply = h.request(ClientCommand::Run { queue: "default".into(), id: id.clone() }, now);
+    let reply = h.request(
+        ClientCommand::Run {
+            queue: "default".into(),
+            id: id.clone(),
+        },
+        now,
+    );
     assert!(matches!(reply, Some(ReplyBody::Task { .. })));
     let d = dispatches(&h.out);
     assert_eq!(d[0].1.retry_count, 2);
@@ -240,7 +258,13 @@ fn rate_limit_spaces_dispatches_and_concurrency_caps_them() {
     assert_eq!(q.stats.running, 3);
     assert!(q.stats.lag >= 0.99, "lag {}", q.stats.lag);
     // Settling one frees a slot, which the next ready task takes at once.
-    let freed = h.settle(third[0].0, &third[0].1.id, Outcome::Success, Some(200), T0 + 1_000_000);
+    let freed = h.settle(
+        third[0].0,
+        &third[0].1.id,
+        Outcome::Success,
+        Some(200),
+        T0 + 1_000_000,
+    );
     assert_eq!(freed.len(), 1);
     assert!(ids.contains(&freed[0].1.id));
 }
@@ -248,19 +272,52 @@ fn rate_limit_spaces_dispatches_and_concurrency_caps_them() {
 #[test]
 fn pause_resume_and_purge() {
     let mut h = Harness::new(QueueConfig::default());
-    h.request(ClientCommand::PauseQueue { queue: "default".into() }, T0);
+    h.request(
+        ClientCommand::PauseQueue {
+            queue: "default".into(),
+        },
+        T0,
+    );
     let a = h.enqueue_id(named("a"), T0);
     let _b = h.enqueue_id(spec(0.0), T0);
-    assert!(h.fire(T0 + 20_000_000).is_empty(), "a paused queue dispatches nothing");
-    h.request(ClientCommand::ResumeQueue { queue: "default".into() }, T0 + 20_000_000);
+    assert!(
+        h.fire(T0 + 20_000_000).is_empty(),
+        "a paused queue dispatches nothing"
+    );
+    h.request(
+        ClientCommand::ResumeQueue {
+            queue: "default".into(),
+        },
+        T0 + 20_000_000,
+    );
     assert_eq!(dispatches(&h.out).len(), 2);
     let _c = h.enqueue_id(spec(100.0), T0 + 20_000_000);
-    let reply = h.request(ClientCommand::PurgeQueue { queue: "default".into() }, T0 + 20_000_001);
-    assert_eq!(reply, Some(ReplyBody::Purged { queue: "default".into(), removed: 3 }));
+    let reply = h.request(
+        ClientCommand::PurgeQueue {
+            queue: "default".into(),
+        },
+        T0 + 20_000_001,
+    );
+    assert_eq!(
+        reply,
+        Some(ReplyBody::Purged {
+            queue: "default".into(),
+            removed: 3
+        })
+    );
     assert_eq!(h.store.len(), 0);
-    assert!(h.out.iter().filter(|e| matches!(e, Event::Revoke { .. })).count() == 2);
+    assert!(
+        h.out
+            .iter()
+            .filter(|e| matches!(e, Event::Revoke { .. }))
+            .count()
+            == 2
+    );
     // No tombstone: the name is free again.
-    assert!(matches!(h.enqueue(named("a"), T0 + 20_000_002), ReplyBody::Enqueued { .. }));
+    assert!(matches!(
+        h.enqueue(named("a"), T0 + 20_000_002),
+        ReplyBody::Enqueued { .. }
+    ));
     let _ = a;
 }
 
@@ -274,30 +331,64 @@ fn duplicate_and_tombstoned_names() {
     let id = h.enqueue_id(named("job-1"), T0);
     assert_eq!(
         h.enqueue(named("job-1"), T0),
-        ReplyBody::Duplicate { id: id.clone(), tombstoned: false }
+        ReplyBody::Duplicate {
+            id: id.clone(),
+            tombstoned: false
+        }
     );
-    h.request(ClientCommand::Cancel { queue: "default".into(), id: id.clone() }, T0 + 1);
+    h.request(
+        ClientCommand::Cancel {
+            queue: "default".into(),
+            id: id.clone(),
+        },
+        T0 + 1,
+    );
     assert_eq!(
         h.enqueue(named("job-1"), T0 + 2),
-        ReplyBody::Duplicate { id: id.clone(), tombstoned: true }
+        ReplyBody::Duplicate {
+            id: id.clone(),
+            tombstoned: true
+        }
     );
     // The task itself is forgotten after retention; its tombstone lasts the dedup window.
     h.fire(T0 + 50_000_000);
     assert_eq!(h.store.len(), 0);
-    assert!(matches!(h.enqueue(named("job-1"), T0 + 50_000_001), ReplyBody::Duplicate { tombstoned: true, .. }));
+    assert!(matches!(
+        h.enqueue(named("job-1"), T0 + 50_000_001),
+        ReplyBody::Duplicate {
+            tombstoned: true,
+            ..
+        }
+    ));
     h.fire(T0 + 101_000_000);
-    assert!(matches!(h.enqueue(named("job-1"), T0 + 101_000_001), ReplyBody::Enqueued { .. }));
+    assert!(matches!(
+        h.enqueue(named("job-1"), T0 + 101_000_001),
+        ReplyBody::Enqueued { .. }
+    ));
     // Idempotency keys work the same, in their own namespace.
-    let k = TaskSpec { idempotency_key: Some("k1".into()), ..spec(1.0) };
+    let k = TaskSpec {
+        idempotency_key: Some("k1".into()),
+        ..spec(1.0)
+    };
     let first = h.enqueue_id(k.clone(), T0 + 102_000_000);
-    assert_eq!(h.enqueue(k, T0 + 102_000_000), ReplyBody::Duplicate { id: first, tombstoned: false });
+    assert_eq!(
+        h.enqueue(k, T0 + 102_000_000),
+        ReplyBody::Duplicate {
+            id: first,
+            tombstoned: false
+        }
+    );
 }
 
 #[test]
 fn wait_answers_after_the_first_attempt_or_when_it_runs_out() {
     let mut h = Harness::new(QueueConfig::default());
     let reply = h.request(
-        ClientCommand::Enqueue { queue: "default".into(), task: spec(0.0), wait: Some(5.0) },
+        ClientCommand::Enqueue {
+            queue: "default".into(),
+            task: spec(0.0),
+            wait: Some(5.0),
+        },
         T0,
     );
     assert!(reply.is_none(), "the reply waits");
@@ -308,15 +399,24 @@ fn wait_answers_after_the_first_attempt_or_when_it_runs_out() {
         _ => None,
     });
     match reply {
-        Some(ReplyBody::Enqueued { result: Some(r), .. }) => {
+        Some(ReplyBody::Enqueued {
+            result: Some(r), ..
+        }) => {
             assert_eq!(r.status, Some(500));
-            assert_eq!(r.body.as_deref().map(|b| b.to_vec()), Some(b"answer".to_vec()));
+            assert_eq!(
+                r.body.as_deref().map(|b| b.to_vec()),
+                Some(b"answer".to_vec())
+            );
         }
         other => panic!("{other:?}"),
     }
     // A wait that runs out answers without a result.
     let reply = h.request(
-        ClientCommand::Enqueue { queue: "default".into(), task: spec(60.0), wait: Some(1.0) },
+        ClientCommand::Enqueue {
+            queue: "default".into(),
+            task: spec(60.0),
+            wait: Some(1.0),
+        },
         T0,
     );
     assert!(reply.is_none());
@@ -330,25 +430,48 @@ fn wait_answers_after_the_first_attempt_or_when_it_runs_out() {
             _ => None,
         })
         .collect();
-    assert!(matches!(replies[..], [ReplyBody::Enqueued { result: None, .. }]), "{replies:?}");
+    assert!(
+        matches!(replies[..], [ReplyBody::Enqueued { result: None, .. }]),
+        "{replies:?}"
+    );
 }
 
 #[test]
 fn callbacks_report_success_and_failure() {
-    let mut h = Harness::new(QueueConfig { max_attempts: 1, ..Default::default() });
-    let ok = TaskSpec { callback_url: Some("http://cb/ok".into()), ..spec(0.0) };
-    let bad = TaskSpec { failure_callback_url: Some("http://cb/bad".into()), ..spec(0.0) };
+    let mut h = Harness::new(QueueConfig {
+        max_attempts: 1,
+        ..Default::default()
+    });
+    let ok = TaskSpec {
+        callback_url: Some("http://cb/ok".into()),
+        ..spec(0.0)
+    };
+    let bad = TaskSpec {
+        failure_callback_url: Some("http://cb/bad".into()),
+        ..spec(0.0)
+    };
     let ok_id = h.enqueue_id(ok, T0);
     let bad_id = h.enqueue_id(bad, T0);
     let d = h.fire(T0);
     for (delivery, task) in d {
-        let outcome = if task.id == ok_id { Outcome::Success } else { Outcome::Failure };
-        h.settle(delivery, &task.id, outcome, Some(if task.id == ok_id { 200 } else { 500 }), T0);
+        let outcome = if task.id == ok_id {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        h.settle(
+            delivery,
+            &task.id,
+            outcome,
+            Some(if task.id == ok_id { 200 } else { 500 }),
+            T0,
+        );
     }
     let callbacks = h.fire(T0 + 1);
     assert_eq!(callbacks.len(), 2);
     for (_, cb) in callbacks {
-        let report: serde_json::Value = serde_json::from_slice(cb.body.as_deref().unwrap()).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_slice(cb.body.as_deref().unwrap()).unwrap();
         if cb.url == "http://cb/ok" {
             assert_eq!(report["task_id"], ok_id.as_str());
             assert_eq!(report["status"], "succeeded");
@@ -365,12 +488,31 @@ fn callbacks_report_success_and_failure() {
 #[test]
 fn batch_reports_each_task_and_list_pages() {
     let mut h = Harness::new(QueueConfig::default());
-    let tasks = vec![spec(10.0), TaskSpec { url: "ftp://x".into(), ..Default::default() }, spec(10.0)];
-    let Some(ReplyBody::Batch { results }) = h.request(ClientCommand::EnqueueBatch { queue: "default".into(), tasks }, T0) else {
+    let tasks = vec![
+        spec(10.0),
+        TaskSpec {
+            url: "ftp://x".into(),
+            ..Default::default()
+        },
+        spec(10.0),
+    ];
+    let Some(ReplyBody::Batch { results }) = h.request(
+        ClientCommand::EnqueueBatch {
+            queue: "default".into(),
+            tasks,
+        },
+        T0,
+    ) else {
         panic!()
     };
     assert!(matches!(results[0], ReplyBody::Enqueued { .. }));
-    assert!(matches!(results[1], ReplyBody::Error { code: ErrorCode::BadRequest, .. }));
+    assert!(matches!(
+        results[1],
+        ReplyBody::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
     assert!(matches!(results[2], ReplyBody::Enqueued { .. }));
     for i in 0..3 {
         h.enqueue_id(spec(10.0), T0 + 1 + i);
@@ -379,7 +521,13 @@ fn batch_reports_each_task_and_list_pages() {
     let mut cursor = None;
     loop {
         let Some(ReplyBody::Tasks { tasks, next_cursor }) = h.request(
-            ClientCommand::ListTasks { queue: "default".into(), state: Some(TaskState::Scheduled), limit: Some(2), cursor: cursor.clone(), full: false },
+            ClientCommand::ListTasks {
+                queue: "default".into(),
+                state: Some(TaskState::Scheduled),
+                limit: Some(2),
+                cursor: cursor.clone(),
+                full: false,
+            },
             T0 + 10,
         ) else {
             panic!()
