@@ -6,5 +6,6 @@ mod util;
 
 mod api;
 mod python;
+mod queues;
 mod webhooks;
 mod zmq_clients;

@@ -134,16 +134,18 @@ impl Harness {
 
     /// `miyamoto standalone` on free ports, ready to serve.
     pub fn standalone(&self) -> Node {
+        self.standalone_with(&[])
+    }
+
+    /// `miyamoto standalone` with extra arguments.
+    pub fn standalone_with(&self, extra: &[&str]) -> Node {
         let base = free_base();
         let http = free_port();
         let listen = format!("127.0.0.1:{http}");
-        let pid = self.spawn(&[
-            "standalone",
-            "--port",
-            &base.to_string(),
-            "--listen",
-            &listen,
-        ]);
+        let base_s = base.to_string();
+        let mut args = vec!["standalone", "--port", &base_s, "--listen", &listen];
+        args.extend_from_slice(extra);
+        let pid = self.spawn(&args);
         let _ = pid;
         let node = Node { base, http };
         node.wait_ready();
@@ -277,6 +279,16 @@ pub fn http(
     try_http(method, url, headers, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }
 
+/// A JSON request.
+pub fn send_json(method: &str, url: &str, v: &Value) -> (u16, Value) {
+    http(
+        method,
+        url,
+        &[("Content-Type", "application/json")],
+        v.to_string(),
+    )
+}
+
 /// A form-encoded POST.
 pub fn post_form(url: &str, body: &str) -> (u16, Value) {
     http(
@@ -314,6 +326,7 @@ pub struct Answer {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub delay: Duration,
+    pub body: &'static str,
 }
 
 impl Answer {
@@ -322,6 +335,7 @@ impl Answer {
             status,
             headers: vec![],
             delay: Duration::ZERO,
+            body: "ok",
         }
     }
 }
@@ -332,6 +346,13 @@ pub struct Receiver {
     pub addr: SocketAddr,
     seen: Mutex<mpsc::Receiver<Seen>>,
     script: Arc<Mutex<VecDeque<Answer>>>,
+    /// Requests being answered right now, and the most there ever were.
+    pub in_flight: Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
+    /// How every request not scripted is answered.
+    pub default: Arc<Mutex<Answer>>,
 }
 
 impl Receiver {
@@ -342,6 +363,12 @@ impl Receiver {
         let (tx, rx) = mpsc::channel();
         let script: Arc<Mutex<VecDeque<Answer>>> = Arc::default();
         let s = script.clone();
+        let in_flight: Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )> = Arc::default();
+        let default = Arc::new(Mutex::new(Answer::status(200)));
+        let (fl, df) = (in_flight.clone(), default.clone());
         runtime().spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
             loop {
@@ -350,11 +377,15 @@ impl Receiver {
                 };
                 let tx = tx.clone();
                 let s = s.clone();
+                let (fl, df) = (fl.clone(), df.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let tx = tx.clone();
                         let s = s.clone();
+                        let (fl, df) = (fl.clone(), df.clone());
                         async move {
+                            let now_in = fl.0.fetch_add(1, Ordering::SeqCst) + 1;
+                            fl.1.fetch_max(now_in, Ordering::SeqCst);
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -368,11 +399,16 @@ impl Receiver {
                                 body,
                                 at: now(),
                             });
-                            let answer =
-                                s.lock().unwrap().pop_front().unwrap_or(Answer::status(200));
+                            let answer = s
+                                .lock()
+                                .unwrap()
+                                .pop_front()
+                                .unwrap_or_else(|| df.lock().unwrap().clone());
                             tokio::time::sleep(answer.delay).await;
-                            let mut resp =
-                                hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
+                            fl.0.fetch_sub(1, Ordering::SeqCst);
+                            let mut resp = hyper::Response::new(Full::new(Bytes::from_static(
+                                answer.body.as_bytes(),
+                            )));
                             *resp.status_mut() =
                                 hyper::StatusCode::from_u16(answer.status).unwrap();
                             for (k, v) in answer.headers {
@@ -391,6 +427,8 @@ impl Receiver {
             addr,
             seen: Mutex::new(rx),
             script,
+            in_flight,
+            default,
         }
     }
 
@@ -401,6 +439,16 @@ impl Receiver {
     /// Queues answers for the next requests.
     pub fn answer(&self, answers: impl IntoIterator<Item = Answer>) {
         self.script.lock().unwrap().extend(answers);
+    }
+
+    /// Answers every request not scripted with `a`.
+    pub fn answer_all(&self, a: Answer) {
+        *self.default.lock().unwrap() = a;
+    }
+
+    /// The most requests that were ever in progress at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.1.load(Ordering::SeqCst)
     }
 
     /// The next request, waiting up to `wait`.

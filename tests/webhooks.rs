@@ -18,6 +18,7 @@ fn retries_500_then_503_with_retry_after_then_200() {
                 status: 503,
                 headers: vec![("retry-after", "1".into())],
                 delay: Duration::ZERO,
+                body: "busy",
             },
         ]);
         let (status, v) = post_form(
@@ -69,6 +70,7 @@ fn timeout_and_refused_connection_are_failed_attempts() {
             status: 200,
             headers: vec![],
             delay: Duration::from_secs(3),
+            body: "slow",
         };
         rx.answer([slow.clone(), slow]);
         let (_, v) = post_form(
