@@ -213,10 +213,8 @@ pub fn free_port() -> u16 {
 pub fn free_base() -> u16 {
     for _ in 0..100 {
         let p = free_port();
-        if p < 65000
-            && TcpListener::bind(("127.0.0.1", p)).is_ok()
-            && TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-        {
+        // The base port and the three after it (workers, peers, events).
+        if p < 65000 && (0..4).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
     }

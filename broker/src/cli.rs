@@ -15,7 +15,8 @@ pub struct BrokerArgs {
     /// Address to bind the ZeroMQ ports on.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: String,
-    /// Base port: producers on PORT, workers and gateways on PORT+1.
+    /// Base port: producers on PORT, workers and gateways on PORT+1, peers
+    /// on PORT+2, cluster events on PORT+3.
     #[arg(long, default_value_t = 7000)]
     pub port: u16,
     /// This node's id in logs and replies (default: node-PORT).
@@ -29,9 +30,23 @@ pub struct BrokerArgs {
     /// queue and one `[queues.NAME]` table per queue.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// Seconds between replicas' fire times.
+    /// Seconds between replicas' fire times (replica i fires at eta + i × offset).
     #[arg(long, default_value_t = 5.0)]
     pub replica_offset: f64,
+    /// Join the cluster of any existing node, given its base endpoint
+    /// (tcp://HOST:PORT). Without it, the node starts a new cluster.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Nodes holding each task (the replication factor).
+    #[arg(long, default_value_t = 2)]
+    pub replicas: u32,
+    /// Seconds after which the leader removes an unreachable member.
+    #[arg(long, default_value_t = 10.0)]
+    pub remove_after: f64,
+    /// Host that other nodes and gateways use to reach this node (default:
+    /// the bind address; 127.0.0.1 when binding 0.0.0.0).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Seconds between heartbeats to idle workers.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat_interval: f64,
@@ -67,9 +82,19 @@ impl BrokerArgs {
             queue_defaults = d;
             queues = q;
         }
+        if self.replicas == 0 {
+            anyhow::bail!("--replicas must be at least 1");
+        }
+        if self.port > u16::MAX - 3 {
+            anyhow::bail!("--port must leave room for PORT+3");
+        }
         Ok(NodeConfig {
             bind: self.bind.clone(),
+            advertise: self.advertise.clone(),
             base_port: self.port,
+            join: self.join.clone(),
+            replicas: self.replicas,
+            remove_after: secs("remove-after", self.remove_after)?,
             scheduler: SchedulerConfig {
                 node_id: self
                     .node_id

@@ -1,34 +1,66 @@
-//! A broker node: binds the sockets, starts the scheduler thread, and runs
-//! the I/O loop that owns every socket.
+//! A broker node: binds the sockets, starts the scheduler and election
+//! threads, and runs the I/O loop that owns every socket.
 //!
 //! Threads: the caller's thread binds the sockets (so bind errors reach
-//! it) and moves them once into the `io` thread; the `scheduler` thread
-//! owns task state. They talk over two crossbeam channels; the scheduler
-//! rings a doorbell (polled next to the sockets) when it has events.
+//! it) and moves them once into the `io` thread. The `scheduler` thread
+//! owns task state; it talks to the I/O loop over two crossbeam channels
+//! and rings a doorbell (polled next to the sockets) when it has events.
+//! The `election` thread runs Raft and talks to the I/O loop over an inproc
+//! PAIR socket.
+//!
+//! Ports: base (clients, ROUTER), base + 1 (workers, ROUTER), base + 2
+//! (peers, ROUTER; each node connects a DEALER with identity `peer-<id>`
+//! to every other member: the Harmony pattern), base + 3 (cluster events,
+//! PUB; every node subscribes to every other member's).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use protocol::{ClientReply, ClientRequest, ErrorCode, ReplyBody, WorkerMessage};
+use protocol::{
+    ClientCommand, ClientReply, ClientRequest, ClusterEvent, ClusterInfo, ErrorCode, EventBody,
+    Member, NodeInfo, PeerMessage, ReplyBody, WorkerMessage,
+};
 
 use crate::dispatch::{DispatchConfig, Dispatcher, Out};
-use crate::scheduler::{self, Command, Event, SchedulerConfig};
+use crate::election::{self, ElectionConfig, FromElection, ToElection};
+use crate::scheduler::{self, Command, Event, Figures, SchedulerConfig};
 use crate::sockets::{self, Bell, Doorbell};
 
 /// Port offsets from the base port.
 pub const CLIENT_PORT_OFFSET: u16 = 0;
 pub const WORKER_PORT_OFFSET: u16 = 1;
+pub const PEER_PORT_OFFSET: u16 = 2;
+pub const EVENTS_PORT_OFFSET: u16 = 3;
+
+/// How often a node publishes its heartbeat and reports liveness to Raft.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// A member not heard from this long is shown as not alive.
+const ALIVE_WITHIN: Duration = Duration::from_secs(3);
+/// How often a joining node repeats its request.
+const JOIN_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// Address to bind, e.g. `127.0.0.1` or `0.0.0.0`.
     pub bind: String,
-    /// Base port: clients on `base_port`, workers on `base_port + 1`.
+    /// Host other nodes and gateways use to reach this one (default: the
+    /// bind address, or 127.0.0.1 when binding every interface).
+    pub advertise: Option<String>,
+    /// Base port: clients on `base_port`, workers on +1, peers on +2,
+    /// events on +3.
     pub base_port: u16,
+    /// Any member's base endpoint (`tcp://HOST:PORT`) to join its cluster;
+    /// `None` starts a new cluster.
+    pub join: Option<String>,
+    /// Nodes holding each task.
+    pub replicas: u32,
+    /// The leader removes a member unreachable this long.
+    pub remove_after: Duration,
     pub scheduler: SchedulerConfig,
     pub dispatch: DispatchConfig,
 }
@@ -37,7 +69,11 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             bind: "127.0.0.1".into(),
+            advertise: None,
             base_port: 7000,
+            join: None,
+            replicas: 2,
+            remove_after: Duration::from_secs(10),
             scheduler: SchedulerConfig::default(),
             dispatch: DispatchConfig::default(),
         }
@@ -56,6 +92,8 @@ pub enum StartError {
     Socket(#[from] zmq::Error),
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("invalid --join endpoint {0:?}: expected tcp://HOST:PORT")]
+    Join(String),
 }
 
 /// Counters shared with the handle; written only by the I/O thread.
@@ -65,10 +103,15 @@ pub struct NodeCounters {
     pub malformed_requests: AtomicU64,
     /// Replies or messages that could not be sent (peer gone or full).
     pub dropped_sends: AtomicU64,
+    /// Peer frames that could not be decoded (dropped).
+    pub malformed_peer_messages: AtomicU64,
+    /// Cluster events missed (sequence gaps).
+    pub missed_events: AtomicU64,
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
 pub struct Node {
+    pub id: u64,
     pub client_endpoint: String,
     pub worker_endpoint: String,
     pub counters: Arc<NodeCounters>,
@@ -77,68 +120,177 @@ pub struct Node {
     io: Option<thread::JoinHandle<()>>,
 }
 
+fn endpoint(host: &str, port: u16) -> String {
+    format!("tcp://{host}:{port}")
+}
+
+fn bind(s: &zmq::Socket, ep: &str) -> Result<(), StartError> {
+    s.bind(ep).map_err(|source| StartError::Bind {
+        endpoint: ep.to_string(),
+        source,
+    })
+}
+
+/// `tcp://HOST:PORT` → `tcp://HOST:PORT+offset`.
+fn shifted(ep: &str, offset: u16) -> Option<String> {
+    let (head, port) = ep.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    if !head.starts_with("tcp://") {
+        return None;
+    }
+    Some(format!("{head}:{}", port.checked_add(offset)?))
+}
+
 impl Node {
     /// Binds the node's sockets and starts its threads.
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
         let ctx = zmq::Context::new();
-        let client_endpoint = format!(
-            "tcp://{}:{}",
-            config.bind,
-            config.base_port + CLIENT_PORT_OFFSET
-        );
-        let worker_endpoint = format!(
-            "tcp://{}:{}",
-            config.bind,
-            config.base_port + WORKER_PORT_OFFSET
-        );
+        let port = |off: u16| config.base_port.saturating_add(off);
+        let host = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| match config.bind.as_str() {
+                "0.0.0.0" | "*" => "127.0.0.1".to_string(),
+                b => b.to_string(),
+            });
+        let id = loop {
+            let v = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
+            if v != 0 {
+                break v;
+            }
+        };
+        let me = Member {
+            id,
+            name: config.scheduler.node_id.clone(),
+            client: endpoint(&host, port(CLIENT_PORT_OFFSET)),
+            worker: endpoint(&host, port(WORKER_PORT_OFFSET)),
+            peer: endpoint(&host, port(PEER_PORT_OFFSET)),
+            events: endpoint(&host, port(EVENTS_PORT_OFFSET)),
+        };
+        let join_peer = match &config.join {
+            Some(j) => {
+                Some(shifted(j, PEER_PORT_OFFSET).ok_or_else(|| StartError::Join(j.clone()))?)
+            }
+            None => None,
+        };
+
         let clients = sockets::router(&ctx)?;
-        clients
-            .bind(&client_endpoint)
-            .map_err(|source| StartError::Bind {
-                endpoint: client_endpoint.clone(),
-                source,
-            })?;
+        bind(&clients, &endpoint(&config.bind, port(CLIENT_PORT_OFFSET)))?;
         let workers = sockets::router(&ctx)?;
-        workers
-            .bind(&worker_endpoint)
-            .map_err(|source| StartError::Bind {
-                endpoint: worker_endpoint.clone(),
-                source,
-            })?;
+        bind(&workers, &endpoint(&config.bind, port(WORKER_PORT_OFFSET)))?;
+        let peers = sockets::router(&ctx)?;
+        bind(&peers, &endpoint(&config.bind, port(PEER_PORT_OFFSET)))?;
+        let publisher = sockets::publisher(&ctx)?;
+        bind(
+            &publisher,
+            &endpoint(&config.bind, port(EVENTS_PORT_OFFSET)),
+        )?;
+        let subscriber = sockets::subscriber(&ctx)?;
+        let pair = ctx.socket(zmq::PAIR)?;
+        pair.set_linger(0)?;
+        let pair_endpoint = format!("inproc://election-{id}");
+        pair.bind(&pair_endpoint)?;
 
         let (bell, doorbell) = sockets::doorbell()?;
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
-        let scheduler = scheduler::spawn(config.scheduler.clone(), cmd_rx, ev_tx, bell.clone())?;
+        let figures = Arc::new(Figures::default());
+        let scheduler = scheduler::spawn(
+            config.scheduler.clone(),
+            cmd_rx,
+            ev_tx,
+            bell.clone(),
+            figures.clone(),
+        )?;
+        let election = {
+            let ctx = ctx.clone();
+            let ec = ElectionConfig {
+                me: me.clone(),
+                bootstrap: config.join.is_none(),
+                remove_after: config.remove_after,
+            };
+            thread::Builder::new()
+                .name("election".into())
+                .spawn(move || {
+                    // The PAIR is made here, in the thread that owns it.
+                    let Ok(pair) = ctx.socket(zmq::PAIR) else {
+                        return;
+                    };
+                    let _ = pair.set_linger(0);
+                    if pair.connect(&pair_endpoint).is_err() {
+                        return;
+                    }
+                    election::run(ec, pair);
+                })?
+        };
+        let join_dealer = match &join_peer {
+            Some(ep) => {
+                let d = sockets::dealer(&ctx, false)?;
+                d.set_identity(format!("peer-{id}").as_bytes())?;
+                d.connect(ep)?;
+                Some(d)
+            }
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(NodeCounters::default());
+        let client_endpoint = me.client.clone();
+        let worker_endpoint = me.worker.clone();
         let io = {
             let stop = stop.clone();
             let counters = counters.clone();
-            let node_id = config.scheduler.node_id.clone();
+            let node_name = config.scheduler.node_id.clone();
             thread::Builder::new().name("io".into()).spawn(move || {
-                let span = tracing::info_span!("node", node = %node_id);
+                let span = tracing::info_span!("node", node = %node_name);
                 let _enter = span.enter();
+                let now = Instant::now();
                 let mut io = IoLoop {
+                    ctx: ctx.clone(),
                     clients,
                     workers,
+                    peers,
+                    publisher,
+                    subscriber,
+                    pair,
+                    join_dealer,
                     doorbell,
                     commands: cmd_tx,
                     events: ev_rx,
                     dispatcher: Dispatcher::new(config.dispatch.clone()),
                     counters,
+                    figures,
                     tick_every: (config.dispatch.heartbeat_interval / 4)
                         .max(Duration::from_millis(10)),
+                    me,
+                    replicas: config.replicas.max(1),
+                    replica_offset: config.scheduler.replica_offset,
+                    members: Vec::new(),
+                    dealers: HashMap::new(),
+                    leader: None,
+                    term: 0,
+                    epoch: 0,
+                    heard: HashMap::new(),
+                    started: now,
+                    tasks_by_node: HashMap::new(),
+                    seq: 0,
+                    last_seq: HashMap::new(),
+                    last_beat: now,
+                    last_join: now - JOIN_EVERY,
                 };
                 io.run(&stop);
                 let _ = io.commands.send(Command::Shutdown);
+                let _ = io
+                    .pair
+                    .send_multipart(protocol::encode(&ToElection::Stop), zmq::DONTWAIT);
                 drop(io);
                 let _ = scheduler.join();
+                let _ = election.join();
                 drop(ctx);
             })?
         };
-        tracing::info!(%client_endpoint, %worker_endpoint, "broker listening");
+        tracing::info!(%client_endpoint, %worker_endpoint, node = id, "broker listening");
         Ok(Node {
+            id,
             client_endpoint,
             worker_endpoint,
             counters,
@@ -157,8 +309,7 @@ impl Node {
         }
     }
 
-    /// Blocks until the node stops (it only stops through [`Node::shutdown`]
-    /// from another handle, so this is for `main`).
+    /// Blocks until the node's I/O loop ends (for `main`).
     pub fn wait(mut self) {
         if let Some(io) = self.io.take() {
             let _ = io.join();
@@ -167,14 +318,41 @@ impl Node {
 }
 
 struct IoLoop {
+    ctx: zmq::Context,
     clients: zmq::Socket,
     workers: zmq::Socket,
+    peers: zmq::Socket,
+    publisher: zmq::Socket,
+    subscriber: zmq::Socket,
+    pair: zmq::Socket,
+    /// Connected to the `--join` target until this node is a member.
+    join_dealer: Option<zmq::Socket>,
     doorbell: Doorbell,
     commands: Sender<Command>,
     events: Receiver<Event>,
     dispatcher: Dispatcher,
     counters: Arc<NodeCounters>,
+    figures: Arc<Figures>,
     tick_every: Duration,
+    me: Member,
+    replicas: u32,
+    replica_offset: Duration,
+    /// The roster as the election thread last reported it.
+    members: Vec<Member>,
+    /// DEALERs to every other member's peer port.
+    dealers: HashMap<u64, zmq::Socket>,
+    leader: Option<u64>,
+    term: u64,
+    epoch: u64,
+    /// When each peer was last heard from (any message or event).
+    heard: HashMap<u64, Instant>,
+    started: Instant,
+    tasks_by_node: HashMap<u64, u64>,
+    /// Sequence of this node's published events.
+    seq: u64,
+    last_seq: HashMap<u64, u64>,
+    last_beat: Instant,
+    last_join: Instant,
 }
 
 /// Messages taken from one socket per wakeup, so no socket starves another.
@@ -186,11 +364,14 @@ impl IoLoop {
         let mut out = Vec::new();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let (c, w, d) = {
+            let ready = {
                 let mut items = [
                     self.clients.as_poll_item(zmq::POLLIN),
                     self.workers.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.doorbell.fd(), zmq::POLLIN),
+                    self.peers.as_poll_item(zmq::POLLIN),
+                    self.subscriber.as_poll_item(zmq::POLLIN),
+                    self.pair.as_poll_item(zmq::POLLIN),
                 ];
                 if let Err(e) = zmq::poll(&mut items, wait.as_millis().max(1) as i64) {
                     if e != zmq::Error::EINTR {
@@ -198,20 +379,16 @@ impl IoLoop {
                         return;
                     }
                 }
-                (
-                    items[0].is_readable(),
-                    items[1].is_readable(),
-                    items[2].is_readable(),
-                )
+                items.map(|i| i.is_readable())
             };
             if stop.load(Ordering::Acquire) {
                 return;
             }
-            if c {
+            if ready[0] {
                 self.read_clients();
             }
             let now = Instant::now();
-            if w {
+            if ready[1] {
                 for _ in 0..BATCH {
                     let Some(frames) = sockets::try_recv(&self.workers) else {
                         break;
@@ -224,7 +401,16 @@ impl IoLoop {
                     self.carry_out(&mut out, now);
                 }
             }
-            if d {
+            if ready[3] {
+                self.read_peers(now);
+            }
+            if ready[4] {
+                self.read_events(now);
+            }
+            if ready[5] {
+                self.read_election();
+            }
+            if ready[2] {
                 self.doorbell.clear();
             }
             // Drain events even without a ring: cheap, and covers a ring
@@ -245,6 +431,8 @@ impl IoLoop {
                         self.carry_out(&mut out, now);
                     }
                     Event::Revoke { delivery } => self.dispatcher.on_revoke(delivery),
+                    Event::ToPeer { to, msg } => self.send_peer(to, &msg),
+                    Event::Publish(body) => self.publish(body),
                 }
             }
             if now >= next_tick {
@@ -252,6 +440,270 @@ impl IoLoop {
                 self.carry_out(&mut out, now);
                 next_tick = now + self.tick_every;
             }
+            if now.duration_since(self.last_beat) >= HEARTBEAT_EVERY {
+                self.last_beat = now;
+                self.beat(now);
+            }
+        }
+    }
+
+    fn is_member(&self) -> bool {
+        self.members.iter().any(|m| m.id == self.me.id)
+    }
+
+    /// Heartbeat, liveness report to Raft, and join retries.
+    fn beat(&mut self, now: Instant) {
+        let tasks = self.figures.tasks.load(Ordering::Relaxed);
+        self.publish(EventBody::Heartbeat {
+            tasks,
+            epoch: self.epoch,
+        });
+        let liveness: Vec<(u64, u64)> = self
+            .members
+            .iter()
+            .filter(|m| m.id != self.me.id)
+            .map(|m| {
+                let since = self.heard.get(&m.id).copied().unwrap_or(self.started);
+                (m.id, now.duration_since(since).as_millis() as u64)
+            })
+            .collect();
+        self.to_election(&ToElection::Liveness(liveness));
+        if self.is_member() {
+            self.join_dealer = None;
+        } else if let Some(d) = &self.join_dealer {
+            if now.duration_since(self.last_join) >= JOIN_EVERY {
+                self.last_join = now;
+                let msg = PeerMessage::Join {
+                    member: self.me.clone(),
+                };
+                let _ = sockets::send_parts(d, &protocol::encode(&msg));
+            }
+        }
+    }
+
+    fn to_election(&self, msg: &ToElection) {
+        let _ = self
+            .pair
+            .send_multipart(protocol::encode(msg), zmq::DONTWAIT);
+    }
+
+    fn read_election(&mut self) {
+        for _ in 0..BATCH {
+            let Some(parts) = sockets::try_recv(&self.pair) else {
+                break;
+            };
+            match protocol::decode::<FromElection, _>(&parts) {
+                Ok(FromElection::Send { to, message }) => {
+                    let msg = PeerMessage::Raft {
+                        from: self.me.id,
+                        message,
+                    };
+                    self.send_peer(to, &msg);
+                }
+                Ok(FromElection::ForwardJoin { leader, member }) => {
+                    self.send_peer(leader, &PeerMessage::Join { member });
+                }
+                Ok(FromElection::State {
+                    epoch,
+                    members,
+                    leader,
+                    term,
+                }) => self.on_state(epoch, members, leader, term),
+                Err(e) => tracing::warn!(error = %e, "bad message from the election thread"),
+            }
+        }
+    }
+
+    /// A new view from Raft: connect to new members, drop gone ones, and
+    /// tell the scheduler.
+    fn on_state(&mut self, epoch: u64, members: Vec<Member>, leader: Option<u64>, term: u64) {
+        if leader != self.leader {
+            tracing::info!(?leader, term, "leader changed");
+        }
+        self.leader = leader;
+        self.term = term;
+        let changed = epoch != self.epoch || members != self.members;
+        self.epoch = epoch;
+        if !changed {
+            return;
+        }
+        let me = self.me.id;
+        for m in &members {
+            if m.id == me || self.dealers.contains_key(&m.id) {
+                continue;
+            }
+            match sockets::dealer(&self.ctx, false) {
+                Ok(d) => {
+                    let _ = d.set_identity(format!("peer-{me}").as_bytes());
+                    let _ = d.connect(&m.peer);
+                    self.dealers.insert(m.id, d);
+                    let _ = self.subscriber.connect(&m.events);
+                    self.heard.entry(m.id).or_insert_with(Instant::now);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot make a peer socket"),
+            }
+        }
+        let gone: Vec<u64> = self
+            .dealers
+            .keys()
+            .copied()
+            .filter(|id| !members.iter().any(|m| m.id == *id))
+            .collect();
+        for id in gone {
+            self.dealers.remove(&id);
+            if let Some(m) = self.members.iter().find(|m| m.id == id) {
+                let _ = self.subscriber.disconnect(&m.events);
+            }
+            self.heard.remove(&id);
+        }
+        self.members = members;
+        tracing::info!(epoch, members = self.members.len(), "roster changed");
+        let ids: Vec<u64> = if self.is_member() {
+            self.members.iter().map(|m| m.id).collect()
+        } else {
+            Vec::new()
+        };
+        let _ = self.commands.send(Command::Roster {
+            me,
+            members: ids,
+            replicas: self.replicas,
+        });
+    }
+
+    fn send_peer(&self, to: u64, msg: &PeerMessage) {
+        let frames = protocol::encode(msg);
+        let sent = match self.dealers.get(&to) {
+            Some(d) => sockets::send_parts(d, &frames).is_ok(),
+            // Not (yet) in our roster: answer through the connection it
+            // made to us, if any.
+            None => {
+                sockets::send_routed(&self.peers, format!("peer-{to}").as_bytes(), &frames).is_ok()
+            }
+        };
+        if !sent {
+            self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn publish(&mut self, body: EventBody) {
+        self.seq += 1;
+        let ev = ClusterEvent {
+            from: self.me.id,
+            seq: self.seq,
+            body,
+        };
+        if sockets::send_parts(&self.publisher, &protocol::encode(&ev)).is_err() {
+            self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn read_peers(&mut self, now: Instant) {
+        for _ in 0..BATCH {
+            let Some(frames) = sockets::try_recv(&self.peers) else {
+                break;
+            };
+            let Some((_, rest)) = frames.split_first() else {
+                continue;
+            };
+            let msg = match protocol::decode::<PeerMessage, _>(rest) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.counters
+                        .malformed_peer_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "malformed peer message dropped");
+                    continue;
+                }
+            };
+            match msg {
+                PeerMessage::Raft { from, message } => {
+                    self.heard.insert(from, now);
+                    self.to_election(&ToElection::Raft(message));
+                }
+                PeerMessage::Join { member } => self.to_election(&ToElection::Join(member)),
+                other => {
+                    let from = match &other {
+                        PeerMessage::Store { from, .. }
+                        | PeerMessage::StoreResult { from, .. }
+                        | PeerMessage::Request { from, .. }
+                        | PeerMessage::Reply { from, .. } => Some(*from),
+                        _ => None,
+                    };
+                    if let Some(f) = from {
+                        self.heard.insert(f, now);
+                    }
+                    let _ = self.commands.send(Command::Peer(other));
+                }
+            }
+        }
+    }
+
+    fn read_events(&mut self, now: Instant) {
+        for _ in 0..BATCH {
+            let Some(frames) = sockets::try_recv(&self.subscriber) else {
+                break;
+            };
+            let Ok(ev) = protocol::decode::<ClusterEvent, _>(&frames) else {
+                self.counters
+                    .malformed_peer_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if ev.from == self.me.id {
+                continue;
+            }
+            self.heard.insert(ev.from, now);
+            let last = self.last_seq.insert(ev.from, ev.seq);
+            if let Some(l) = last {
+                if ev.seq > l + 1 {
+                    self.counters
+                        .missed_events
+                        .fetch_add(ev.seq - l - 1, Ordering::Relaxed);
+                }
+            }
+            match ev.body {
+                EventBody::Heartbeat { tasks, .. } => {
+                    self.tasks_by_node.insert(ev.from, tasks);
+                }
+                body => {
+                    let _ = self.commands.send(Command::PeerEvent(body));
+                }
+            }
+        }
+    }
+
+    fn cluster_info(&self) -> ClusterInfo {
+        let now = Instant::now();
+        let nodes = self
+            .members
+            .iter()
+            .map(|m| NodeInfo {
+                id: m.id,
+                name: m.name.clone(),
+                client: m.client.clone(),
+                worker: m.worker.clone(),
+                alive: m.id == self.me.id
+                    || self
+                        .heard
+                        .get(&m.id)
+                        .is_some_and(|t| now.duration_since(*t) < ALIVE_WITHIN),
+                leader: Some(m.id) == self.leader,
+                tasks: if m.id == self.me.id {
+                    self.figures.tasks.load(Ordering::Relaxed)
+                } else {
+                    self.tasks_by_node.get(&m.id).copied().unwrap_or(0)
+                },
+            })
+            .collect();
+        ClusterInfo {
+            node: self.me.id,
+            leader: self.leader,
+            term: self.term,
+            epoch: self.epoch,
+            replicas: self.replicas,
+            replica_offset: self.replica_offset.as_secs_f64(),
+            nodes,
+            re_replicated: self.figures.re_replicated.load(Ordering::Relaxed),
         }
     }
 
@@ -264,6 +716,18 @@ impl IoLoop {
                 continue;
             };
             match protocol::decode::<ClientRequest, _>(rest) {
+                Ok(ClientRequest {
+                    request_id,
+                    command: ClientCommand::ClusterInfo,
+                }) => {
+                    let reply = ClientReply {
+                        request_id,
+                        body: ReplyBody::Cluster {
+                            cluster: self.cluster_info(),
+                        },
+                    };
+                    self.send_client(identity, &reply);
+                }
                 Ok(request) => {
                     let _ = self.commands.send(Command::Request {
                         identity: identity.clone(),

@@ -28,8 +28,10 @@ pub fn apply_patch(config: &mut QueueConfig, p: QueueConfigPatch) -> Result<(), 
         }
     }
     if let Some(v) = p.rate {
-        if !v.is_finite() || v < 0.0 {
-            return Err("rate must be dispatches per second, 0 (unlimited) or more".into());
+        if !v.is_finite() || v < 0.0 || (v > 0.0 && v < 0.001) || v > 1e9 {
+            return Err(
+                "rate must be 0 (unlimited) or between 0.001 and 1e9 dispatches per second".into(),
+            );
         }
         c.rate = v;
     }
@@ -157,6 +159,9 @@ pub struct Queue {
     /// Dispatches per second over the last minute: (second, count).
     dispatch_seconds: VecDeque<(u64, u32)>,
     pub keys: HashMap<(KeyKind, String), DedupEntry>,
+    /// Members in the cluster: this node enforces 1/share of the queue's
+    /// rate, burst and concurrency, so the limits hold for the cluster.
+    pub share: u32,
     /// Creation order of the queue's tasks, for listing and purging.
     pub index: BTreeSet<(u64, Uuid)>,
 }
@@ -177,6 +182,7 @@ impl Queue {
             dispatch_seconds: VecDeque::new(),
             keys: HashMap::new(),
             index: BTreeSet::new(),
+            share: 1,
         }
     }
 
@@ -200,7 +206,8 @@ impl Queue {
 
     /// Whether a concurrency slot is free.
     pub fn has_slot(&self) -> bool {
-        self.config.max_concurrent == 0 || self.running < self.config.max_concurrent
+        let cap = self.config.max_concurrent;
+        cap == 0 || self.running < (cap / self.share.max(1)).max(1)
     }
 
     /// Takes a dispatch token, or says when one will be there (unix µs).
@@ -208,15 +215,17 @@ impl Queue {
         if self.config.rate <= 0.0 {
             return Ok(());
         }
-        let burst = self.config.burst.max(1) as f64;
+        let share = self.share.max(1) as f64;
+        let rate = self.config.rate / share;
+        let burst = (self.config.burst as f64 / share).max(1.0);
         let elapsed = now_us.saturating_sub(self.refilled_us) as f64 / 1e6;
-        self.tokens = (self.tokens + elapsed * self.config.rate).min(burst);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
         self.refilled_us = now_us;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = (1.0 - self.tokens) / self.config.rate;
+            let wait = ((1.0 - self.tokens) / rate).min(86_400.0);
             Err(now_us + (wait * 1e6).ceil() as u64)
         }
     }

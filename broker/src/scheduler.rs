@@ -30,6 +30,8 @@ use crate::clock::{micros_to_secs, now_micros, secs_to_micros};
 use crate::queues::{self, DedupEntry, KeyKind, Queue};
 use crate::sockets::Bell;
 use crate::validate::{validate_with, ValidTask};
+use cluster::{new_record, placement_key};
+use protocol::{EventBody, PeerMessage, ReplicaRecord, StoreOutcome};
 
 /// How long a request id is remembered for deduplication.
 pub const REQUEST_DEDUP: Duration = Duration::from_secs(600);
@@ -65,6 +67,17 @@ pub enum Command {
         task_id: String,
         reason: String,
     },
+    /// The roster changed: this node's id, every member, the replication
+    /// factor.
+    Roster {
+        me: u64,
+        members: Vec<u64>,
+        replicas: u32,
+    },
+    /// A peer's message (store, discard, request, their answers).
+    Peer(protocol::PeerMessage),
+    /// A cluster event published by a peer.
+    PeerEvent(protocol::EventBody),
     Shutdown,
 }
 
@@ -85,6 +98,10 @@ pub enum Event {
     },
     /// The delivery's task was cancelled; drop it if not sent yet.
     Revoke { delivery: u64 },
+    /// Send to a peer over the peer mesh.
+    ToPeer { to: u64, msg: protocol::PeerMessage },
+    /// Publish to every peer on the events port.
+    Publish(protocol::EventBody),
 }
 
 /// Scheduler settings.
@@ -110,6 +127,14 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// Figures the scheduler thread shares with the I/O loop (for
+/// heartbeats and `cluster_info`); written only by the scheduler.
+#[derive(Debug, Default)]
+pub struct Figures {
+    pub tasks: std::sync::atomic::AtomicU64,
+    pub re_replicated: std::sync::atomic::AtomicU64,
+}
+
 /// Counters for operators and tests.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Stats {
@@ -121,6 +146,8 @@ pub struct Stats {
     pub cancelled: u64,
     pub duplicate_requests: u64,
     pub stale_results: u64,
+    /// Task copies sent to restore the replication factor.
+    pub re_replicated: u64,
 }
 
 struct Task {
@@ -143,6 +170,10 @@ struct Task {
     in_ready: bool,
     /// A callback report: gets no callbacks of its own.
     is_callback: bool,
+    /// When replica 0 fires next (unix µs); this replica adds its offset.
+    due_us: u64,
+    /// The nodes holding the task, in replica order (empty: this node only).
+    holders: Vec<u64>,
 }
 
 enum Timer {
@@ -154,6 +185,8 @@ enum Timer {
     Wait(Uuid),
     /// A name or idempotency key's tombstone may have expired.
     Tombstone(String, KeyKind, String),
+    /// A request to peers ran out of time.
+    Pending(u64),
 }
 
 /// An enqueue holding its reply until the first attempt finishes.
@@ -187,6 +220,12 @@ pub struct Store {
     recent_requests: HashMap<String, ClientReply>,
     recent_order: VecDeque<(u64, String)>,
     waiters: HashMap<Uuid, Vec<Waiter>>,
+    cluster: cluster::ClusterView,
+    pending: HashMap<u64, cluster::Pending>,
+    /// Events produced by helpers that have no `out` at hand; appended to
+    /// `out` at the end of every `apply` and `fire_due`.
+    outbox: Vec<Event>,
+    next_req: u64,
     pub stats: Stats,
 }
 
@@ -206,6 +245,10 @@ impl Store {
             recent_requests: HashMap::new(),
             recent_order: VecDeque::new(),
             waiters: HashMap::new(),
+            cluster: cluster::ClusterView::default(),
+            pending: HashMap::new(),
+            outbox: Vec::new(),
+            next_req: 1,
             stats: Stats::default(),
         }
     }
@@ -260,8 +303,16 @@ impl Store {
                 };
                 self.settle(&task_id, delivery, verdict, now_us, out);
             }
+            Command::Roster {
+                me,
+                members,
+                replicas,
+            } => self.on_roster(me, members, replicas, now_us, out),
+            Command::Peer(msg) => self.on_peer(msg, now_us, out),
+            Command::PeerEvent(ev) => self.on_event(ev, now_us, out),
             Command::Shutdown => {}
         }
+        out.append(&mut self.outbox);
     }
 
     /// Fires every timer due at `now_us`.
@@ -313,14 +364,16 @@ impl Store {
                         }
                     }
                 }
+                Timer::Pending(req) => self.pending_expired(req, now_us, out),
                 Timer::Tombstone(queue, kind, name) => {
                     if let Some(q) = self.queues.get_mut(&queue) {
                         let k = (kind, name);
-                        if q.keys
-                            .get(&k)
-                            .and_then(|e| e.tombstone_until)
-                            .is_some_and(|until| until <= now_us)
-                        {
+                        let expired = q.keys.get(&k).is_some_and(|e| {
+                            // A re-run dead letter is live again: keep its name.
+                            let live = self.tasks.get(&e.id).is_some_and(|t| !t.state.is_final());
+                            !live && e.tombstone_until.is_some_and(|until| until <= now_us)
+                        });
+                        if expired {
                             q.keys.remove(&k);
                         }
                     }
@@ -331,6 +384,7 @@ impl Store {
             self.pump(&queue, now_us, out);
         }
         self.expire_requests(now_us);
+        out.append(&mut self.outbox);
     }
 
     fn request(
@@ -376,6 +430,34 @@ impl Store {
             }
         }
         let mut deferred = false;
+        if self.cluster.is_clustered() {
+            match &req.command {
+                ClientCommand::Enqueue { queue, task, wait } => {
+                    let r = self.enqueue_replicated(
+                        identity,
+                        &request_id,
+                        queue,
+                        task.clone(),
+                        *wait,
+                        now_us,
+                    );
+                    return r.map(|body| ClientReply { request_id, body });
+                }
+                ClientCommand::Get { queue, id }
+                | ClientCommand::Cancel { queue, id }
+                | ClientCommand::Run { queue, id }
+                    if self.find(queue, id).is_none() =>
+                {
+                    self.forward(identity, &request_id, req.command.clone(), now_us);
+                    return None;
+                }
+                ClientCommand::ConfigureQueue { .. }
+                | ClientCommand::PauseQueue { .. }
+                | ClientCommand::ResumeQueue { .. }
+                | ClientCommand::PurgeQueue { .. } => self.broadcast(req.command.clone()),
+                _ => {}
+            }
+        }
         let body = match req.command {
             ClientCommand::Enqueue { queue, task, wait } => {
                 let body = self.enqueue(&queue, task, false, now_us);
@@ -456,6 +538,10 @@ impl Store {
                 let removed = self.purge(&queue, now_us, out);
                 ReplyBody::Purged { queue, removed }
             }
+            ClientCommand::ClusterInfo => error(
+                ErrorCode::Internal,
+                "cluster_info is answered by the I/O loop",
+            ),
             ClientCommand::Ping => ReplyBody::Pong {
                 node: self.config.node_id.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -497,6 +583,38 @@ impl Store {
             .or_insert_with(|| Queue::new(defaults.clone(), now_us))
     }
 
+    /// Validates a task for `queue`, with the queue's default timeout.
+    fn check(&mut self, queue: &str, spec: TaskSpec, now_us: u64) -> Result<ValidTask, ReplyBody> {
+        let default_timeout = self.queue_mut(queue, now_us).config.timeout;
+        validate_with(queue, spec, micros_to_secs(now_us), default_timeout)
+            .map_err(|reason| error(ErrorCode::BadRequest, reason))
+    }
+
+    /// The answer to a task whose name or idempotency key is taken.
+    fn duplicate_of(&self, spec: &ValidTask, now_us: u64) -> Option<ReplyBody> {
+        for key in &task_keys(spec) {
+            let Some(e) = self.queues.get(&spec.queue).and_then(|q| q.keys.get(key)) else {
+                continue;
+            };
+            let live = self.tasks.get(&e.id).is_some_and(|t| !t.state.is_final());
+            if live {
+                return Some(ReplyBody::Duplicate {
+                    id: e.id.to_string(),
+                    tombstoned: false,
+                });
+            }
+            if e.tombstone_until.is_some_and(|u| u > now_us) {
+                return Some(ReplyBody::Duplicate {
+                    id: e.id.to_string(),
+                    tombstoned: true,
+                });
+            }
+        }
+        None
+    }
+
+    /// Enqueues on this node alone (no replication): callbacks, batches'
+    /// local copy, and every enqueue of a single-node cluster.
     fn enqueue(
         &mut self,
         queue: &str,
@@ -504,45 +622,51 @@ impl Store {
         is_callback: bool,
         now_us: u64,
     ) -> ReplyBody {
-        let default_timeout = self.queue_mut(queue, now_us).config.timeout;
-        let spec = match validate_with(queue, spec, micros_to_secs(now_us), default_timeout) {
+        let spec = match self.check(queue, spec, now_us) {
             Ok(t) => t,
-            Err(reason) => return error(ErrorCode::BadRequest, reason),
+            Err(reply) => return reply,
         };
-        let keys = task_keys(&spec);
-        for key in &keys {
-            let entry = self
-                .queues
-                .get(queue)
-                .and_then(|q| q.keys.get(key))
-                .cloned();
-            let Some(e) = entry else { continue };
-            let live = self.tasks.get(&e.id).is_some_and(|t| !t.state.is_final());
-            if live {
-                return ReplyBody::Duplicate {
-                    id: e.id.to_string(),
-                    tombstoned: false,
-                };
-            }
-            if e.tombstone_until.is_some_and(|u| u > now_us) {
-                return ReplyBody::Duplicate {
-                    id: e.id.to_string(),
-                    tombstoned: true,
-                };
-            }
+        if let Some(dup) = self.duplicate_of(&spec, now_us) {
+            return dup;
         }
         let id = Uuid::new_v4();
-        let replica = 0u32;
-        let fire_at = secs_to_micros(spec.eta)
-            + replica as u64 * self.config.replica_offset.as_micros() as u64;
         let reply = ReplyBody::Enqueued {
             id: id.to_string(),
             queue: spec.queue.clone(),
             eta: spec.eta,
             result: None,
+            replicas: 1,
         };
-        let q = self.queue_mut(queue, now_us);
-        for key in keys {
+        let holders = self.cluster.holders_for(&placement_key(&spec, id));
+        let record = new_record(id, &spec, is_callback, now_us, holders.clone());
+        self.insert_task(id, spec, is_callback, now_us, holders.clone());
+        // Copies for the other holders, acknowledged later (asynchronously).
+        for to in holders.into_iter().filter(|h| *h != self.cluster.me) {
+            self.outbox.push(Event::ToPeer {
+                to,
+                msg: PeerMessage::Store {
+                    req: 0,
+                    from: self.cluster.me,
+                    record: record.clone(),
+                    check: true,
+                },
+            });
+        }
+        reply
+    }
+
+    /// Adds a task to this node's store and sets its timer.
+    fn insert_task(
+        &mut self,
+        id: Uuid,
+        spec: ValidTask,
+        is_callback: bool,
+        now_us: u64,
+        holders: Vec<u64>,
+    ) {
+        let due = secs_to_micros(spec.eta);
+        let q = self.queue_mut(&spec.queue, now_us);
+        for key in task_keys(&spec) {
             q.keys.insert(
                 key,
                 DedupEntry {
@@ -553,6 +677,8 @@ impl Store {
         }
         q.index.insert((now_us, id));
         q.count(None, Some(TaskState::Scheduled));
+        let replica = self.cluster.replica_index(&holders);
+        let fire_at = due + replica as u64 * self.config.replica_offset.as_micros() as u64;
         self.tasks.insert(
             id,
             Task {
@@ -571,11 +697,12 @@ impl Store {
                 delivery: None,
                 in_ready: false,
                 is_callback,
+                due_us: due,
+                holders,
             },
         );
         self.set_task_timer(id, fire_at);
         self.stats.enqueued += 1;
-        reply
     }
 
     fn find(&self, queue: &str, id: &str) -> Option<Uuid> {
@@ -666,6 +793,8 @@ impl Store {
                 signing_secrets = q.config.signing_secrets.clone();
             }
         }
+        let deadline_us =
+            now_us + secs_to_micros(s.timeout) + cluster::CLAIM_GRACE.as_micros() as u64;
         out.push(Event::Dispatch {
             pool: s.pool.clone(),
             delivery,
@@ -686,6 +815,10 @@ impl Store {
                 execution_count: task.executions,
                 signing_secrets,
             },
+        });
+        self.publish_for(id, |_| EventBody::Claimed {
+            id: id.to_string(),
+            deadline_us,
         });
     }
 
@@ -730,6 +863,7 @@ impl Store {
         self.transition(id, TaskState::Cancelled);
         self.stats.cancelled += 1;
         self.finish(id, now_us, out);
+        self.publish_finished(id);
         self.answer_waiters(id, None, out);
         if was_running {
             self.pump(queue, now_us, out);
@@ -815,6 +949,7 @@ impl Store {
                 self.transition(id, TaskState::Succeeded);
                 self.stats.succeeded += 1;
                 self.finish(id, now_us, out);
+                self.publish_finished(id);
                 self.callback(id, true, now_us);
             }
             Outcome::Failure => {
@@ -835,14 +970,24 @@ impl Store {
                     let at = now_us + delay.as_micros() as u64;
                     self.transition(id, TaskState::Retrying);
                     if let Some(t) = self.tasks.get_mut(&id) {
-                        t.fire_at_us = at;
+                        t.due_us = at;
                     }
                     self.stats.retried += 1;
-                    self.set_task_timer(id, at);
+                    self.retime(id);
+                    self.publish_for(id, |t| EventBody::Retry {
+                        id: id.to_string(),
+                        attempts: t.attempts,
+                        executions: t.executions,
+                        due_us: at,
+                        last_status: t.last_status,
+                        last_error: t.last_error.clone(),
+                        response: t.last_response.clone().map(ByteBuf::from),
+                    });
                 } else {
                     self.transition(id, TaskState::Failed);
                     self.stats.failed += 1;
                     self.finish(id, now_us, out);
+                    self.publish_finished(id);
                     self.callback(id, false, now_us);
                 }
             }
@@ -1177,7 +1322,7 @@ fn command_queue(c: &ClientCommand) -> Option<&str> {
         | ClientCommand::PauseQueue { queue }
         | ClientCommand::ResumeQueue { queue }
         | ClientCommand::PurgeQueue { queue } => Some(queue),
-        ClientCommand::ListQueues | ClientCommand::Ping => None,
+        ClientCommand::ListQueues | ClientCommand::Ping | ClientCommand::ClusterInfo => None,
     }
 }
 
@@ -1212,6 +1357,7 @@ fn waiter_reply(w: Waiter, id: Uuid, result: Option<AttemptResult>) -> Event {
                 queue: w.queue,
                 eta: w.eta,
                 result,
+                replicas: 1,
             },
         },
     }
@@ -1246,7 +1392,9 @@ pub fn spawn(
     commands: Receiver<Command>,
     events: Sender<Event>,
     bell: Bell,
+    figures: std::sync::Arc<Figures>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
     thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
@@ -1256,6 +1404,10 @@ pub fn spawn(
                 let now = now_micros();
                 store.fire_due(now, &mut out);
                 flush(&mut out, &events, &bell);
+                figures.tasks.store(store.len() as u64, Ordering::Relaxed);
+                figures
+                    .re_replicated
+                    .store(store.stats.re_replicated, Ordering::Relaxed);
                 let wait = store
                     .next_deadline()
                     .map(|d| Duration::from_micros(d.saturating_sub(now)))
@@ -1303,5 +1455,6 @@ fn flush(out: &mut Vec<Event>, events: &Sender<Event>, bell: &Bell) {
     bell.ring();
 }
 
+mod cluster;
 #[cfg(test)]
 mod tests;

@@ -36,6 +36,23 @@ pub fn dealer(ctx: &zmq::Context, immediate: bool) -> zmq::Result<zmq::Socket> {
     Ok(s)
 }
 
+/// Makes a PUB for cluster events. PUB drops at the high-water mark
+/// rather than block; subscribers count the gaps by sequence number.
+pub fn publisher(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
+    let s = ctx.socket(zmq::PUB)?;
+    common(&s)?;
+    s.set_linger(100)?;
+    Ok(s)
+}
+
+/// Makes a SUB subscribed to everything.
+pub fn subscriber(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
+    let s = ctx.socket(zmq::SUB)?;
+    common(&s)?;
+    s.set_subscribe(b"")?;
+    Ok(s)
+}
+
 fn common(s: &zmq::Socket) -> zmq::Result<()> {
     // LINGER defaults to -1 (forever): context termination would hang on
     // unsent messages to a dead peer.

@@ -80,9 +80,12 @@ pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, In
             reply(&link, cmd).await
         }
         (["health"], &Method::GET) => reply(&link, ClientCommand::Ping).await,
+        (["cluster"], &Method::GET) => reply(&link, ClientCommand::ClusterInfo).await,
         (["queue"], _) => not_allowed("POST"),
         (["queue", _], _) => not_allowed("GET, POST, PUT"),
-        (["queues"], _) | (["health"], _) | (["queue", _, "tasks"], _) => not_allowed("GET"),
+        (["queues"], _) | (["health"], _) | (["cluster"], _) | (["queue", _, "tasks"], _) => {
+            not_allowed("GET")
+        }
         (["queue", _, "pause" | "resume" | "purge" | "batch"], _) => not_allowed("POST"),
         (["queue", _, "tasks", _], _) => not_allowed("GET, DELETE"),
         (["queue", _, "tasks", _, "run"], _) => not_allowed("POST"),
@@ -168,6 +171,10 @@ fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
         ReplyBody::Purged { queue, removed } => (
             StatusCode::OK,
             json!({"status": "purged", "queue": queue, "removed": removed}),
+        ),
+        ReplyBody::Cluster { cluster } => (
+            StatusCode::OK,
+            serde_json::to_value(cluster).unwrap_or(Value::Null),
         ),
         ReplyBody::Pong { node, version } => (
             StatusCode::OK,

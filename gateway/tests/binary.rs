@@ -22,7 +22,7 @@ fn free_base() -> u16 {
             .local_addr()
             .unwrap()
             .port();
-        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        if p < 65000 && (1..4).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
     }

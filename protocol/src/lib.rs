@@ -8,6 +8,7 @@
 //! * [`messages`] — the typed commands of the two dialogues: clients
 //!   (producers and gateways) talking to a broker's request port, and pulling
 //!   workers talking to its worker port.
+//! * [`peer`] — node-to-node messages and cluster events.
 //! * [`Error`] — the one error type for bytes that are not a valid message.
 //!
 //! `PROTOCOL.md` beside this crate is the specification a client in another
@@ -17,7 +18,9 @@
 mod error;
 pub mod frames;
 pub mod messages;
+pub mod peer;
 
 pub use error::Error;
 pub use frames::{decode, encode, PROTOCOL_VERSION};
 pub use messages::*;
+pub use peer::*;

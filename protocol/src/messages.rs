@@ -22,6 +22,10 @@ pub const HTTP_POOL: &str = "*http";
 /// Largest task body (raw body or encoded params), in bytes.
 pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
 
+fn one() -> u32 {
+    1
+}
+
 fn default_queue() -> String {
     DEFAULT_QUEUE.to_string()
 }
@@ -114,6 +118,8 @@ pub enum ClientCommand {
     },
     /// Liveness check; answered by [`ReplyBody::Pong`].
     Ping,
+    /// The roster as this node sees it; answered by [`ReplyBody::Cluster`].
+    ClusterInfo,
 }
 
 /// A task as a producer describes it. Only `url` is required.
@@ -185,6 +191,9 @@ pub enum ReplyBody {
         /// With `wait`: the first attempt's outcome, or nil if the wait ran out.
         #[serde(default)]
         result: Option<AttemptResult>,
+        /// How many nodes hold the task.
+        #[serde(default = "one")]
+        replicas: u32,
     },
     /// The task's name (or idempotency key) is taken: by a task that is
     /// still pending or running (`tombstoned` false), or by one that
@@ -212,6 +221,9 @@ pub enum ReplyBody {
     Purged {
         queue: String,
         removed: u64,
+    },
+    Cluster {
+        cluster: crate::peer::ClusterInfo,
     },
     Task {
         task: TaskInfo,
@@ -687,6 +699,23 @@ mod tests {
                     body: Some(ByteBuf::from(b"ok".to_vec())),
                     error: None,
                 }),
+                replicas: 2,
+            },
+            ReplyBody::Cluster {
+                cluster: crate::ClusterInfo {
+                    node: 7,
+                    leader: Some(7),
+                    nodes: vec![crate::NodeInfo {
+                        id: 7,
+                        name: "n".into(),
+                        client: "tcp://a:1".into(),
+                        worker: "tcp://a:2".into(),
+                        alive: true,
+                        leader: true,
+                        tasks: 3,
+                    }],
+                    ..Default::default()
+                },
             },
             ReplyBody::Duplicate {
                 id: "x".into(),

@@ -1,0 +1,815 @@
+//! The store's cluster side: where tasks live (placement over the
+//! roster), copies to the other holders with acknowledgements, events that
+//! keep replicas in step (claimed, retry, finished), requests for tasks held
+//! elsewhere, and re-replication when members leave.
+//!
+//! Still sans-IO: peers are reached through [`Event::ToPeer`] and
+//! [`Event::Publish`], and their answers come back as commands.
+
+use super::*;
+use crate::placement::place;
+
+/// How long an enqueue waits for the other holders' acknowledgements, and
+/// a forwarded request for the peers' answers.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Margin past a delivery's deadline before another replica may fire.
+pub const CLAIM_GRACE: Duration = Duration::from_secs(10);
+
+/// The roster as the store uses it.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub me: u64,
+    /// Sorted member ids (this node included).
+    pub members: Vec<u64>,
+    pub replicas: usize,
+}
+
+impl ClusterView {
+    /// More than one member: tasks are replicated and events published.
+    pub fn is_clustered(&self) -> bool {
+        self.members.len() > 1
+    }
+
+    /// The holders of a task with this key; empty on a single node.
+    pub fn holders_for(&self, key: &str) -> Vec<u64> {
+        if !self.is_clustered() {
+            return Vec::new();
+        }
+        place(key, &self.members, self.replicas.max(1))
+    }
+
+    /// This node's replica index among `holders` (0 when it holds alone).
+    pub fn replica_index(&self, holders: &[u64]) -> u32 {
+        holders
+            .iter()
+            .position(|h| *h == self.me)
+            .unwrap_or(if holders.is_empty() { 0 } else { holders.len() }) as u32
+    }
+}
+
+/// A request waiting for peers.
+pub enum Pending {
+    Store(PendingStore),
+    Request(PendingRequest),
+}
+
+/// An enqueue waiting for the other holders.
+pub struct PendingStore {
+    identity: Vec<u8>,
+    request_id: String,
+    id: Uuid,
+    wait: Option<f64>,
+    holders: Vec<u64>,
+    record: ReplicaRecord,
+    spec: ValidTask,
+    /// Stored here too.
+    local: bool,
+    answers: HashMap<u64, StoreOutcome>,
+    timer: (u64, u64),
+}
+
+/// A client command forwarded to every peer (the task is held elsewhere).
+pub struct PendingRequest {
+    identity: Vec<u8>,
+    request_id: String,
+    outstanding: usize,
+    answered: bool,
+    timer: (u64, u64),
+}
+
+/// The key placement hashes: the name, else the idempotency key, else the id.
+pub(super) fn placement_key(spec: &ValidTask, id: Uuid) -> String {
+    spec.name
+        .clone()
+        .or_else(|| spec.idempotency_key.clone())
+        .unwrap_or_else(|| id.to_string())
+}
+
+/// A fresh task's record.
+pub(super) fn new_record(
+    id: Uuid,
+    s: &ValidTask,
+    is_callback: bool,
+    now_us: u64,
+    holders: Vec<u64>,
+) -> ReplicaRecord {
+    ReplicaRecord {
+        id: id.to_string(),
+        queue: s.queue.clone(),
+        name: s.name.clone(),
+        url: s.url.clone(),
+        pool: s.pool.clone(),
+        method: s.method.clone(),
+        params: s.params.clone(),
+        body: s.body.clone().map(ByteBuf::from),
+        content_type: s.content_type.clone(),
+        headers: s.headers.clone(),
+        eta: s.eta,
+        timeout: s.timeout,
+        callback_url: s.callback_url.clone(),
+        failure_callback_url: s.failure_callback_url.clone(),
+        idempotency_key: s.idempotency_key.clone(),
+        is_callback,
+        created_us: now_us,
+        state: TaskState::Scheduled,
+        due_us: secs_to_micros(s.eta),
+        attempts: 0,
+        executions: 0,
+        last_status: None,
+        last_error: None,
+        first_attempt_us: None,
+        holders,
+    }
+}
+
+fn spec_of(r: &ReplicaRecord) -> ValidTask {
+    ValidTask {
+        queue: r.queue.clone(),
+        name: r.name.clone(),
+        url: r.url.clone(),
+        pool: r.pool.clone(),
+        method: r.method.clone(),
+        params: r.params.clone(),
+        body: r.body.clone().map(|b| b.into_vec()),
+        content_type: r.content_type.clone(),
+        headers: r.headers.clone(),
+        eta: r.eta,
+        timeout: r.timeout,
+        callback_url: r.callback_url.clone(),
+        failure_callback_url: r.failure_callback_url.clone(),
+        idempotency_key: r.idempotency_key.clone(),
+    }
+}
+
+impl Store {
+    /// The record of a task this node holds, for copying it elsewhere.
+    fn record_of(&self, id: Uuid) -> Option<ReplicaRecord> {
+        let t = self.tasks.get(&id)?;
+        let mut r = new_record(id, &t.spec, t.is_callback, t.created_us, t.holders.clone());
+        r.state = t.state;
+        r.due_us = t.due_us;
+        r.attempts = t.attempts;
+        r.executions = t.executions;
+        r.last_status = t.last_status;
+        r.last_error = t.last_error.clone();
+        r.first_attempt_us = t.first_attempt_us;
+        Some(r)
+    }
+
+    /// Publishes `body` when the task has other holders.
+    pub(super) fn publish_for(&mut self, id: Uuid, body: impl FnOnce(&Task) -> EventBody) {
+        if let Some(t) = self.tasks.get(&id) {
+            if t.holders.len() > 1 {
+                let ev = body(t);
+                self.outbox.push(Event::Publish(ev));
+            }
+        }
+    }
+
+    /// Publishes a task's final state to its other holders.
+    pub(super) fn publish_finished(&mut self, id: Uuid) {
+        self.publish_for(id, |t| EventBody::Finished {
+            id: id.to_string(),
+            state: t.state,
+            attempts: t.attempts,
+            executions: t.executions,
+            last_status: t.last_status,
+            last_error: t.last_error.clone(),
+            response: t.last_response.clone().map(ByteBuf::from),
+        });
+    }
+
+    /// Resets a pending task's timer from `due_us` and its replica index.
+    pub(super) fn retime(&mut self, id: Uuid) {
+        let offset = self.config.replica_offset.as_micros() as u64;
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if !matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
+            return;
+        }
+        t.in_ready = false;
+        let at = t.due_us + t.replica as u64 * offset;
+        t.fire_at_us = at;
+        self.set_task_timer(id, at);
+    }
+
+    /// An enqueue in a cluster: store on this node if it is a holder, copy
+    /// to the other holders, answer when they all acknowledged (or
+    /// [`PEER_TIMEOUT`] passed). `None`: the reply comes later.
+    pub(super) fn enqueue_replicated(
+        &mut self,
+        identity: &[u8],
+        request_id: &str,
+        queue: &str,
+        spec: TaskSpec,
+        wait: Option<f64>,
+        now_us: u64,
+    ) -> Option<ReplyBody> {
+        let spec = match self.check(queue, spec, now_us) {
+            Ok(s) => s,
+            Err(reply) => return Some(reply),
+        };
+        let id = Uuid::new_v4();
+        let holders = self.cluster.holders_for(&placement_key(&spec, id));
+        let me = self.cluster.me;
+        let local = holders.contains(&me);
+        if local {
+            if let Some(dup) = self.duplicate_of(&spec, now_us) {
+                return Some(dup);
+            }
+            self.insert_task(id, spec.clone(), false, now_us, holders.clone());
+        }
+        let record = new_record(id, &spec, false, now_us, holders.clone());
+        let remote: Vec<u64> = holders.iter().copied().filter(|h| *h != me).collect();
+        let req = self.next_req;
+        self.next_req += 1;
+        for to in &remote {
+            self.outbox.push(Event::ToPeer {
+                to: *to,
+                msg: PeerMessage::Store {
+                    req,
+                    from: me,
+                    record: record.clone(),
+                    check: true,
+                },
+            });
+        }
+        let timer = self.add_timer(
+            now_us + PEER_TIMEOUT.as_micros() as u64,
+            Timer::Pending(req),
+        );
+        self.pending.insert(
+            req,
+            Pending::Store(PendingStore {
+                identity: identity.to_vec(),
+                request_id: request_id.to_string(),
+                id,
+                wait,
+                holders,
+                record,
+                spec,
+                local,
+                answers: HashMap::new(),
+                timer,
+            }),
+        );
+        if remote.is_empty() {
+            self.decide_store(req, now_us);
+        }
+        None
+    }
+
+    fn decide_store(&mut self, req: u64, now_us: u64) {
+        let Some(Pending::Store(p)) = self.pending.remove(&req) else {
+            return;
+        };
+        self.timers.remove(&p.timer);
+        let me = self.cluster.me;
+        let mut stored = p.local as u32
+            + p.answers
+                .values()
+                .filter(|o| matches!(o, StoreOutcome::Stored))
+                .count() as u32;
+        let mut body = None;
+        if !p.local {
+            // The first holder (in placement order) that answered decides.
+            let verdict = p.holders.iter().find_map(|h| p.answers.get(h));
+            if let Some(StoreOutcome::Duplicate { id, tombstoned }) = verdict {
+                for (h, o) in &p.answers {
+                    if matches!(o, StoreOutcome::Stored) {
+                        self.outbox.push(Event::ToPeer {
+                            to: *h,
+                            msg: PeerMessage::Discard {
+                                id: p.id.to_string(),
+                            },
+                        });
+                    }
+                }
+                body = Some(ReplyBody::Duplicate {
+                    id: id.clone(),
+                    tombstoned: *tombstoned,
+                });
+            } else if stored == 0 {
+                // No holder answered: keep the task here rather than lose it.
+                if let Some(dup) = self.duplicate_of(&p.spec, now_us) {
+                    body = Some(dup);
+                } else {
+                    let mut holders = vec![me];
+                    holders.extend(p.holders.iter().copied());
+                    self.insert_task(p.id, p.spec.clone(), false, now_us, holders);
+                    stored = 1;
+                }
+            }
+        }
+        let _ = &p.record;
+        let body = body.unwrap_or(ReplyBody::Enqueued {
+            id: p.id.to_string(),
+            queue: p.spec.queue.clone(),
+            eta: p.spec.eta,
+            result: None,
+            replicas: stored,
+        });
+        let reply = ClientReply {
+            request_id: p.request_id.clone(),
+            body: body.clone(),
+        };
+        self.remember(&reply, now_us);
+        if let (Some(wait), ReplyBody::Enqueued { .. }) = (p.wait, &body) {
+            if wait.is_finite() && wait > 0.0 {
+                let until = now_us + secs_to_micros(wait.min(MAX_WAIT_SECS));
+                let timer = self.add_timer(until, Timer::Wait(p.id));
+                self.waiters.entry(p.id).or_default().push(Waiter {
+                    identity: p.identity,
+                    request_id: p.request_id,
+                    queue: p.spec.queue.clone(),
+                    eta: p.spec.eta,
+                    timer,
+                });
+                return;
+            }
+        }
+        self.outbox.push(Event::Reply {
+            identity: p.identity,
+            reply,
+        });
+    }
+
+    /// Sends a client command about a task held elsewhere to every peer;
+    /// the first answer that is not `not_found` wins.
+    pub(super) fn forward(
+        &mut self,
+        identity: &[u8],
+        request_id: &str,
+        command: ClientCommand,
+        now_us: u64,
+    ) {
+        let me = self.cluster.me;
+        let peers: Vec<u64> = self
+            .cluster
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m != me)
+            .collect();
+        let req = self.next_req;
+        self.next_req += 1;
+        for to in &peers {
+            self.outbox.push(Event::ToPeer {
+                to: *to,
+                msg: PeerMessage::Request {
+                    req,
+                    from: me,
+                    command: command.clone(),
+                },
+            });
+        }
+        let timer = self.add_timer(
+            now_us + PEER_TIMEOUT.as_micros() as u64,
+            Timer::Pending(req),
+        );
+        self.pending.insert(
+            req,
+            Pending::Request(PendingRequest {
+                identity: identity.to_vec(),
+                request_id: request_id.to_string(),
+                outstanding: peers.len(),
+                answered: false,
+                timer,
+            }),
+        );
+        if peers.is_empty() {
+            self.pending_expired(req, now_us, &mut Vec::new());
+        }
+    }
+
+    /// Applies a queue command on every peer too (no answers expected).
+    pub(super) fn broadcast(&mut self, command: ClientCommand) {
+        let me = self.cluster.me;
+        for to in self.cluster.members.clone() {
+            if to != me {
+                self.outbox.push(Event::ToPeer {
+                    to,
+                    msg: PeerMessage::Request {
+                        req: 0,
+                        from: me,
+                        command: command.clone(),
+                    },
+                });
+            }
+        }
+    }
+
+    fn remember(&mut self, reply: &ClientReply, now_us: u64) {
+        self.recent_requests
+            .insert(reply.request_id.clone(), reply.clone());
+        self.recent_order.push_back((
+            now_us + REQUEST_DEDUP.as_micros() as u64,
+            reply.request_id.clone(),
+        ));
+    }
+
+    pub(super) fn pending_expired(&mut self, req: u64, now_us: u64, _out: &mut Vec<Event>) {
+        match self.pending.get(&req) {
+            Some(Pending::Store(_)) => self.decide_store(req, now_us),
+            Some(Pending::Request(_)) => {
+                if let Some(Pending::Request(p)) = self.pending.remove(&req) {
+                    self.timers.remove(&p.timer);
+                    if !p.answered {
+                        self.outbox.push(Event::Reply {
+                            identity: p.identity,
+                            reply: ClientReply {
+                                request_id: p.request_id,
+                                body: error(ErrorCode::NotFound, "no such task on any node"),
+                            },
+                        });
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    pub(super) fn on_peer(&mut self, msg: PeerMessage, now_us: u64, out: &mut Vec<Event>) {
+        let me = self.cluster.me;
+        match msg {
+            PeerMessage::Store {
+                req,
+                from,
+                record,
+                check,
+            } => {
+                let outcome = self.adopt(record, check, now_us);
+                if req != 0 {
+                    self.outbox.push(Event::ToPeer {
+                        to: from,
+                        msg: PeerMessage::StoreResult {
+                            req,
+                            from: me,
+                            outcome,
+                        },
+                    });
+                }
+            }
+            PeerMessage::StoreResult { req, from, outcome } => {
+                let done = match self.pending.get_mut(&req) {
+                    Some(Pending::Store(p)) => {
+                        p.answers.insert(from, outcome);
+                        let remote = p.holders.iter().filter(|h| **h != me).count();
+                        p.answers.len() >= remote
+                    }
+                    _ => false,
+                };
+                if done {
+                    self.decide_store(req, now_us);
+                }
+            }
+            PeerMessage::Discard { id } => {
+                if let Ok(uid) = Uuid::parse_str(&id) {
+                    if let Some(t) = self.tasks.get(&uid) {
+                        let keys = task_keys(&t.spec);
+                        let queue = t.spec.queue.clone();
+                        if let Some(q) = self.queues.get_mut(&queue) {
+                            for k in keys {
+                                if q.keys.get(&k).is_some_and(|e| e.id == uid) {
+                                    q.keys.remove(&k);
+                                }
+                            }
+                        }
+                        self.remove_task(uid);
+                    }
+                }
+            }
+            PeerMessage::Request { req, from, command } => {
+                let body = self.local_command(command, now_us, out);
+                if req != 0 {
+                    self.outbox.push(Event::ToPeer {
+                        to: from,
+                        msg: PeerMessage::Reply {
+                            req,
+                            from: me,
+                            body,
+                        },
+                    });
+                }
+            }
+            PeerMessage::Reply { req, body, .. } => {
+                let found = !matches!(
+                    body,
+                    ReplyBody::Error {
+                        code: ErrorCode::NotFound,
+                        ..
+                    }
+                );
+                let mut finished = false;
+                if let Some(Pending::Request(p)) = self.pending.get_mut(&req) {
+                    p.outstanding = p.outstanding.saturating_sub(1);
+                    if found && !p.answered {
+                        p.answered = true;
+                        self.outbox.push(Event::Reply {
+                            identity: p.identity.clone(),
+                            reply: ClientReply {
+                                request_id: p.request_id.clone(),
+                                body,
+                            },
+                        });
+                    }
+                    finished = p.outstanding == 0;
+                }
+                if finished {
+                    self.pending_expired(req, now_us, out);
+                }
+            }
+            PeerMessage::Raft { .. } | PeerMessage::Join { .. } => {}
+        }
+    }
+
+    /// A command from a peer, applied to this node's tasks only.
+    fn local_command(
+        &mut self,
+        command: ClientCommand,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> ReplyBody {
+        match command {
+            ClientCommand::Get { queue, id } => match self.find(&queue, &id) {
+                Some(uid) => ReplyBody::Task {
+                    task: self.info(uid, true),
+                },
+                None => not_found(&queue, &id),
+            },
+            ClientCommand::Cancel { queue, id } => self.cancel(&queue, &id, now_us, out),
+            ClientCommand::Run { queue, id } => self.run(&queue, &id, now_us, out),
+            ClientCommand::ConfigureQueue { queue, config } => {
+                self.configure(&queue, config, now_us, out)
+            }
+            ClientCommand::PauseQueue { queue } => {
+                self.queue_mut(&queue, now_us).paused = true;
+                ReplyBody::Queue {
+                    queue: self.queue_info(&queue, now_us),
+                }
+            }
+            ClientCommand::ResumeQueue { queue } => {
+                self.queue_mut(&queue, now_us).paused = false;
+                self.pump(&queue, now_us, out);
+                ReplyBody::Queue {
+                    queue: self.queue_info(&queue, now_us),
+                }
+            }
+            ClientCommand::PurgeQueue { queue } => {
+                let removed = self.purge(&queue, now_us, out);
+                ReplyBody::Purged { queue, removed }
+            }
+            _ => error(ErrorCode::BadRequest, "not a command for peers"),
+        }
+    }
+
+    /// Stores a copy sent by a peer: a fresh enqueue (`check`: refused if
+    /// its name is taken) or an adoption for re-replication.
+    fn adopt(&mut self, record: ReplicaRecord, check: bool, now_us: u64) -> StoreOutcome {
+        let Ok(id) = Uuid::parse_str(&record.id) else {
+            return StoreOutcome::Rejected {
+                reason: "invalid task id".into(),
+            };
+        };
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.holders = record.holders.clone();
+            t.replica = self.cluster.replica_index(&record.holders);
+            self.retime(id);
+            return StoreOutcome::Stored;
+        }
+        if record.state.is_final() {
+            return StoreOutcome::Stored;
+        }
+        let spec = spec_of(&record);
+        if check {
+            if let Some(ReplyBody::Duplicate { id, tombstoned }) = self.duplicate_of(&spec, now_us)
+            {
+                return StoreOutcome::Duplicate { id, tombstoned };
+            }
+        }
+        self.insert_task(
+            id,
+            spec,
+            record.is_callback,
+            record.created_us,
+            record.holders.clone(),
+        );
+        self.stats.enqueued = self.stats.enqueued.saturating_sub(0);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.due_us = record.due_us;
+            t.attempts = record.attempts;
+            t.executions = record.executions;
+            t.last_status = record.last_status;
+            t.last_error = record.last_error.clone();
+            t.first_attempt_us = record.first_attempt_us;
+        }
+        if record.state == TaskState::Retrying {
+            self.transition(id, TaskState::Retrying);
+        }
+        self.retime(id);
+        StoreOutcome::Stored
+    }
+
+    pub(super) fn on_event(&mut self, ev: EventBody, now_us: u64, out: &mut Vec<Event>) {
+        match ev {
+            EventBody::Heartbeat { .. } => {}
+            EventBody::Claimed { id, deadline_us } => {
+                let Ok(uid) = Uuid::parse_str(&id) else {
+                    return;
+                };
+                let Some(t) = self.tasks.get_mut(&uid) else {
+                    return;
+                };
+                if matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
+                    t.due_us = t.due_us.max(deadline_us);
+                    self.retime(uid);
+                }
+            }
+            EventBody::Retry {
+                id,
+                attempts,
+                executions,
+                due_us,
+                last_status,
+                last_error,
+                response,
+            } => {
+                let Ok(uid) = Uuid::parse_str(&id) else {
+                    return;
+                };
+                self.answer_waiters(
+                    uid,
+                    Some(AttemptResult {
+                        outcome: Outcome::Failure,
+                        status: last_status,
+                        body: response,
+                        error: last_error.clone(),
+                    }),
+                    out,
+                );
+                let Some(t) = self.tasks.get_mut(&uid) else {
+                    return;
+                };
+                if t.state.is_final() || t.state == TaskState::Running {
+                    return;
+                }
+                t.attempts = t.attempts.max(attempts);
+                t.executions = t.executions.max(executions);
+                t.last_status = last_status;
+                t.last_error = last_error;
+                t.due_us = due_us;
+                self.transition(uid, TaskState::Retrying);
+                self.retime(uid);
+            }
+            EventBody::Finished {
+                id,
+                state,
+                attempts,
+                executions,
+                last_status,
+                last_error,
+                response,
+            } => {
+                let Ok(uid) = Uuid::parse_str(&id) else {
+                    return;
+                };
+                if state != TaskState::Cancelled {
+                    self.answer_waiters(
+                        uid,
+                        Some(AttemptResult {
+                            outcome: if state == TaskState::Succeeded {
+                                Outcome::Success
+                            } else {
+                                Outcome::Failure
+                            },
+                            status: last_status,
+                            body: response.clone(),
+                            error: last_error.clone(),
+                        }),
+                        out,
+                    );
+                } else {
+                    self.answer_waiters(uid, None, out);
+                }
+                let Some(t) = self.tasks.get_mut(&uid) else {
+                    return;
+                };
+                if t.state.is_final() || !state.is_final() {
+                    return;
+                }
+                let queue = t.spec.queue.clone();
+                if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery) {
+                    out.push(Event::Revoke { delivery });
+                    if let Some(q) = self.queues.get_mut(&queue) {
+                        q.running = q.running.saturating_sub(1);
+                    }
+                }
+                t.delivery = None;
+                t.in_ready = false;
+                t.attempts = t.attempts.max(attempts);
+                t.executions = t.executions.max(executions);
+                t.last_status = last_status;
+                t.last_error = last_error;
+                t.last_response = response.map(|b| b.into_vec());
+                self.transition(uid, state);
+                self.finish(uid, now_us, out);
+                self.pump(&queue, now_us, out);
+            }
+        }
+    }
+
+    /// A new roster: queue shares, and copies to restore the replication
+    /// factor of tasks whose holders left.
+    pub(super) fn on_roster(
+        &mut self,
+        me: u64,
+        mut members: Vec<u64>,
+        replicas: u32,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) {
+        members.sort_unstable();
+        members.dedup();
+        self.cluster = ClusterView {
+            me,
+            members: members.clone(),
+            replicas: replicas.max(1) as usize,
+        };
+        let share = members.len().max(1) as u32;
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for name in &names {
+            if let Some(q) = self.queues.get_mut(name) {
+                q.share = share;
+            }
+        }
+        if !self.cluster.is_clustered() {
+            return;
+        }
+        let target = self.cluster.replicas.min(members.len());
+        let ids: Vec<Uuid> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| !t.state.is_final())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            let holders = if t.holders.is_empty() {
+                vec![me]
+            } else {
+                t.holders.clone()
+            };
+            let alive: Vec<u64> = holders
+                .iter()
+                .copied()
+                .filter(|h| members.binary_search(h).is_ok())
+                .collect();
+            if alive.len() >= target && alive.len() == holders.len() {
+                continue;
+            }
+            let mut new_holders = alive.clone();
+            for m in place(&placement_key(&t.spec, id), &members, self.cluster.replicas) {
+                if new_holders.len() >= target {
+                    break;
+                }
+                if !new_holders.contains(&m) {
+                    new_holders.push(m);
+                }
+            }
+            let coordinator = alive.first().copied() == Some(me);
+            let newcomers: Vec<u64> = new_holders
+                .iter()
+                .copied()
+                .filter(|h| !alive.contains(h))
+                .collect();
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.holders = new_holders.clone();
+                t.replica = self.cluster.replica_index(&new_holders);
+            }
+            self.retime(id);
+            if coordinator {
+                if let Some(record) = self.record_of(id) {
+                    for to in newcomers {
+                        self.stats.re_replicated += 1;
+                        self.outbox.push(Event::ToPeer {
+                            to,
+                            msg: PeerMessage::Store {
+                                req: 0,
+                                from: me,
+                                record: record.clone(),
+                                check: false,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        let queues: Vec<String> = self.queues.keys().cloned().collect();
+        for q in queues {
+            self.pump(&q, now_us, out);
+        }
+    }
+}
