@@ -300,6 +300,11 @@ impl Election {
         self.send_messages(ready.take_messages(), pair);
         if *ready.snapshot() != Snapshot::default() {
             let s = ready.snapshot().clone();
+            tracing::debug!(
+                index = s.get_metadata().index,
+                bytes = s.data.len(),
+                "installing a Raft snapshot"
+            );
             if let Ok(r) = rmp_serde_from::<SnapshotRoster>(&s.data) {
                 if r.epoch >= self.epoch {
                     self.epoch = r.epoch;

@@ -364,8 +364,11 @@ impl IoLoop {
         let mut out = Vec::new();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let ready = {
-                let mut items = [
+            // Peers answer through their ROUTER, which reaches our DEALERs:
+            // those are polled too.
+            let dealer_ids: Vec<u64> = self.dealers.keys().copied().collect();
+            let (ready, dealers_ready) = {
+                let mut items = vec![
                     self.clients.as_poll_item(zmq::POLLIN),
                     self.workers.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.doorbell.fd(), zmq::POLLIN),
@@ -373,13 +376,23 @@ impl IoLoop {
                     self.subscriber.as_poll_item(zmq::POLLIN),
                     self.pair.as_poll_item(zmq::POLLIN),
                 ];
+                if let Some(j) = &self.join_dealer {
+                    items.push(j.as_poll_item(zmq::POLLIN));
+                }
+                for id in &dealer_ids {
+                    if let Some(d) = self.dealers.get(id) {
+                        items.push(d.as_poll_item(zmq::POLLIN));
+                    }
+                }
                 if let Err(e) = zmq::poll(&mut items, wait.as_millis().max(1) as i64) {
                     if e != zmq::Error::EINTR {
                         tracing::error!(error = %e, "poll failed; stopping the node");
                         return;
                     }
                 }
-                items.map(|i| i.is_readable())
+                let r: Vec<bool> = items.iter().map(|i| i.is_readable()).collect();
+                let fixed = [r[0], r[1], r[2], r[3], r[4], r[5]];
+                (fixed, r.iter().skip(6).any(|x| *x))
             };
             if stop.load(Ordering::Acquire) {
                 return;
@@ -403,6 +416,9 @@ impl IoLoop {
             }
             if ready[3] {
                 self.read_peers(now);
+            }
+            if dealers_ready {
+                self.read_dealers(now);
             }
             if ready[4] {
                 self.read_events(now);
@@ -581,6 +597,11 @@ impl IoLoop {
             }
         };
         if !sent {
+            tracing::debug!(
+                peer = to,
+                known = self.dealers.contains_key(&to),
+                "peer message dropped"
+            );
             self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -605,6 +626,29 @@ impl IoLoop {
             let Some((_, rest)) = frames.split_first() else {
                 continue;
             };
+            self.on_peer_frames(rest, now);
+        }
+    }
+
+    /// Answers that peers routed back to our DEALERs.
+    fn read_dealers(&mut self, now: Instant) {
+        let mut batch = Vec::new();
+        let sockets = self.dealers.values().chain(self.join_dealer.iter());
+        for d in sockets {
+            for _ in 0..BATCH {
+                match sockets::try_recv(d) {
+                    Some(f) => batch.push(f),
+                    None => break,
+                }
+            }
+        }
+        for frames in batch {
+            self.on_peer_frames(&frames, now);
+        }
+    }
+
+    fn on_peer_frames(&mut self, rest: &[Vec<u8>], now: Instant) {
+        {
             let msg = match protocol::decode::<PeerMessage, _>(rest) {
                 Ok(m) => m,
                 Err(e) => {
@@ -612,7 +656,7 @@ impl IoLoop {
                         .malformed_peer_messages
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "malformed peer message dropped");
-                    continue;
+                    return;
                 }
             };
             match msg {

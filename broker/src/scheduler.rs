@@ -584,6 +584,7 @@ impl Store {
     }
 
     /// Validates a task for `queue`, with the queue's default timeout.
+    #[allow(clippy::result_large_err)] // the error is the reply itself, sent at once
     fn check(&mut self, queue: &str, spec: TaskSpec, now_us: u64) -> Result<ValidTask, ReplyBody> {
         let default_timeout = self.queue_mut(queue, now_us).config.timeout;
         validate_with(queue, spec, micros_to_secs(now_us), default_timeout)

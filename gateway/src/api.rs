@@ -120,10 +120,11 @@ fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
             id,
             eta,
             result: None,
+            replicas,
             ..
         } => (
             StatusCode::OK,
-            json!({"status": "scheduled", "id": id, "eta": eta}),
+            json!({"status": "scheduled", "id": id, "eta": eta, "replicas": replicas}),
         ),
         ReplyBody::Enqueued {
             id,

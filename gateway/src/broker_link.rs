@@ -50,10 +50,9 @@ impl std::fmt::Display for LinkError {
 /// Settings of the link.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// The broker's base-port endpoint, e.g. `tcp://127.0.0.1:7000`.
-    pub client_endpoint: String,
-    /// The broker's worker endpoint (base port + 1).
-    pub worker_endpoint: String,
+    /// Brokers' base-port endpoints, e.g. `tcp://127.0.0.1:7000`: any one
+    /// is enough, the others are learned from its roster.
+    pub brokers: Vec<String>,
     /// Webhooks in flight at once (the credit granted to the broker).
     pub concurrency: u32,
     pub request_timeout: Duration,
@@ -62,21 +61,36 @@ pub struct LinkConfig {
     pub broker_expiry: Duration,
 }
 
+/// The worker endpoint (port + 1) of a base-port endpoint.
+pub fn worker_endpoint(client_endpoint: &str) -> Result<String, String> {
+    let (head, port) = client_endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{client_endpoint:?} is not tcp://HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{client_endpoint:?} does not end in a port number"))?;
+    if !head.starts_with("tcp://") || port == u16::MAX {
+        return Err(format!("{client_endpoint:?} is not tcp://HOST:PORT"));
+    }
+    Ok(format!("{head}:{}", port + 1))
+}
+
 impl LinkConfig {
-    /// Derives the worker endpoint (port + 1) from a base-port endpoint.
+    /// A link to one broker (more are learned from its roster).
     pub fn for_broker(client_endpoint: &str, concurrency: u32) -> Result<LinkConfig, String> {
-        let (head, port) = client_endpoint
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{client_endpoint:?} is not tcp://HOST:PORT"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{client_endpoint:?} does not end in a port number"))?;
-        if !head.starts_with("tcp://") || port == u16::MAX {
-            return Err(format!("{client_endpoint:?} is not tcp://HOST:PORT"));
+        Self::for_brokers(&[client_endpoint.to_string()], concurrency)
+    }
+
+    /// A link to several brokers (`--broker A,B,C`).
+    pub fn for_brokers(brokers: &[String], concurrency: u32) -> Result<LinkConfig, String> {
+        if brokers.is_empty() {
+            return Err("at least one broker endpoint is needed".into());
+        }
+        for b in brokers {
+            worker_endpoint(b)?;
         }
         Ok(LinkConfig {
-            client_endpoint: client_endpoint.to_string(),
-            worker_endpoint: format!("{head}:{}", port + 1),
+            brokers: brokers.to_vec(),
             concurrency: concurrency.max(1),
             request_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(1),
@@ -96,7 +110,7 @@ struct LinkRequest {
 #[derive(Clone)]
 pub struct BrokerLink {
     requests: Sender<LinkRequest>,
-    results: Sender<DeliveryResult>,
+    results: Sender<(String, DeliveryResult)>,
     bell: Bell,
     stop: Arc<AtomicBool>,
 }
@@ -104,6 +118,8 @@ pub struct BrokerLink {
 /// A task to deliver, handed from the link thread to tokio.
 #[derive(Debug)]
 pub struct Delivery {
+    /// The worker endpoint of the broker that sent it (results go back there).
+    pub broker: String,
     pub delivery: u64,
     pub task: DeliveredTask,
 }
@@ -161,9 +177,9 @@ impl BrokerLink {
         rx.await.unwrap_or(Err(LinkError::Closed))
     }
 
-    /// Reports a webhook's outcome to the broker.
-    pub fn report(&self, result: DeliveryResult) {
-        if self.results.send(result).is_ok() {
+    /// Reports a webhook's outcome to the broker that sent the task.
+    pub fn report(&self, broker: String, result: DeliveryResult) {
+        if self.results.send((broker, result)).is_ok() {
             self.bell.ring();
         }
     }
@@ -184,28 +200,42 @@ fn run(
     config: LinkConfig,
     doorbell: Doorbell,
     requests: Receiver<LinkRequest>,
-    results: Receiver<DeliveryResult>,
+    results: Receiver<(String, DeliveryResult)>,
     jobs: mpsc::UnboundedSender<Delivery>,
     stop: &AtomicBool,
 ) -> Result<(), zmq::Error> {
     let ctx = zmq::Context::new();
+    // One DEALER to every broker's client port: ZeroMQ spreads requests
+    // over the connected ones, and IMMEDIATE skips the dead.
     let client = sockets::dealer(&ctx, true)?;
-    client.connect(&config.client_endpoint)?;
-    let mut worker = Registration::new(&ctx, &config)?;
+    let mut known: Vec<String> = Vec::new();
+    let mut workers: HashMap<String, Registration> = HashMap::new();
+    for b in &config.brokers {
+        connect_broker(&ctx, &client, &config, b, &mut known, &mut workers)?;
+    }
     let mut pending: HashMap<String, Pending> = HashMap::new();
     let tick = Duration::from_millis(100);
+    // The roster is asked for right away, then every 2 s.
+    let mut next_roster = Instant::now();
+    let roster_request = "roster".to_string();
     loop {
+        let endpoints: Vec<String> = workers.keys().cloned().collect();
         let (c, w) = {
-            let mut items = [
+            let mut items = vec![
                 client.as_poll_item(zmq::POLLIN),
-                worker.socket.as_poll_item(zmq::POLLIN),
                 zmq::PollItem::from_fd(doorbell.fd(), zmq::POLLIN),
             ];
+            for e in &endpoints {
+                if let Some(r) = workers.get(e) {
+                    items.push(r.socket.as_poll_item(zmq::POLLIN));
+                }
+            }
             match zmq::poll(&mut items, tick.as_millis() as i64) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => return Err(e),
             }
-            (items[0].is_readable(), items[1].is_readable())
+            let readable: Vec<bool> = items.iter().skip(2).map(|i| i.is_readable()).collect();
+            (items[0].is_readable(), readable)
         };
         if stop.load(Ordering::Acquire) {
             return Ok(());
@@ -233,12 +263,36 @@ fn run(
                 }
             }
         }
-        while let Ok(result) = results.try_recv() {
-            worker.send(&WorkerMessage::Result(result));
+        while let Ok((broker, result)) = results.try_recv() {
+            if let Some(reg) = workers.get_mut(&broker) {
+                reg.send(&WorkerMessage::Result(result));
+            }
+        }
+        if now >= next_roster {
+            next_roster = now + Duration::from_secs(2);
+            let frames = protocol::encode(&ClientRequest {
+                request_id: roster_request.clone(),
+                command: ClientCommand::ClusterInfo,
+            });
+            let _ = sockets::send_parts(&client, &frames);
         }
         if c {
             while let Some(parts) = sockets::try_recv(&client) {
                 match protocol::decode::<ClientReply, _>(&parts) {
+                    Ok(reply) if reply.request_id == roster_request => {
+                        if let ReplyBody::Cluster { cluster } = reply.body {
+                            for n in cluster.nodes {
+                                connect_broker(
+                                    &ctx,
+                                    &client,
+                                    &config,
+                                    &n.client,
+                                    &mut known,
+                                    &mut workers,
+                                )?;
+                            }
+                        }
+                    }
                     Ok(reply) => {
                         if let Some(p) = pending.remove(&reply.request_id) {
                             let _ = p.reply.send(Ok(reply.body));
@@ -248,22 +302,32 @@ fn run(
                 }
             }
         }
-        if w {
-            while let Some(parts) = sockets::try_recv(&worker.socket) {
-                worker.last_heard = Instant::now();
+        for (e, readable) in endpoints.iter().zip(w) {
+            if !readable {
+                continue;
+            }
+            let Some(reg) = workers.get_mut(e) else {
+                continue;
+            };
+            while let Some(parts) = sockets::try_recv(&reg.socket) {
+                reg.last_heard = Instant::now();
                 match protocol::decode::<BrokerMessage, _>(&parts) {
                     Ok(BrokerMessage::Task { delivery, task }) => {
-                        let _ = jobs.send(Delivery { delivery, task });
+                        let _ = jobs.send(Delivery {
+                            broker: e.clone(),
+                            delivery,
+                            task,
+                        });
                     }
                     Ok(BrokerMessage::Heartbeat) => {}
                     Ok(BrokerMessage::Disconnect { reason }) => {
-                        tracing::info!(%reason, "broker asked the dispatcher to register again");
-                        worker.ready();
+                        tracing::info!(%reason, broker = %e, "broker asked the dispatcher to register again");
+                        reg.ready();
                     }
                     Ok(BrokerMessage::Error { reason, .. }) => {
                         tracing::warn!(%reason, "broker reported an error to the dispatcher")
                     }
-                    Err(e) => tracing::warn!(error = %e, "undecodable message from broker"),
+                    Err(err) => tracing::warn!(error = %err, "undecodable message from broker"),
                 }
             }
         }
@@ -278,12 +342,38 @@ fn run(
                 true
             }
         });
-        worker.keep_alive(&ctx, &config)?;
+        for reg in workers.values_mut() {
+            reg.keep_alive(&ctx, &config)?;
+        }
     }
+}
+
+/// Connects to a broker not seen before: its client port joins the shared
+/// DEALER, and a registration pulls its webhook tasks.
+fn connect_broker(
+    ctx: &zmq::Context,
+    client: &zmq::Socket,
+    config: &LinkConfig,
+    endpoint: &str,
+    known: &mut Vec<String>,
+    workers: &mut HashMap<String, Registration>,
+) -> Result<(), zmq::Error> {
+    if known.iter().any(|k| k == endpoint) {
+        return Ok(());
+    }
+    let Ok(worker) = worker_endpoint(endpoint) else {
+        return Ok(());
+    };
+    client.connect(endpoint)?;
+    known.push(endpoint.to_string());
+    tracing::info!(broker = %endpoint, "gateway connected to a broker");
+    workers.insert(worker.clone(), Registration::new(ctx, config, &worker)?);
+    Ok(())
 }
 
 /// The dispatcher's registration on the worker port.
 struct Registration {
+    endpoint: String,
     socket: zmq::Socket,
     last_heard: Instant,
     last_sent: Instant,
@@ -291,11 +381,16 @@ struct Registration {
 }
 
 impl Registration {
-    fn new(ctx: &zmq::Context, config: &LinkConfig) -> Result<Registration, zmq::Error> {
+    fn new(
+        ctx: &zmq::Context,
+        config: &LinkConfig,
+        endpoint: &str,
+    ) -> Result<Registration, zmq::Error> {
         let socket = sockets::dealer(ctx, false)?;
-        socket.connect(&config.worker_endpoint)?;
+        socket.connect(endpoint)?;
         let now = Instant::now();
         let mut r = Registration {
+            endpoint: endpoint.to_string(),
             socket,
             last_heard: now,
             last_sent: now,
@@ -326,7 +421,8 @@ impl Registration {
         let now = Instant::now();
         if now.duration_since(self.last_heard) >= config.broker_expiry {
             tracing::warn!("broker silent; registering again on a new connection");
-            *self = Registration::new(ctx, config)?;
+            let endpoint = self.endpoint.clone();
+            *self = Registration::new(ctx, config, &endpoint)?;
             return Ok(());
         }
         if now.duration_since(self.last_sent) >= config.heartbeat_interval {

@@ -12,9 +12,10 @@ pub struct GatewayArgs {
     /// defaulting to 127.0.0.1).
     #[arg(long)]
     pub listen: Option<String>,
-    /// The broker's base-port endpoint.
-    #[arg(long, default_value = "tcp://127.0.0.1:7000")]
-    pub broker: String,
+    /// Brokers' base-port endpoints, comma-separated; one is enough (the
+    /// others are learned from its roster).
+    #[arg(long, default_value = "tcp://127.0.0.1:7000", value_delimiter = ',')]
+    pub broker: Vec<String>,
     /// Webhook deliveries in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: u32,
@@ -70,11 +71,11 @@ pub fn default_listen(port: u16) -> String {
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let listen = args.listen.clone().unwrap_or_else(|| default_listen(8088));
     let link =
-        LinkConfig::for_broker(&args.broker, args.concurrency).map_err(anyhow::Error::msg)?;
+        LinkConfig::for_brokers(&args.broker, args.concurrency).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    tracing::info!(%listen, broker = %args.broker, "gateway listening");
+    tracing::info!(%listen, brokers = ?args.broker, "gateway listening");
     let webhooks = args.webhook_config()?;
     crate::serve(listener, link, webhooks, async {
         let _ = tokio::signal::ctrl_c().await;

@@ -73,7 +73,7 @@ pub async fn run(
                 job.task.signing_secrets = config.signing_secrets.clone();
             }
             let result = deliver(&client, job.delivery, &job.task).await;
-            link.report(result);
+            link.report(job.broker, result);
         });
     }
 }

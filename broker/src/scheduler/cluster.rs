@@ -49,7 +49,7 @@ impl ClusterView {
 
 /// A request waiting for peers.
 pub enum Pending {
-    Store(PendingStore),
+    Store(Box<PendingStore>),
     Request(PendingRequest),
 }
 
@@ -241,7 +241,7 @@ impl Store {
         );
         self.pending.insert(
             req,
-            Pending::Store(PendingStore {
+            Pending::Store(Box::new(PendingStore {
                 identity: identity.to_vec(),
                 request_id: request_id.to_string(),
                 id,
@@ -252,7 +252,7 @@ impl Store {
                 local,
                 answers: HashMap::new(),
                 timer,
-            }),
+            })),
         );
         if remote.is_empty() {
             self.decide_store(req, now_us);
