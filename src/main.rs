@@ -35,6 +35,24 @@ enum Command {
     Cancel(TaskRef),
     /// A pull worker that logs each task as a JSON line and answers success.
     Worker(WorkerArgs),
+    /// A local cluster for trying it out: N broker processes and a gateway.
+    DevCluster(DevClusterArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DevClusterArgs {
+    /// Broker processes to start.
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Base port of the first broker; the next ones use PORT+10, PORT+20, …
+    #[arg(long, default_value_t = 7000)]
+    port: u16,
+    /// The gateway's HTTP address (default: $INTERFACE:8088).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Nodes holding each task.
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -148,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(w) => work(w),
+        Command::DevCluster(d) => dev_cluster(d),
         Command::Cancel(t) => {
             Producer::connect(&t.broker)?.cancel(&t.queue, &t.id)?;
             println!("{{\"status\": \"cancelled\", \"id\": \"{}\"}}", t.id);
@@ -191,6 +210,67 @@ fn work(args: WorkerArgs) -> anyhow::Result<()> {
             protocol::Outcome::Success
         };
         worker.report(&job, outcome, None)?;
+    }
+}
+
+/// Starts the brokers one after another (each joining through the
+/// previous one) and a gateway, then waits; Ctrl-C stops them all, and so
+/// does any of them exiting.
+fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
+    use std::process::{Child, Command as Process};
+    struct Children(Vec<Child>);
+    impl Drop for Children {
+        fn drop(&mut self) {
+            for c in self.0.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    if args.nodes == 0 || args.port.checked_add(args.nodes * 10).is_none() {
+        anyhow::bail!("--nodes must be at least 1 and leave room for the ports");
+    }
+    let exe = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    let first = format!("tcp://127.0.0.1:{}", args.port);
+    for i in 0..args.nodes {
+        let port = args.port + i * 10;
+        let mut cmd = Process::new(&exe);
+        cmd.args([
+            "broker",
+            "--port",
+            &port.to_string(),
+            "--node-id",
+            &format!("node-{}", i + 1),
+            "--replicas",
+            &args.replicas.to_string(),
+        ]);
+        if i > 0 {
+            cmd.args(["--join", &format!("tcp://127.0.0.1:{}", port - 10)]);
+        }
+        children.0.push(cmd.spawn()?);
+        // Each node must answer before the next one joins through it.
+        let mut p = Producer::connect(&format!("tcp://127.0.0.1:{port}"))?;
+        p.ping()?;
+        println!("broker node-{}: tcp://127.0.0.1:{port} (workers on {})", i + 1, port + 1);
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| gateway::cli::default_listen(8088));
+    children.0.push(
+        Process::new(&exe)
+            .args(["gateway", "--listen", &listen, "--broker", &first])
+            .spawn()?,
+    );
+    println!("gateway: http://{listen}  (try: curl http://{listen}/cluster)");
+    println!("Ctrl-C stops the cluster.");
+    loop {
+        for c in children.0.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                anyhow::bail!("a cluster process exited ({status}); stopping the others");
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -570,3 +570,145 @@ fn no_retry_and_max_age() {
     assert_eq!(h.state(&id), TaskState::Failed);
     let _ = RetryPolicy::default();
 }
+
+/// Two stores standing for two holders of the same tasks, with the events
+/// and peer messages between them carried by hand.
+fn pair() -> (Store, Store) {
+    let mk = |me| {
+        let mut s = Store::new(SchedulerConfig::default());
+        let mut out = Vec::new();
+        s.apply(Command::Roster { me, members: vec![1, 2], replicas: 2 }, T0, &mut out);
+        s
+    };
+    (mk(1), mk(2))
+}
+
+fn carry(out: &mut Vec<Event>, to: &mut Store, now: u64) -> Vec<Event> {
+    let mut back = Vec::new();
+    for e in out.drain(..) {
+        match e {
+            Event::ToPeer { msg, .. } => to.apply(Command::Peer(msg), now, &mut back),
+            Event::Publish(body) => to.apply(Command::PeerEvent(body), now, &mut back),
+            _ => {}
+        }
+    }
+    back
+}
+
+#[test]
+fn replicas_fire_at_their_offsets_and_follow_each_other() {
+    let (mut a, mut b) = pair();
+    let mut out = Vec::new();
+    a.apply(
+        Command::Request {
+            identity: b"c".to_vec(),
+            request: ClientRequest {
+                request_id: "r".into(),
+                command: ClientCommand::Enqueue { queue: "default".into(), task: spec(10.0), wait: None },
+            },
+        },
+        T0,
+        &mut out,
+    );
+    // Both nodes hold the task: one as replica 0, the other as replica 1.
+    let acks = carry(&mut out, &mut b, T0);
+    let mut replies = Vec::new();
+    for e in acks {
+        if let Event::ToPeer { msg, .. } = e {
+            a.apply(Command::Peer(msg), T0, &mut replies);
+        }
+    }
+    let enqueued = replies.iter().find_map(|e| match e {
+        Event::Reply { reply, .. } => Some(reply.body.clone()),
+        _ => None,
+    });
+    let Some(ReplyBody::Enqueued { id, replicas, .. }) = enqueued else { panic!("{replies:?}") };
+    assert_eq!(replicas, 2);
+    let uid = Uuid::parse_str(&id).unwrap();
+    let (ia, ib) = (a.tasks[&uid].replica, b.tasks[&uid].replica);
+    assert_eq!(ia + ib, 1, "one replica 0 and one replica 1");
+    let (first, second) = if ia == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let offset = 5_000_000;
+    let eta = T0 + 10_000_000;
+    assert_eq!(first.tasks[&uid].fire_at_us, eta);
+    assert_eq!(second.tasks[&uid].fire_at_us, eta + offset);
+    // Replica 0 fires at the eta and claims the delivery: replica 1 moves
+    // its timer past the delivery's deadline (timeout 30 s + grace 10 s).
+    let mut out = Vec::new();
+    first.fire_due(eta, &mut out);
+    let delivery = dispatches(&out)[0].0;
+    carry(&mut out, second, eta);
+    let deadline = eta + 40_000_000;
+    assert_eq!(second.tasks[&uid].fire_at_us, deadline + offset);
+    let mut nothing = Vec::new();
+    second.fire_due(eta + offset, &mut nothing);
+    assert!(dispatches(&nothing).is_empty(), "replica 1 fired during the delivery");
+    // A failure: replica 1 takes the retry's due time, plus its offset.
+    first.apply(
+        Command::Result(DeliveryResult {
+            delivery,
+            task_id: id.clone(),
+            outcome: Outcome::Failure,
+            status: Some(500),
+            reason: None,
+            retry_after: None,
+            responded: true,
+            body: None,
+            no_retry: false,
+        }),
+        eta + 1000,
+        &mut out,
+    );
+    carry(&mut out, second, eta + 1000);
+    let due = eta + 1000 + 100_000;
+    assert_eq!(first.tasks[&uid].fire_at_us, due);
+    assert_eq!(second.tasks[&uid].fire_at_us, due + offset);
+    assert_eq!(second.tasks[&uid].attempts, 1);
+    assert_eq!(second.tasks[&uid].state, TaskState::Retrying);
+    // Success: the other replica drops the task (it is final, not re-fired).
+    first.fire_due(due, &mut out);
+    let delivery = dispatches(&out)[0].0;
+    out.clear();
+    first.apply(
+        Command::Result(DeliveryResult {
+            delivery,
+            task_id: id.clone(),
+            outcome: Outcome::Success,
+            status: Some(200),
+            reason: None,
+            retry_after: None,
+            responded: true,
+            body: None,
+            no_retry: false,
+        }),
+        due + 1000,
+        &mut out,
+    );
+    carry(&mut out, second, due + 1000);
+    assert_eq!(second.tasks[&uid].state, TaskState::Succeeded);
+    let mut late = Vec::new();
+    second.fire_due(due + 3 * offset, &mut late);
+    assert!(dispatches(&late).is_empty(), "a finished task fired again");
+}
+
+#[test]
+fn a_lost_holder_is_replaced() {
+    let mut s = Store::new(SchedulerConfig::default());
+    let mut out = Vec::new();
+    s.apply(Command::Roster { me: 1, members: vec![1, 2, 3], replicas: 2 }, T0, &mut out);
+    // Store tasks as holder, with node 2 as the other holder.
+    for i in 0..50 {
+        let mut rec = cluster::new_record(Uuid::new_v4(), &crate::validate::validate("default", named(&format!("t{i}")), 1.8e9).unwrap(), false, T0, vec![1, 2]);
+        rec.holders = vec![1, 2];
+        s.apply(Command::Peer(PeerMessage::Store { req: 0, from: 2, record: rec, check: true }), T0, &mut out);
+    }
+    out.clear();
+    // Node 2 leaves: node 1 (first survivor) copies every task to node 3.
+    s.apply(Command::Roster { me: 1, members: vec![1, 3], replicas: 2 }, T0, &mut out);
+    let copies = out
+        .iter()
+        .filter(|e| matches!(e, Event::ToPeer { to: 3, msg: PeerMessage::Store { check: false, .. } }))
+        .count();
+    assert_eq!(copies, 50);
+    assert_eq!(s.stats.re_replicated, 50);
+}
