@@ -33,6 +33,8 @@ enum Command {
     Get(TaskRef),
     /// Cancel a task.
     Cancel(TaskRef),
+    /// Print a broker's view of the cluster as JSON.
+    Cluster(ClusterArgs),
     /// A pull worker that logs each task as a JSON line and answers success.
     Worker(WorkerArgs),
     /// A local cluster for trying it out: N broker processes and a gateway.
@@ -114,6 +116,13 @@ struct EnqueueArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// Any broker's base-port endpoint.
+    #[arg(long, default_value = "tcp://127.0.0.1:7000")]
+    broker: String,
+}
+
+#[derive(clap::Args, Debug)]
 struct TaskRef {
     #[arg(long, default_value = "tcp://127.0.0.1:7000")]
     broker: String,
@@ -166,6 +175,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(w) => work(w),
+        Command::Cluster(c) => {
+            let mut p = Producer::connect(&c.broker)?;
+            match p.request(protocol::ClientCommand::ClusterInfo)? {
+                protocol::ReplyBody::Cluster { cluster } => {
+                    println!("{}", serde_json::to_string(&cluster)?);
+                    Ok(())
+                }
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            }
+        }
         Command::DevCluster(d) => dev_cluster(d),
         Command::Cancel(t) => {
             Producer::connect(&t.broker)?.cancel(&t.queue, &t.id)?;
@@ -252,7 +271,11 @@ fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
         // Each node must answer before the next one joins through it.
         let mut p = Producer::connect(&format!("tcp://127.0.0.1:{port}"))?;
         p.ping()?;
-        println!("broker node-{}: tcp://127.0.0.1:{port} (workers on {})", i + 1, port + 1);
+        println!(
+            "broker node-{}: tcp://127.0.0.1:{port} (workers on {})",
+            i + 1,
+            port + 1
+        );
     }
     let listen = args
         .listen

@@ -324,3 +324,267 @@ fn restarted_node_rejoins_and_a_fourth_joins_through_a_follower() {
         rx.expect(Duration::from_secs(10));
     });
 }
+
+/// Three test hosts in network namespaces on one bridge: real separate
+/// network stacks, so a node can be cut off by taking its link down.
+struct Hosts {
+    namespaces: Vec<String>,
+    host_links: Vec<String>,
+    bridge: String,
+    subnet: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl Hosts {
+    fn setup(n: usize) -> Result<Hosts, String> {
+        let pid = std::process::id();
+        let subnet = format!("10.231.{}", pid % 250);
+        let mut h = Hosts {
+            namespaces: Vec::new(),
+            host_links: Vec::new(),
+            bridge: format!("mybr{pid}"),
+            subnet,
+        };
+        ip(&["link", "add", &h.bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.254/24", h.subnet),
+            "dev",
+            &h.bridge,
+        ])?;
+        ip(&["link", "set", &h.bridge, "up"])?;
+        for i in 1..=n {
+            let ns = format!("myns{pid}-{i}");
+            let (host_end, ns_end) = (format!("vh{i}_{pid}"), format!("vn{i}_{pid}"));
+            ip(&["netns", "add", &ns])?;
+            h.namespaces.push(ns.clone());
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
+            ])?;
+            h.host_links.push(host_end.clone());
+            ip(&["link", "set", &ns_end, "netns", &ns])?;
+            ip(&[
+                "netns",
+                "exec",
+                &ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("{}.{i}/24", h.subnet),
+                "dev",
+                &ns_end,
+            ])?;
+            ip(&["netns", "exec", &ns, "ip", "link", "set", &ns_end, "up"])?;
+            ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+            ip(&["link", "set", &host_end, "master", &h.bridge])?;
+            ip(&["link", "set", &host_end, "up"])?;
+        }
+        Ok(h)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 1)
+    }
+
+    /// Cuts host `i` off (or reconnects it).
+    fn link(&self, i: usize, up: bool) {
+        ip(&[
+            "link",
+            "set",
+            &self.host_links[i],
+            if up { "up" } else { "down" },
+        ])
+        .unwrap();
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// `miyamoto cluster` run inside host `i`'s namespace.
+fn view_from(hosts: &Hosts, i: usize) -> Value {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &hosts.namespaces[i]])
+        .arg(bin())
+        .args([
+            "cluster",
+            "--broker",
+            &format!("tcp://{}:7000", hosts.addr(i)),
+        ])
+        .output()
+        .expect("miyamoto cluster");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn wait_view(hosts: &Hosts, i: usize, wait: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + wait;
+    loop {
+        let v = view_from(hosts, i);
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} never got there; last view: {v}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn partitioned_minority_elects_no_leader_changes_no_roster_and_heals() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    run(Duration::from_secs(240), |h| {
+        let hosts = Hosts::setup(3).unwrap_or_else(|e| {
+            panic!("this test makes network namespaces: it needs root and iproute2 ({e})")
+        });
+        let exe = bin();
+        let exe = exe.to_str().unwrap();
+        for i in 0..3 {
+            let bind = hosts.addr(i);
+            let name = format!("p{i}");
+            let mut args = vec![
+                "netns",
+                "exec",
+                &hosts.namespaces[i],
+                exe,
+                "broker",
+                "--bind",
+                &bind,
+                "--port",
+                "7000",
+                "--node-id",
+                &name,
+                "--remove-after",
+                "120",
+            ];
+            let join;
+            if i > 0 {
+                join = format!("tcp://{}:7000", hosts.addr(i - 1));
+                args.extend_from_slice(&["--join", &join]);
+            }
+            h.spawn_background("ip", &args);
+            if i == 0 {
+                wait_view(&hosts, 0, Duration::from_secs(20), |v| v["leader"].is_u64());
+            }
+        }
+        let before = wait_view(&hosts, 0, Duration::from_secs(30), |v| {
+            v["leader"].is_u64() && v["nodes"].as_array().is_some_and(|a| a.len() == 3)
+        });
+        let epoch = before["epoch"].as_u64().unwrap();
+        // A pull worker on every host, each talking to its own node.
+        let workers: Vec<_> = (0..3)
+            .map(|i| {
+                let we = format!("tcp://{}:7001", hosts.addr(i));
+                h.spawn_program_piped(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &hosts.namespaces[i],
+                        exe,
+                        "worker",
+                        "--broker",
+                        &we,
+                        "--pool",
+                        "part",
+                        "--credit",
+                        "50",
+                    ],
+                )
+            })
+            .collect();
+        let mut p = Producer::connect(&format!("tcp://{}:7000", hosts.addr(0))).unwrap();
+        let mut ids = HashSet::new();
+        for i in 0..300 {
+            let spec = TaskSpec {
+                url: "zmq://part".into(),
+                countdown: Some(8.0),
+                params: vec![("i".into(), i.to_string())],
+                ..Default::default()
+            };
+            ids.insert(p.enqueue("default", spec).unwrap().0);
+        }
+        // Cut node 2 off before anything fires.
+        hosts.link(2, false);
+        let minority = wait_view(&hosts, 2, Duration::from_secs(20), |v| {
+            v["leader"].is_null()
+        });
+        assert_eq!(
+            minority["epoch"].as_u64(),
+            Some(epoch),
+            "the minority changed the roster: {minority}"
+        );
+        let majority = wait_view(&hosts, 0, Duration::from_secs(20), |v| v["leader"].is_u64());
+        assert_eq!(majority["epoch"].as_u64(), Some(epoch));
+        // Every task is delivered; the minority fires what it holds.
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut by_minority = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ids.iter().any(|id| !seen.contains_key(id)) {
+            assert!(
+                Instant::now() < deadline,
+                "{} tasks never delivered",
+                ids.iter().filter(|id| !seen.contains_key(*id)).count()
+            );
+            for (w, rx) in workers.iter().enumerate() {
+                while let Ok(line) = rx.try_recv() {
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    *seen
+                        .entry(v["id"].as_str().unwrap().to_string())
+                        .or_default() += 1;
+                    if w == 2 {
+                        by_minority += 1;
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let duplicates: usize = seen.values().map(|n| n - 1).sum();
+        println!("300 tasks delivered during the partition; the minority delivered {by_minority}; {duplicates} delivered twice");
+        assert!(by_minority > 0, "the isolated node fired nothing");
+        // Heal: one leader and one roster again, seen from both sides.
+        hosts.link(2, true);
+        let healed = wait_view(&hosts, 2, Duration::from_secs(30), |v| v["leader"].is_u64());
+        let view0 = wait_view(&hosts, 0, Duration::from_secs(30), |v| {
+            v["leader"] == healed["leader"]
+        });
+        assert_eq!(view0["epoch"], healed["epoch"]);
+        let names = |v: &Value| {
+            let mut n: Vec<u64> = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["id"].as_u64().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&view0), names(&healed));
+        assert_eq!(names(&view0).len(), 3);
+    });
+}

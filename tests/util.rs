@@ -104,6 +104,38 @@ impl Harness {
         (pid, rx)
     }
 
+    /// Starts an arbitrary program and hands back its stdout lines; it is
+    /// killed with the test's other processes.
+    pub fn spawn_program_piped(&self, program: &str, args: &[&str]) -> mpsc::Receiver<String> {
+        let log = log_file(args);
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.children.lock().unwrap().push(child);
+        rx
+    }
+
+    /// Starts an arbitrary program in the background, output to a log file;
+    /// it is killed with the test's other processes.
+    pub fn spawn_background(&self, program: &str, args: &[&str]) {
+        let child = self.spawn_program(program, args);
+        self.children.lock().unwrap().push(child);
+    }
+
     /// Starts an arbitrary program (e.g. Python), output to a log file.
     pub fn spawn_program(&self, program: &str, args: &[&str]) -> Child {
         let log = log_file(args);

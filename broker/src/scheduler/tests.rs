@@ -577,7 +577,15 @@ fn pair() -> (Store, Store) {
     let mk = |me| {
         let mut s = Store::new(SchedulerConfig::default());
         let mut out = Vec::new();
-        s.apply(Command::Roster { me, members: vec![1, 2], replicas: 2 }, T0, &mut out);
+        s.apply(
+            Command::Roster {
+                me,
+                members: vec![1, 2],
+                replicas: 2,
+            },
+            T0,
+            &mut out,
+        );
         s
     };
     (mk(1), mk(2))
@@ -604,7 +612,11 @@ fn replicas_fire_at_their_offsets_and_follow_each_other() {
             identity: b"c".to_vec(),
             request: ClientRequest {
                 request_id: "r".into(),
-                command: ClientCommand::Enqueue { queue: "default".into(), task: spec(10.0), wait: None },
+                command: ClientCommand::Enqueue {
+                    queue: "default".into(),
+                    task: spec(10.0),
+                    wait: None,
+                },
             },
         },
         T0,
@@ -622,12 +634,18 @@ fn replicas_fire_at_their_offsets_and_follow_each_other() {
         Event::Reply { reply, .. } => Some(reply.body.clone()),
         _ => None,
     });
-    let Some(ReplyBody::Enqueued { id, replicas, .. }) = enqueued else { panic!("{replies:?}") };
+    let Some(ReplyBody::Enqueued { id, replicas, .. }) = enqueued else {
+        panic!("{replies:?}")
+    };
     assert_eq!(replicas, 2);
     let uid = Uuid::parse_str(&id).unwrap();
     let (ia, ib) = (a.tasks[&uid].replica, b.tasks[&uid].replica);
     assert_eq!(ia + ib, 1, "one replica 0 and one replica 1");
-    let (first, second) = if ia == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (first, second) = if ia == 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
     let offset = 5_000_000;
     let eta = T0 + 10_000_000;
     assert_eq!(first.tasks[&uid].fire_at_us, eta);
@@ -642,7 +660,10 @@ fn replicas_fire_at_their_offsets_and_follow_each_other() {
     assert_eq!(second.tasks[&uid].fire_at_us, deadline + offset);
     let mut nothing = Vec::new();
     second.fire_due(eta + offset, &mut nothing);
-    assert!(dispatches(&nothing).is_empty(), "replica 1 fired during the delivery");
+    assert!(
+        dispatches(&nothing).is_empty(),
+        "replica 1 fired during the delivery"
+    );
     // A failure: replica 1 takes the retry's due time, plus its offset.
     first.apply(
         Command::Result(DeliveryResult {
@@ -695,19 +716,58 @@ fn replicas_fire_at_their_offsets_and_follow_each_other() {
 fn a_lost_holder_is_replaced() {
     let mut s = Store::new(SchedulerConfig::default());
     let mut out = Vec::new();
-    s.apply(Command::Roster { me: 1, members: vec![1, 2, 3], replicas: 2 }, T0, &mut out);
+    s.apply(
+        Command::Roster {
+            me: 1,
+            members: vec![1, 2, 3],
+            replicas: 2,
+        },
+        T0,
+        &mut out,
+    );
     // Store tasks as holder, with node 2 as the other holder.
     for i in 0..50 {
-        let mut rec = cluster::new_record(Uuid::new_v4(), &crate::validate::validate("default", named(&format!("t{i}")), 1.8e9).unwrap(), false, T0, vec![1, 2]);
+        let mut rec = cluster::new_record(
+            Uuid::new_v4(),
+            &crate::validate::validate("default", named(&format!("t{i}")), 1.8e9).unwrap(),
+            false,
+            T0,
+            vec![1, 2],
+        );
         rec.holders = vec![1, 2];
-        s.apply(Command::Peer(PeerMessage::Store { req: 0, from: 2, record: rec, check: true }), T0, &mut out);
+        s.apply(
+            Command::Peer(PeerMessage::Store {
+                req: 0,
+                from: 2,
+                record: rec,
+                check: true,
+            }),
+            T0,
+            &mut out,
+        );
     }
     out.clear();
     // Node 2 leaves: node 1 (first survivor) copies every task to node 3.
-    s.apply(Command::Roster { me: 1, members: vec![1, 3], replicas: 2 }, T0, &mut out);
+    s.apply(
+        Command::Roster {
+            me: 1,
+            members: vec![1, 3],
+            replicas: 2,
+        },
+        T0,
+        &mut out,
+    );
     let copies = out
         .iter()
-        .filter(|e| matches!(e, Event::ToPeer { to: 3, msg: PeerMessage::Store { check: false, .. } }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::ToPeer {
+                    to: 3,
+                    msg: PeerMessage::Store { check: false, .. }
+                }
+            )
+        })
         .count();
     assert_eq!(copies, 50);
     assert_eq!(s.stats.re_replicated, 50);
