@@ -588,3 +588,66 @@ fn partitioned_minority_elects_no_leader_changes_no_roster_and_heals() {
         assert_eq!(names(&view0).len(), 3);
     });
 }
+
+#[test]
+fn queue_limits_hold_for_the_cluster_as_a_whole() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    run(Duration::from_secs(180), |h| {
+        let c = Cluster::start(h, 3, &[]);
+        let rx = Receiver::start();
+        rx.answer_all(Answer {
+            delay: Duration::from_millis(200),
+            ..Answer::status(200)
+        });
+        // Set once, through one node: every node applies it.
+        let (s, q) = send_json(
+            "PUT",
+            &c.gateway.url("/queue/shared"),
+            &serde_json::json!({"rate": 30, "burst": 3, "max_concurrent": 3}),
+        );
+        assert_eq!(s, 200, "{q}");
+        let tasks: Vec<Value> = (0..150)
+            .map(|i| serde_json::json!({"url": rx.url("/limited"), "name": format!("t{i}")}))
+            .collect();
+        let url = c.gateway.url("/queue/shared");
+        let handles: Vec<_> = tasks
+            .chunks(50)
+            .map(|chunk| {
+                let (url, chunk) = (url.clone(), chunk.to_vec());
+                thread::spawn(move || {
+                    for t in chunk {
+                        assert_eq!(send_json("POST", &url, &t).0, 200);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let mut times: Vec<f64> = (0..150)
+            .map(|_| rx.expect(Duration::from_secs(30)).at)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let worst = (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|u| **u < times[i] + 1.0)
+                    .count()
+            })
+            .max()
+            .unwrap();
+        println!("cluster-wide rate 30/s + burst 3: at most {worst} dispatches in any one second; at most {} in flight", rx.max_in_flight());
+        assert!(
+            worst <= 33,
+            "{worst} dispatches within one second across the cluster"
+        );
+        assert!(
+            rx.max_in_flight() <= 3,
+            "{} deliveries in flight (cap 3)",
+            rx.max_in_flight()
+        );
+    });
+}

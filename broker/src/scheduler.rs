@@ -578,9 +578,12 @@ impl Store {
     /// The queue, created with the defaults on first use.
     fn queue_mut(&mut self, name: &str, now_us: u64) -> &mut Queue {
         let defaults = &self.config.queue_defaults;
-        self.queues
-            .entry(name.to_string())
-            .or_insert_with(|| Queue::new(defaults.clone(), now_us))
+        let share = self.cluster.members.len().max(1) as u32;
+        self.queues.entry(name.to_string()).or_insert_with(|| {
+            let mut q = Queue::new(defaults.clone(), now_us);
+            q.share = share;
+            q
+        })
     }
 
     /// Validates a task for `queue`, with the queue's default timeout.
