@@ -2,6 +2,8 @@
 //! gateway together), the `broker` and `gateway` processes, and client
 //! tools that talk ZeroMQ to a broker.
 
+mod bench;
+
 use std::process::ExitCode;
 
 use broker::client::Producer;
@@ -39,6 +41,8 @@ enum Command {
     Worker(WorkerArgs),
     /// A local cluster for trying it out: N broker processes and a gateway.
     DevCluster(DevClusterArgs),
+    /// Load scenarios and their bare ceilings (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -186,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::DevCluster(d) => dev_cluster(d),
+        Command::Bench(b) => bench::run(b),
         Command::Cancel(t) => {
             Producer::connect(&t.broker)?.cancel(&t.queue, &t.id)?;
             println!("{{\"status\": \"cancelled\", \"id\": \"{}\"}}", t.id);

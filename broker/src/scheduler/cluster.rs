@@ -302,7 +302,6 @@ impl Store {
                 }
             }
         }
-        let _ = &p.record;
         let body = body.unwrap_or(ReplyBody::Enqueued {
             id: p.id.to_string(),
             queue: p.spec.queue.clone(),
@@ -539,7 +538,27 @@ impl Store {
                 None => not_found(&queue, &id),
             },
             ClientCommand::Cancel { queue, id } => self.cancel(&queue, &id, now_us, out),
-            ClientCommand::Run { queue, id } => self.run(&queue, &id, now_us, out),
+            ClientCommand::Run { queue, id } => {
+                // Every holder gets a forwarded `run`: only the first live
+                // one acts, so the task runs once.
+                let Some(uid) = self.find(&queue, &id) else {
+                    return not_found(&queue, &id);
+                };
+                let me = self.cluster.me;
+                let first_live = self.tasks.get(&uid).and_then(|t| {
+                    t.holders
+                        .iter()
+                        .copied()
+                        .find(|h| self.cluster.members.binary_search(h).is_ok())
+                });
+                if first_live.is_none_or(|h| h == me) {
+                    self.run(&queue, &id, now_us, out)
+                } else {
+                    ReplyBody::Task {
+                        task: self.info(uid, false),
+                    }
+                }
+            }
             ClientCommand::ConfigureQueue { queue, config } => {
                 self.configure(&queue, config, now_us, out)
             }
@@ -595,7 +614,6 @@ impl Store {
             record.created_us,
             record.holders.clone(),
         );
-        self.stats.enqueued = self.stats.enqueued.saturating_sub(0);
         if let Some(t) = self.tasks.get_mut(&id) {
             t.due_us = record.due_us;
             t.attempts = record.attempts;
