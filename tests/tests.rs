@@ -5,6 +5,7 @@
 mod util;
 
 mod api;
+mod bench;
 mod cluster;
 mod python;
 mod queues;

@@ -60,7 +60,6 @@ pub struct PendingStore {
     id: Uuid,
     wait: Option<f64>,
     holders: Vec<u64>,
-    record: ReplicaRecord,
     spec: ValidTask,
     /// Stored here too.
     local: bool,
@@ -247,7 +246,6 @@ impl Store {
                 id,
                 wait,
                 holders,
-                record,
                 spec,
                 local,
                 answers: HashMap::new(),

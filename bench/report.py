@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Turns bench/run.sh's results.jsonl into a Markdown report: the median and
+min–max of every figure, and the ratios the targets are stated in."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+rows = defaultdict(list)
+extra = {}
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    if "system" in r:  # beanstalkd / celery baselines
+        key = f"{r['system']} delay{r['delay']}"
+        rows[key].append(r["jobs_per_sec"])
+        continue
+    key = f"{r['scenario']} {r['label']}".strip()
+    rows[key].append(r["per_sec"])
+    extra.setdefault(key, []).append(r)
+
+
+def med(key):
+    v = rows.get(key)
+    return statistics.median(v) if v else None
+
+
+def fmt(x):
+    return "—" if x is None else f"{x:,.0f}"
+
+
+print("| measurement | median /s | min–max /s | runs |")
+print("|---|---:|---:|---:|")
+for key in sorted(rows):
+    if key.startswith("timers"):
+        continue
+    v = rows[key]
+    print(f"| {key} | {fmt(statistics.median(v))} | {fmt(min(v))}–{fmt(max(v))} | {len(v)} |")
+
+ratios = [
+    ("HTTP enqueue (form) / bare hyper server", "enqueue-http form", "http-ceiling ceiling", 0.5),
+    ("HTTP enqueue (JSON) / bare hyper server", "enqueue-http json", "http-ceiling ceiling", 0.5),
+    ("ZeroMQ enqueue / bare DEALER→ROUTER echo", "enqueue-zmq single", "zmq-ceiling ceiling", 0.25),
+    ("end-to-end webhooks / bare hyper client", "end-to-end http-delay0", "dispatch-ceiling ceiling", 0.5),
+    ("end-to-end webhooks / beanstalkd (delay 0)", "end-to-end http-delay0", "beanstalkd delay0", 5),
+    ("end-to-end webhooks / beanstalkd (delay 1 s)", "end-to-end http-delay1", "beanstalkd delay1", 5),
+    ("end-to-end webhooks / Celery (delay 0, same job count)", "end-to-end celery-size", "celery delay0", 10),
+    ("end-to-end webhooks / Celery (delay 1 s)", "end-to-end http-delay1", "celery delay1", 10),
+    ("end-to-end pull workers / bare hyper client", "end-to-end zmq-delay0", "dispatch-ceiling ceiling", None),
+    ("3 nodes RF 1 / 1 node: ZeroMQ enqueue", "enqueue-zmq cluster-rf1", "enqueue-zmq single", None),
+    ("3 nodes RF 2 / 1 node: ZeroMQ enqueue", "enqueue-zmq cluster-rf2", "enqueue-zmq single", None),
+    ("3 nodes RF 1 / 1 node: end-to-end", "end-to-end cluster-rf1", "end-to-end single-node", None),
+    ("3 nodes RF 2 / 1 node: end-to-end", "end-to-end cluster-rf2", "end-to-end single-node", None),
+]
+print()
+print("| ratio (medians) | value | target |")
+print("|---|---:|---:|")
+for name, a, b, target in ratios:
+    ma, mb = med(a), med(b)
+    value = "—" if ma is None or not mb else f"{ma / mb:.2f}"
+    tgt = "—" if target is None else f"≥ {target}"
+    print(f"| {name} | {value} | {tgt} |")
+
+for r in extra.get("timers timers", []):
+    e, lat = r["extra"], r["latency_ms"]
+    print()
+    print(f"Timers: {r['count']:,} tasks over {e['window']} s.")
+    print(f"* firing lateness: p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.3f} ms")
+    print(f"* enqueue: {e['enqueue_per_sec']:,.0f}/s overall; first tenth {e['enqueue_per_sec_first_tenth']:,.0f}/s, "
+          f"last tenth (store ≥ 90 % full) {e['enqueue_per_sec_last_tenth']:,.0f}/s, "
+          f"ratio {e['enqueue_per_sec_last_tenth'] / max(e['enqueue_per_sec_first_tenth'], 1e-9):.2f}")
+    if e.get("rss_bytes_per_pending_task") is not None:
+        print(f"* broker memory: {e['rss_bytes_per_pending_task']:.0f} bytes of RSS per pending task "
+              f"({e['rss_before'] / 2**20:.1f} MiB before, {e['rss_after'] / 2**20:.1f} MiB after)")

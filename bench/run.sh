@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The benchmark suite: builds in release mode, then runs every scenario
+# side by side with its baseline, alternating the candidates over ROUNDS
+# rounds, and prints a report with medians, min–max ranges and ratios.
+#
+#   bash bench/run.sh                 # full run (about 20 minutes here)
+#   ROUNDS=1 SMALL=1 bash bench/run.sh  # a quick smoke run
+#
+# Results: target/bench/results.jsonl (one JSON object per measurement)
+# and target/bench/report.md. Everything runs on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+if [ -n "${SMALL:-}" ]; then
+    N_HTTP=2000; N_ZMQ=5000; N_E2E=2000; N_CELERY=500; N_TIMERS=20000; TIMER_WINDOW=10
+else
+    N_HTTP=${N_HTTP:-20000}; N_ZMQ=${N_ZMQ:-50000}; N_E2E=${N_E2E:-10000}
+    N_CELERY=${N_CELERY:-3000}; N_TIMERS=${N_TIMERS:-1000000}; TIMER_WINDOW=${TIMER_WINDOW:-120}
+fi
+CONC=${CONC:-32}
+OUT=target/bench
+BIN=target/release/miyamoto
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl"
+
+cargo build --release --bins
+bash bench/baselines/setup.sh
+PY=${BENCH_VENV:-target/bench-venv}/bin/python
+
+PIDS=()
+stop_all() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    PIDS=()
+}
+trap stop_all EXIT
+
+wait_http() {
+    for _ in $(seq 1 200); do
+        curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0
+        sleep 0.05
+    done
+    echo "node on :$1 never became ready" >&2; exit 1
+}
+
+# A fresh single node: broker on 7500..7503, HTTP on 7600.
+single() {
+    "$BIN" standalone --port 7500 --listen 127.0.0.1:7600 >"$OUT/node.log" 2>&1 &
+    PIDS+=($!)
+    wait_http 7600
+}
+
+# A fresh 3-node cluster (replication factor $1) and a gateway on 7600.
+cluster() {
+    "$BIN" broker --port 7500 --node-id b1 --replicas "$1" >"$OUT/b1.log" 2>&1 &
+    PIDS+=($!)
+    sleep 0.5
+    "$BIN" broker --port 7510 --node-id b2 --replicas "$1" --join tcp://127.0.0.1:7500 >"$OUT/b2.log" 2>&1 &
+    PIDS+=($!)
+    sleep 0.5
+    "$BIN" broker --port 7520 --node-id b3 --replicas "$1" --join tcp://127.0.0.1:7510 >"$OUT/b3.log" 2>&1 &
+    PIDS+=($!)
+    "$BIN" gateway --listen 127.0.0.1:7600 --broker tcp://127.0.0.1:7500 >"$OUT/gw.log" 2>&1 &
+    PIDS+=($!)
+    wait_http 7600
+    for _ in $(seq 1 100); do
+        n=$(curl -sf http://127.0.0.1:7600/cluster | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d["nodes"]) if d["leader"] else 0)' 2>/dev/null || echo 0)
+        [ "$n" = 3 ] && sleep 2 && return 0
+        sleep 0.1
+    done
+    echo "cluster never formed" >&2; exit 1
+}
+
+bench() {
+    local label=$1; shift
+    "$BIN" bench "$@" --json --label "$label" 2>>"$OUT/bench.log" | tee -a "$OUT/results.jsonl" >/dev/null
+}
+
+U=http://127.0.0.1:7600
+Z=tcp://127.0.0.1:7500
+for round in $(seq 1 "$ROUNDS"); do
+    echo "== round $round of $ROUNDS" >&2
+    # HTTP enqueue beside the bare hyper server.
+    bench ceiling http-ceiling --requests "$N_HTTP" --concurrency "$CONC"
+    single; bench form enqueue-http --url $U --requests "$N_HTTP" --concurrency "$CONC" --format form; stop_all
+    single; bench json enqueue-http --url $U --requests "$N_HTTP" --concurrency "$CONC" --format json; stop_all
+    # ZeroMQ enqueue beside the bare DEALER/ROUTER echo.
+    bench ceiling zmq-ceiling --requests "$N_ZMQ" --window 64
+    single; bench single enqueue-zmq --broker $Z --requests "$N_ZMQ" --window 64; stop_all
+    # End to end beside the bare hyper client, beanstalkd and Celery.
+    bench ceiling dispatch-ceiling --tasks "$N_E2E" --concurrency "$CONC"
+    single; bench http-delay0 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"; stop_all
+    single; bench zmq-delay0 end-to-end --broker $Z --via zmq --tasks "$N_E2E"; stop_all
+    single; bench http-delay1 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --delay 1; stop_all
+    "$PY" bench/baselines/beanstalkd_e2e.py --jobs "$N_E2E" --delay 0 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"
+    "$PY" bench/baselines/beanstalkd_e2e.py --jobs "$N_E2E" --delay 1 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"
+    "$PY" bench/baselines/celery_e2e.py --jobs "$N_CELERY" --delay 0 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"
+    "$PY" bench/baselines/celery_e2e.py --jobs "$N_CELERY" --delay 1 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"
+    single; bench celery-size end-to-end --url $U --tasks "$N_CELERY" --concurrency "$CONC"; stop_all
+    # Three nodes at RF 1 and RF 2 beside one node.
+    for rf in 1 2; do
+        cluster $rf
+        bench "cluster-rf$rf" enqueue-zmq --broker $Z --requests "$N_ZMQ" --window 64
+        bench "cluster-rf$rf" end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"
+        stop_all
+    done
+    single; bench single-node end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"; stop_all
+done
+
+# A million timers, once: firing lateness and memory per pending task.
+"$BIN" broker --port 7500 >"$OUT/timers.log" 2>&1 &
+PIDS+=($!)
+TIMER_PID=$!
+sleep 1
+LEAD=$(( N_TIMERS / 15000 + 10 ))
+bench timers timers --broker $Z --tasks "$N_TIMERS" --window "$TIMER_WINDOW" --lead "$LEAD" --pid "$TIMER_PID" --window-requests 256
+stop_all
+
+python3 bench/report.py "$OUT/results.jsonl" | tee "$OUT/report.md"

@@ -1,0 +1,114 @@
+//! Every `miyamoto bench` scenario runs on a small count against a real
+//! node and reports sane JSON. Speed is not checked here: that is what the
+//! benchmark suite (`bench/run.sh`) is for.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::*;
+
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("miyamoto bench");
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bench {args:?}: not JSON ({e})"))
+}
+
+fn check(v: &Value, scenario: &str, count: u64) {
+    assert_eq!(v["scenario"], scenario, "{v}");
+    assert_eq!(v["count"].as_u64(), Some(count), "{v}");
+    assert_eq!(v["errors"].as_u64(), Some(0), "{v}");
+    assert!(v["per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    let p50 = v["latency_ms"]["p50"].as_f64().unwrap();
+    let max = v["latency_ms"]["max"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= max, "{v}");
+}
+
+#[test]
+fn every_bench_scenario_runs_on_a_small_count() {
+    run(Duration::from_secs(180), |h| {
+        let node = h.standalone();
+        let url = node.url("");
+        let broker = node.client_endpoint();
+        check(
+            &bench(&[
+                "enqueue-http",
+                "--url",
+                &url,
+                "--requests",
+                "200",
+                "--concurrency",
+                "4",
+            ]),
+            "enqueue-http",
+            200,
+        );
+        check(
+            &bench(&[
+                "enqueue-http",
+                "--url",
+                &url,
+                "--requests",
+                "200",
+                "--format",
+                "json",
+            ]),
+            "enqueue-http",
+            200,
+        );
+        check(
+            &bench(&["http-ceiling", "--requests", "200"]),
+            "http-ceiling",
+            200,
+        );
+        check(
+            &bench(&["enqueue-zmq", "--broker", &broker, "--requests", "500"]),
+            "enqueue-zmq",
+            500,
+        );
+        check(
+            &bench(&["zmq-ceiling", "--requests", "500"]),
+            "zmq-ceiling",
+            500,
+        );
+        let e2e = bench(&["end-to-end", "--url", &url, "--tasks", "200"]);
+        check(&e2e, "end-to-end", 200);
+        assert_eq!(e2e["extra"]["via"], "http");
+        let e2e = bench(&[
+            "end-to-end",
+            "--broker",
+            &broker,
+            "--via",
+            "zmq",
+            "--tasks",
+            "200",
+            "--delay",
+            "1",
+        ]);
+        check(&e2e, "end-to-end", 200);
+        assert!(
+            e2e["extra"]["seconds_total"].as_f64().unwrap() >= 1.0,
+            "the delay was not honoured: {e2e}"
+        );
+        check(
+            &bench(&["dispatch-ceiling", "--tasks", "200"]),
+            "dispatch-ceiling",
+            200,
+        );
+        let t = bench(&[
+            "timers", "--broker", &broker, "--tasks", "300", "--window", "1", "--lead", "2",
+        ]);
+        check(&t, "timers", 300);
+        assert!(t["extra"]["enqueue_per_sec"].as_f64().unwrap() > 0.0);
+    });
+}
