@@ -13,7 +13,7 @@
 //! it to the dispatcher when its token bucket, concurrency cap, pause and
 //! 429/503 slow-down allow.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread;
 use std::time::Duration;
 
@@ -183,8 +183,9 @@ enum Timer {
     Wake(String),
     /// An enqueue's `wait` ran out.
     Wait(Uuid),
-    /// A name or idempotency key's tombstone may have expired.
-    Tombstone(String, KeyKind, String),
+    /// A name or idempotency key's tombstone may have expired (boxed: rare,
+    /// and it would make every timer entry larger).
+    Tombstone(Box<(String, KeyKind, String)>),
     /// A request to peers ran out of time.
     Pending(u64),
 }
@@ -212,13 +213,14 @@ struct Verdict {
 /// Every task of this node, its queues and its timers.
 pub struct Store {
     config: SchedulerConfig,
-    tasks: HashMap<Uuid, Task>,
+    /// Boxed: a million-entry table then costs 24 bytes per slot, not the
+    /// size of a task (the table keeps up to twice the slots it uses).
+    tasks: HashMap<Uuid, Box<Task>>,
     queues: HashMap<String, Queue>,
     timers: BTreeMap<(u64, u64), Timer>,
     seq: u64,
     next_delivery: u64,
-    recent_requests: HashMap<String, ClientReply>,
-    recent_order: VecDeque<(u64, String)>,
+    recent: recent::Recent,
     waiters: HashMap<Uuid, Vec<Waiter>>,
     cluster: cluster::ClusterView,
     pending: HashMap<u64, cluster::Pending>,
@@ -242,8 +244,7 @@ impl Store {
             timers: BTreeMap::new(),
             seq: 0,
             next_delivery: 1,
-            recent_requests: HashMap::new(),
-            recent_order: VecDeque::new(),
+            recent: recent::Recent::default(),
             waiters: HashMap::new(),
             cluster: cluster::ClusterView::default(),
             pending: HashMap::new(),
@@ -365,7 +366,8 @@ impl Store {
                     }
                 }
                 Timer::Pending(req) => self.pending_expired(req, now_us, out),
-                Timer::Tombstone(queue, kind, name) => {
+                Timer::Tombstone(t) => {
+                    let (queue, kind, name) = *t;
                     if let Some(q) = self.queues.get_mut(&queue) {
                         let k = (kind, name);
                         let expired = q.keys.get(&k).is_some_and(|e| {
@@ -413,9 +415,10 @@ impl Store {
                 | ClientCommand::ListQueues
         );
         if mutating {
-            if let Some(r) = self.recent_requests.get(&request_id) {
+            let queue = command_queue(&req.command).unwrap_or("");
+            if let Some(body) = self.recent.get(&request_id, queue) {
                 self.stats.duplicate_requests += 1;
-                return Some(r.clone());
+                return Some(ClientReply { request_id, body });
             }
         }
         if let Some(queue) = command_queue(&req.command) {
@@ -549,30 +552,18 @@ impl Store {
         };
         let reply = ClientReply { request_id, body };
         if mutating {
-            if self.recent_requests.len() >= REQUEST_DEDUP_MAX {
-                if let Some((_, old)) = self.recent_order.pop_front() {
-                    self.recent_requests.remove(&old);
-                }
-            }
-            self.recent_requests
-                .insert(reply.request_id.clone(), reply.clone());
-            self.recent_order.push_back((
+            self.recent.insert(
+                &reply.request_id,
+                &reply.body,
                 now_us + REQUEST_DEDUP.as_micros() as u64,
-                reply.request_id.clone(),
-            ));
+                REQUEST_DEDUP_MAX,
+            );
         }
         (!deferred).then_some(reply)
     }
 
     fn expire_requests(&mut self, now_us: u64) {
-        while let Some((expires, _)) = self.recent_order.front() {
-            if *expires > now_us {
-                break;
-            }
-            if let Some((_, id)) = self.recent_order.pop_front() {
-                self.recent_requests.remove(&id);
-            }
-        }
+        self.recent.expire(now_us);
     }
 
     /// The queue, created with the defaults on first use.
@@ -685,7 +676,7 @@ impl Store {
         let fire_at = due + replica as u64 * self.config.replica_offset.as_micros() as u64;
         self.tasks.insert(
             id,
-            Task {
+            Box::new(Task {
                 spec,
                 created_us: now_us,
                 replica,
@@ -703,7 +694,7 @@ impl Store {
                 is_callback,
                 due_us: due,
                 holders,
-            },
+            }),
         );
         self.set_task_timer(id, fire_at);
         self.stats.enqueued += 1;
@@ -1043,7 +1034,10 @@ impl Store {
             {
                 e.tombstone_until = Some(until);
             }
-            self.add_timer(until, Timer::Tombstone(queue.clone(), key.0, key.1));
+            self.add_timer(
+                until,
+                Timer::Tombstone(Box::new((queue.clone(), key.0, key.1))),
+            );
         }
     }
 
@@ -1460,5 +1454,6 @@ fn flush(out: &mut Vec<Event>, events: &Sender<Event>, bell: &Bell) {
 }
 
 mod cluster;
+mod recent;
 #[cfg(test)]
 mod tests;

@@ -398,12 +398,12 @@ impl Store {
     }
 
     fn remember(&mut self, reply: &ClientReply, now_us: u64) {
-        self.recent_requests
-            .insert(reply.request_id.clone(), reply.clone());
-        self.recent_order.push_back((
+        self.recent.insert(
+            &reply.request_id,
+            &reply.body,
             now_us + REQUEST_DEDUP.as_micros() as u64,
-            reply.request_id.clone(),
-        ));
+            REQUEST_DEDUP_MAX,
+        );
     }
 
     pub(super) fn pending_expired(&mut self, req: u64, now_us: u64, _out: &mut Vec<Event>) {
