@@ -8,8 +8,8 @@
 //! member's record, removed by `RemoveNode`, and the first node records its
 //! own endpoints with a normal entry once it leads. The epoch is the log
 //! index of the last roster change, so "higher epoch" means "newer roster".
-//! A node that installed a snapshot (which carries no roster) learns the
-//! roster from a peer with a higher epoch (see `node.rs`).
+//! Raft snapshots carry the roster too (see `RosterStorage`), so a member
+//! that catches up from a snapshot still learns every member's endpoints.
 //!
 //! Storage is in memory: a node without a data directory gets a new random
 //! id at every start, so it joins as a new member and can never vote twice
