@@ -9,6 +9,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn readme_form_example_honours_countdown() {
+    let _quiet = heavy();
     run(LIMIT, |h| {
         let node = h.standalone();
         let rx = Receiver::start();

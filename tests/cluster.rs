@@ -5,7 +5,6 @@
 //! never share this 2-core machine.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,8 +13,6 @@ use protocol::TaskSpec;
 use serde_json::Value;
 
 use crate::util::*;
-
-static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 struct Cluster {
     bases: Vec<u16>,
@@ -187,9 +184,7 @@ fn await_all(rx: &Receiver, expected: &HashSet<String>, wait: Duration) -> usize
 }
 
 fn kill_scenario(kill_leader: bool) {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = heavy();
     run(Duration::from_secs(240), move |h| {
         let c = Cluster::start(h, 3, &[]);
         let rx = Receiver::start();
@@ -225,9 +220,7 @@ fn cluster_loses_no_task_and_elects_a_new_leader_when_the_leader_is_killed() {
 
 #[test]
 fn cluster_survives_two_losses_in_a_row() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = heavy();
     run(Duration::from_secs(240), |h| {
         let c = Cluster::start(h, 3, &["--remove-after", "3"]);
         let rx = Receiver::start();
@@ -269,9 +262,7 @@ fn cluster_survives_two_losses_in_a_row() {
 
 #[test]
 fn restarted_node_rejoins_and_a_fourth_joins_through_a_follower() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = heavy();
     run(Duration::from_secs(180), |h| {
         let c = Cluster::start(h, 3, &["--remove-after", "3"]);
         let victim = c.pick(false);
@@ -455,9 +446,7 @@ fn wait_view(hosts: &Hosts, i: usize, wait: Duration, pred: impl Fn(&Value) -> b
 
 #[test]
 fn partitioned_minority_elects_no_leader_changes_no_roster_and_heals() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = heavy();
     run(Duration::from_secs(240), |h| {
         let hosts = Hosts::setup(3).unwrap_or_else(|e| {
             panic!("this test makes network namespaces: it needs root and iproute2 ({e})")
@@ -591,9 +580,7 @@ fn partitioned_minority_elects_no_leader_changes_no_roster_and_heals() {
 
 #[test]
 fn queue_limits_hold_for_the_cluster_as_a_whole() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = heavy();
     run(Duration::from_secs(180), |h| {
         let c = Cluster::start(h, 3, &[]);
         let rx = Receiver::start();

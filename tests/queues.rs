@@ -24,6 +24,7 @@ fn id_of(v: &Value) -> String {
 
 #[test]
 fn rate_limit_holds_every_one_second_window() {
+    let _quiet = heavy();
     run(LIMIT, |h| {
         let node = h.standalone();
         let rx = Receiver::start();

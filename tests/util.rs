@@ -19,6 +19,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
+/// Held by the tests that load the machine (clusters, thousands of tasks)
+/// and by the ones that measure time (a countdown honoured within 100 ms),
+/// so that the two never overlap on this 2-core machine.
+pub static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`HEAVY`], whatever an earlier test's panic left behind.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The `miyamoto` binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_miyamoto"))
