@@ -196,6 +196,8 @@ struct Waiter {
     request_id: String,
     queue: String,
     eta: f64,
+    /// Copies stored, repeated in the held reply.
+    replicas: u32,
     timer: (u64, u64),
 }
 
@@ -436,6 +438,12 @@ impl Store {
         if self.cluster.is_clustered() {
             match &req.command {
                 ClientCommand::Enqueue { queue, task, wait } => {
+                    // A resend while the first copy still waits for its
+                    // holders: the first one's answer will do.
+                    if self.store_pending_for(&request_id) {
+                        self.stats.duplicate_requests += 1;
+                        return None;
+                    }
                     let r = self.enqueue_replicated(
                         identity,
                         &request_id,
@@ -474,6 +482,7 @@ impl Store {
                                 request_id: request_id.clone(),
                                 queue: queue.clone(),
                                 eta: *eta,
+                                replicas: 1,
                                 timer,
                             });
                             deferred = true;
@@ -1355,7 +1364,7 @@ fn waiter_reply(w: Waiter, id: Uuid, result: Option<AttemptResult>) -> Event {
                 queue: w.queue,
                 eta: w.eta,
                 result,
-                replicas: 1,
+                replicas: w.replicas,
             },
         },
     }

@@ -321,6 +321,7 @@ impl Store {
                     request_id: p.request_id,
                     queue: p.spec.queue.clone(),
                     eta: p.spec.eta,
+                    replicas: stored,
                     timer,
                 });
                 return;
@@ -330,6 +331,14 @@ impl Store {
             identity: p.identity,
             reply,
         });
+    }
+
+    /// Whether an enqueue with this request id still waits for its holders.
+    pub(super) fn store_pending_for(&self, request_id: &str) -> bool {
+        self.pending.values().any(|p| match p {
+            Pending::Store(s) => s.request_id == request_id,
+            Pending::Request(_) => false,
+        })
     }
 
     /// Sends a client command about a task held elsewhere to every peer;

@@ -772,3 +772,41 @@ fn a_lost_holder_is_replaced() {
     assert_eq!(copies, 50);
     assert_eq!(s.stats.re_replicated, 50);
 }
+
+#[test]
+fn a_resend_during_replication_is_not_a_second_task() {
+    let (mut a, _b) = pair();
+    let req = || Command::Request {
+        identity: b"c".to_vec(),
+        request: ClientRequest {
+            request_id: "same".into(),
+            command: ClientCommand::Enqueue {
+                queue: "default".into(),
+                task: spec(10.0),
+                wait: None,
+            },
+        },
+    };
+    let mut out = Vec::new();
+    a.apply(req(), T0, &mut out);
+    let stores = out
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::ToPeer {
+                    msg: PeerMessage::Store { .. },
+                    ..
+                }
+            )
+        })
+        .count();
+    let mut again = Vec::new();
+    a.apply(req(), T0 + 1000, &mut again);
+    assert!(
+        again.is_empty(),
+        "a resend while waiting for holders was acted on: {again:?}"
+    );
+    assert!(stores <= 1);
+    assert!(a.len() <= 1);
+}
