@@ -520,9 +520,6 @@ impl Store {
                 cursor,
                 full,
             } => self.list_tasks(&queue, state, limit, cursor, full),
-            ClientCommand::ConfigureQueue { queue, config } => {
-                self.configure(&queue, config, now_us, out)
-            }
             ClientCommand::GetQueue { queue } => ReplyBody::Queue {
                 queue: self.queue_info(&queue, now_us),
             },
@@ -533,23 +530,10 @@ impl Store {
                     queues: names.iter().map(|n| self.queue_info(n, now_us)).collect(),
                 }
             }
-            ClientCommand::PauseQueue { queue } => {
-                self.queue_mut(&queue, now_us).paused = true;
-                ReplyBody::Queue {
-                    queue: self.queue_info(&queue, now_us),
-                }
-            }
-            ClientCommand::ResumeQueue { queue } => {
-                self.queue_mut(&queue, now_us).paused = false;
-                self.pump(&queue, now_us, out);
-                ReplyBody::Queue {
-                    queue: self.queue_info(&queue, now_us),
-                }
-            }
-            ClientCommand::PurgeQueue { queue } => {
-                let removed = self.purge(&queue, now_us, out);
-                ReplyBody::Purged { queue, removed }
-            }
+            cmd @ (ClientCommand::ConfigureQueue { .. }
+            | ClientCommand::PauseQueue { .. }
+            | ClientCommand::ResumeQueue { .. }
+            | ClientCommand::PurgeQueue { .. }) => self.queue_command(cmd, now_us, out),
             ClientCommand::ClusterInfo => error(
                 ErrorCode::Internal,
                 "cluster_info is answered by the I/O loop",
@@ -569,6 +553,38 @@ impl Store {
             );
         }
         (!deferred).then_some(reply)
+    }
+
+    /// Configure, pause, resume and purge: from a client or a peer alike.
+    fn queue_command(
+        &mut self,
+        command: ClientCommand,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> ReplyBody {
+        match command {
+            ClientCommand::ConfigureQueue { queue, config } => {
+                self.configure(&queue, config, now_us, out)
+            }
+            ClientCommand::PauseQueue { queue } => {
+                self.queue_mut(&queue, now_us).paused = true;
+                ReplyBody::Queue {
+                    queue: self.queue_info(&queue, now_us),
+                }
+            }
+            ClientCommand::ResumeQueue { queue } => {
+                self.queue_mut(&queue, now_us).paused = false;
+                self.pump(&queue, now_us, out);
+                ReplyBody::Queue {
+                    queue: self.queue_info(&queue, now_us),
+                }
+            }
+            ClientCommand::PurgeQueue { queue } => {
+                let removed = self.purge(&queue, now_us, out);
+                ReplyBody::Purged { queue, removed }
+            }
+            _ => error(ErrorCode::BadRequest, "not a queue command"),
+        }
     }
 
     fn expire_requests(&mut self, now_us: u64) {

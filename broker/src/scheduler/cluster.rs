@@ -566,27 +566,7 @@ impl Store {
                     }
                 }
             }
-            ClientCommand::ConfigureQueue { queue, config } => {
-                self.configure(&queue, config, now_us, out)
-            }
-            ClientCommand::PauseQueue { queue } => {
-                self.queue_mut(&queue, now_us).paused = true;
-                ReplyBody::Queue {
-                    queue: self.queue_info(&queue, now_us),
-                }
-            }
-            ClientCommand::ResumeQueue { queue } => {
-                self.queue_mut(&queue, now_us).paused = false;
-                self.pump(&queue, now_us, out);
-                ReplyBody::Queue {
-                    queue: self.queue_info(&queue, now_us),
-                }
-            }
-            ClientCommand::PurgeQueue { queue } => {
-                let removed = self.purge(&queue, now_us, out);
-                ReplyBody::Purged { queue, removed }
-            }
-            _ => error(ErrorCode::BadRequest, "not a command for peers"),
+            other => self.queue_command(other, now_us, out),
         }
     }
 
