@@ -810,4 +810,3 @@ fn a_resend_during_replication_is_not_a_second_task() {
     assert!(stores <= 1);
     assert!(a.len() <= 1);
 }
-
