@@ -312,11 +312,12 @@ impl Dispatcher {
         }
     }
 
-    /// The loop sent something to `identity`.
-    pub fn sent(&mut self, identity: &[u8], now: Instant) {
+    /// The loop sent something to `identity`; `delivery` when it was a task,
+    /// whose copy kept for a failed send is no longer needed.
+    pub fn sent(&mut self, identity: &[u8], delivery: Option<u64>, now: Instant) {
         if let Some(w) = self.workers.get_mut(identity) {
             w.last_sent = now;
-            for f in w.in_flight.values_mut() {
+            if let Some(f) = delivery.and_then(|d| w.in_flight.get_mut(&d)) {
                 f.waiting = None;
             }
         }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use protocol::{
-    ClientCommand, ClientReply, ClientRequest, ClusterEvent, ClusterInfo, ErrorCode, EventBody,
-    Member, NodeInfo, PeerMessage, ReplyBody, WorkerMessage,
+    ClientCommand, ClientReply, ClientRequest, ClusterEvent, ClusterInfo, EventBody, Member,
+    NodeInfo, PeerMessage, ReplyBody, WorkerMessage,
 };
 
 use crate::dispatch::{DispatchConfig, Dispatcher, Out};
@@ -819,7 +819,7 @@ impl IoLoop {
                         _ => None,
                     };
                     match sockets::send_routed(&self.workers, &identity, &protocol::encode(&msg)) {
-                        Ok(()) => self.dispatcher.sent(&identity, now),
+                        Ok(()) => self.dispatcher.sent(&identity, delivery, now),
                         Err(e) => {
                             self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
                             if let Some(d) = delivery {
@@ -834,13 +834,5 @@ impl IoLoop {
             }
         }
         out.clear();
-    }
-}
-
-/// An error reply, for callers building their own.
-pub fn error_reply(request_id: String, code: ErrorCode, reason: String) -> ClientReply {
-    ClientReply {
-        request_id,
-        body: ReplyBody::Error { code, reason },
     }
 }

@@ -658,20 +658,18 @@ impl Store {
             replicas: 1,
         };
         let holders = self.cluster.holders_for(&placement_key(&spec, id));
-        let record = new_record(id, &spec, is_callback, now_us, holders.clone());
-        self.insert_task(id, spec, is_callback, now_us, holders.clone());
-        // Copies for the other holders, acknowledged later (asynchronously).
-        for to in holders.into_iter().filter(|h| *h != self.cluster.me) {
-            self.outbox.push(Event::ToPeer {
-                to,
-                msg: PeerMessage::Store {
-                    req: 0,
-                    from: self.cluster.me,
-                    record: record.clone(),
-                    check: true,
-                },
-            });
+        // Copies for the other holders, acknowledged later (asynchronously);
+        // a single node builds no record at all.
+        if !holders.is_empty() {
+            let store = PeerMessage::Store {
+                req: 0,
+                from: self.cluster.me,
+                record: new_record(id, &spec, is_callback, now_us, holders.clone()),
+                check: true,
+            };
+            self.send_to_others(&holders, store);
         }
+        self.insert_task(id, spec, is_callback, now_us, holders);
         reply
     }
 

@@ -141,6 +141,27 @@ fn spec_of(r: &ReplicaRecord) -> ValidTask {
 }
 
 impl Store {
+    /// Sends `msg` to every node of `to` except this one; returns how many.
+    pub(super) fn send_to_others(&mut self, to: &[u64], msg: PeerMessage) -> usize {
+        let me = self.cluster.me;
+        let mut n = 0;
+        for &peer in to.iter().filter(|p| **p != me) {
+            self.outbox.push(Event::ToPeer {
+                to: peer,
+                msg: msg.clone(),
+            });
+            n += 1;
+        }
+        n
+    }
+
+    /// A fresh id for a peer request that expects answers (0 means none).
+    fn new_req(&mut self) -> u64 {
+        let req = self.next_req;
+        self.next_req += 1;
+        req
+    }
+
     /// The record of a task this node holds, for copying it elsewhere.
     fn record_of(&self, id: Uuid) -> Option<ReplicaRecord> {
         let t = self.tasks.get(&id)?;
@@ -219,21 +240,14 @@ impl Store {
             }
             self.insert_task(id, spec.clone(), false, now_us, holders.clone());
         }
-        let record = new_record(id, &spec, false, now_us, holders.clone());
-        let remote: Vec<u64> = holders.iter().copied().filter(|h| *h != me).collect();
-        let req = self.next_req;
-        self.next_req += 1;
-        for to in &remote {
-            self.outbox.push(Event::ToPeer {
-                to: *to,
-                msg: PeerMessage::Store {
-                    req,
-                    from: me,
-                    record: record.clone(),
-                    check: true,
-                },
-            });
-        }
+        let req = self.new_req();
+        let store = PeerMessage::Store {
+            req,
+            from: me,
+            record: new_record(id, &spec, false, now_us, holders.clone()),
+            check: true,
+        };
+        let remote = self.send_to_others(&holders, store);
         let timer = self.add_timer(
             now_us + PEER_TIMEOUT.as_micros() as u64,
             Timer::Pending(req),
@@ -252,7 +266,7 @@ impl Store {
                 timer,
             })),
         );
-        if remote.is_empty() {
+        if remote == 0 {
             self.decide_store(req, now_us);
         }
         None
@@ -350,26 +364,14 @@ impl Store {
         command: ClientCommand,
         now_us: u64,
     ) {
-        let me = self.cluster.me;
-        let peers: Vec<u64> = self
-            .cluster
-            .members
-            .iter()
-            .copied()
-            .filter(|m| *m != me)
-            .collect();
-        let req = self.next_req;
-        self.next_req += 1;
-        for to in &peers {
-            self.outbox.push(Event::ToPeer {
-                to: *to,
-                msg: PeerMessage::Request {
-                    req,
-                    from: me,
-                    command: command.clone(),
-                },
-            });
-        }
+        let req = self.new_req();
+        let members = self.cluster.members.clone();
+        let msg = PeerMessage::Request {
+            req,
+            from: self.cluster.me,
+            command,
+        };
+        let outstanding = self.send_to_others(&members, msg);
         let timer = self.add_timer(
             now_us + PEER_TIMEOUT.as_micros() as u64,
             Timer::Pending(req),
@@ -379,31 +381,25 @@ impl Store {
             Pending::Request(PendingRequest {
                 identity: identity.to_vec(),
                 request_id: request_id.to_string(),
-                outstanding: peers.len(),
+                outstanding,
                 answered: false,
                 timer,
             }),
         );
-        if peers.is_empty() {
+        if outstanding == 0 {
             self.pending_expired(req, now_us, &mut Vec::new());
         }
     }
 
     /// Applies a queue command on every peer too (no answers expected).
     pub(super) fn broadcast(&mut self, command: ClientCommand) {
-        let me = self.cluster.me;
-        for to in self.cluster.members.clone() {
-            if to != me {
-                self.outbox.push(Event::ToPeer {
-                    to,
-                    msg: PeerMessage::Request {
-                        req: 0,
-                        from: me,
-                        command: command.clone(),
-                    },
-                });
-            }
-        }
+        let members = self.cluster.members.clone();
+        let msg = PeerMessage::Request {
+            req: 0,
+            from: self.cluster.me,
+            command,
+        };
+        self.send_to_others(&members, msg);
     }
 
     fn remember(&mut self, reply: &ClientReply, now_us: u64) {
@@ -797,18 +793,13 @@ impl Store {
             self.retime(id);
             if coordinator {
                 if let Some(record) = self.record_of(id) {
-                    for to in newcomers {
-                        self.stats.re_replicated += 1;
-                        self.outbox.push(Event::ToPeer {
-                            to,
-                            msg: PeerMessage::Store {
-                                req: 0,
-                                from: me,
-                                record: record.clone(),
-                                check: false,
-                            },
-                        });
-                    }
+                    let store = PeerMessage::Store {
+                        req: 0,
+                        from: me,
+                        record,
+                        check: false,
+                    };
+                    self.stats.re_replicated += self.send_to_others(&newcomers, store) as u64;
                 }
             }
         }
