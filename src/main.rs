@@ -308,21 +308,28 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Broker threads and the gateway's runtime in one process; the gateway
-/// reaches the broker over loopback TCP exactly as a separate one would.
+/// Broker threads and the gateway's runtime in one process. They share one
+/// ZeroMQ context and the gateway reaches the broker over `inproc://`; the
+/// broker's TCP ports serve everyone else as usual.
 fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
-    let node = broker::Node::start(args.broker.node_config()?)?;
-    let connect_host = match args.broker.bind.as_str() {
-        "0.0.0.0" | "*" => "127.0.0.1".to_string(),
-        "::" => "[::1]".to_string(),
-        other => other.to_string(),
-    };
-    let endpoint = format!("tcp://{connect_host}:{}", args.broker.port);
+    let ctx = zmq::Context::new();
+    let inproc = format!("standalone-{}", std::process::id());
+    let node = broker::Node::start_in(args.broker.node_config()?, ctx.clone(), Some(&inproc))?;
+    // The node's advertised endpoint, as its roster names it: the link
+    // reaches it over inproc whatever the roster says.
+    let endpoint = node.client_endpoint.clone();
     let listen = args
         .listen
         .unwrap_or_else(|| gateway::cli::default_listen(8088));
-    let link = gateway::broker_link::LinkConfig::for_broker(&endpoint, args.concurrency)
+    let mut link = gateway::broker_link::LinkConfig::for_broker(&endpoint, args.concurrency)
         .map_err(anyhow::Error::msg)?;
+    let (client, worker) = broker::node::inproc_endpoints(&inproc);
+    link.local = Some(gateway::broker_link::LocalBroker {
+        ctx,
+        endpoint: endpoint.clone(),
+        client,
+        worker,
+    });
     let webhooks = gateway::cli::webhook_config(&args.signing_secrets)?;
     let rt = tokio_runtime()?;
     rt.block_on(async {

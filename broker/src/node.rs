@@ -131,6 +131,15 @@ fn bind(s: &zmq::Socket, ep: &str) -> Result<(), StartError> {
     })
 }
 
+/// The in-process client and worker endpoints of a node started with
+/// [`Node::start_in`] and `inproc` set to `name`.
+pub fn inproc_endpoints(name: &str) -> (String, String) {
+    (
+        format!("inproc://{name}-clients"),
+        format!("inproc://{name}-workers"),
+    )
+}
+
 /// `tcp://HOST:PORT` → `tcp://HOST:PORT+offset`.
 fn shifted(ep: &str, offset: u16) -> Option<String> {
     let (head, port) = ep.rsplit_once(':')?;
@@ -144,7 +153,18 @@ fn shifted(ep: &str, offset: u16) -> Option<String> {
 impl Node {
     /// Binds the node's sockets and starts its threads.
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
-        let ctx = zmq::Context::new();
+        Node::start_in(config, zmq::Context::new(), None)
+    }
+
+    /// Like [`Node::start`], in the given ZeroMQ context. With `inproc`
+    /// set, the client and worker ROUTERs also bind
+    /// [`inproc_endpoints`]`(inproc)`, so a gateway in the same process and
+    /// context reaches them without TCP or ZeroMQ's I/O threads.
+    pub fn start_in(
+        config: NodeConfig,
+        ctx: zmq::Context,
+        inproc: Option<&str>,
+    ) -> Result<Node, StartError> {
         let port = |off: u16| config.base_port.saturating_add(off);
         let host = config
             .advertise
@@ -178,6 +198,11 @@ impl Node {
         bind(&clients, &endpoint(&config.bind, port(CLIENT_PORT_OFFSET)))?;
         let workers = sockets::router(&ctx)?;
         bind(&workers, &endpoint(&config.bind, port(WORKER_PORT_OFFSET)))?;
+        if let Some(name) = inproc {
+            let (client_ep, worker_ep) = inproc_endpoints(name);
+            bind(&clients, &client_ep)?;
+            bind(&workers, &worker_ep)?;
+        }
         let peers = sockets::router(&ctx)?;
         bind(&peers, &endpoint(&config.bind, port(PEER_PORT_OFFSET)))?;
         let publisher = sockets::publisher(&ctx)?;

@@ -2,7 +2,7 @@
 //! token bucket, concurrency, pause, name tombstones, live figures.
 //! Owned by the scheduler thread, like the tasks.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use protocol::{QueueConfig, QueueConfigPatch, QueueStats, TaskState};
@@ -163,7 +163,58 @@ pub struct Queue {
     /// rate, burst and concurrency, so the limits hold for the cluster.
     pub share: u32,
     /// Creation order of the queue's tasks, for listing and purging.
-    pub index: BTreeSet<(u64, Uuid)>,
+    pub index: CreationIndex,
+}
+
+/// A queue's tasks in creation order, as (created µs, id): a sorted vector,
+/// 24 bytes a task. Tasks arrive in time order, so an insert is a push.
+/// Removal only counts: stale entries (the task is gone) are skipped by
+/// readers, who check the task table, and swept by the store once they
+/// outnumber the live ones ([`CreationIndex::needs_sweep`]).
+#[derive(Debug, Default)]
+pub struct CreationIndex {
+    entries: Vec<(u64, Uuid)>,
+    stale: usize,
+}
+
+impl CreationIndex {
+    pub fn insert(&mut self, key: (u64, Uuid)) {
+        match self.entries.last() {
+            Some(last) if *last > key => {
+                // The clock stepped back: keep the order.
+                let at = self.entries.partition_point(|e| *e < key);
+                if self.entries.get(at) != Some(&key) {
+                    self.entries.insert(at, key);
+                }
+            }
+            Some(last) if *last == key => {}
+            _ => self.entries.push(key),
+        }
+    }
+
+    /// Notes that a task left; its entry goes stale.
+    pub fn removed(&mut self) {
+        self.stale += 1;
+    }
+
+    pub fn needs_sweep(&self) -> bool {
+        self.stale > 1024 && self.stale * 2 > self.entries.len()
+    }
+
+    /// Keeps the entries `live` accepts.
+    pub fn sweep(&mut self, live: impl FnMut(&(u64, Uuid)) -> bool) {
+        self.entries.retain(live);
+        self.stale = 0;
+    }
+
+    /// Entries after `start` (all with `None`), in order; may be stale.
+    pub fn after(&self, start: Option<(u64, Uuid)>) -> &[(u64, Uuid)] {
+        let from = match start {
+            Some(k) => self.entries.partition_point(|e| *e <= k),
+            None => 0,
+        };
+        &self.entries[from..]
+    }
 }
 
 impl Queue {
@@ -181,7 +232,7 @@ impl Queue {
             counts: HashMap::new(),
             dispatch_seconds: VecDeque::new(),
             keys: HashMap::new(),
-            index: BTreeSet::new(),
+            index: CreationIndex::default(),
             share: 1,
         }
     }
@@ -338,5 +389,39 @@ mod tests {
         .unwrap();
         assert_eq!(c.rate, 20.0);
         assert_eq!(retry_policy(&c).max_attempts, None);
+    }
+
+    #[test]
+    fn creation_index_keeps_order_and_sweeps() {
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        let mut ix = CreationIndex::default();
+        ix.insert((10, ids[0]));
+        ix.insert((30, ids[1]));
+        ix.insert((20, ids[2])); // the clock stepped back
+        ix.insert((30, ids[1])); // already there
+        ix.insert((40, ids[3]));
+        let all: Vec<u64> = ix.after(None).iter().map(|e| e.0).collect();
+        assert_eq!(all, vec![10, 20, 30, 40]);
+        let rest: Vec<u64> = ix.after(Some((20, ids[2]))).iter().map(|e| e.0).collect();
+        assert_eq!(rest, vec![30, 40]);
+        assert!(ix.after(Some((40, ids[3]))).is_empty());
+        ix.removed();
+        assert!(!ix.needs_sweep());
+        ix.sweep(|e| e.0 != 20);
+        let all: Vec<u64> = ix.after(None).iter().map(|e| e.0).collect();
+        assert_eq!(all, vec![10, 30, 40]);
+        // Many removals make a sweep due.
+        let mut big = CreationIndex::default();
+        for i in 0..3000u64 {
+            big.insert((i, Uuid::new_v4()));
+        }
+        for _ in 0..1400 {
+            big.removed();
+        }
+        assert!(!big.needs_sweep());
+        for _ in 0..200 {
+            big.removed();
+        }
+        assert!(big.needs_sweep());
     }
 }

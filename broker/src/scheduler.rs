@@ -13,7 +13,9 @@
 //! it to the dispatcher when its token bucket, concurrency cap, pause and
 //! 429/503 slow-down allow.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::num::NonZeroU64;
 use std::thread;
 use std::time::Duration;
 
@@ -157,15 +159,17 @@ struct Task {
     state: TaskState,
     /// This replica's next fire time, or when a finished task expires.
     fire_at_us: u64,
-    timer: Option<(u64, u64)>,
+    /// A timer is set for `fire_at_us` (an entry in `task_timers`).
+    timed: bool,
     attempts: u32,
     executions: u32,
     last_status: Option<u16>,
-    last_error: Option<String>,
-    last_response: Option<Vec<u8>>,
-    first_attempt_us: Option<u64>,
+    /// The last attempt's error and response (boxed: a pending task has
+    /// neither, and a million pending tasks should not pay for them).
+    last: Option<Box<Last>>,
+    first_attempt_us: Option<NonZeroU64>,
     /// The delivery under way while `Running`.
-    delivery: Option<u64>,
+    delivery: Option<NonZeroU64>,
     /// In its queue's ready line (due, waiting for a token or a slot).
     in_ready: bool,
     /// A callback report: gets no callbacks of its own.
@@ -173,12 +177,54 @@ struct Task {
     /// When replica 0 fires next (unix µs); this replica adds its offset.
     due_us: u64,
     /// The nodes holding the task, in replica order (empty: this node only).
-    holders: Vec<u64>,
+    holders: Box<[u64]>,
+}
+
+#[derive(Default)]
+struct Last {
+    error: Option<String>,
+    response: Option<Vec<u8>>,
+}
+
+impl Task {
+    fn last_error(&self) -> Option<String> {
+        self.last.as_ref().and_then(|l| l.error.clone())
+    }
+
+    fn last_response(&self) -> Option<Vec<u8>> {
+        self.last_response_ref().cloned()
+    }
+
+    fn last_response_ref(&self) -> Option<&Vec<u8>> {
+        self.last.as_ref().and_then(|l| l.response.as_ref())
+    }
+
+    fn set_last_error(&mut self, error: Option<String>) {
+        self.last_mut().error = error;
+        self.drop_empty_last();
+    }
+
+    fn set_last_response(&mut self, response: Option<Vec<u8>>) {
+        self.last_mut().response = response;
+        self.drop_empty_last();
+    }
+
+    fn last_mut(&mut self) -> &mut Last {
+        self.last.get_or_insert_with(Box::default)
+    }
+
+    fn drop_empty_last(&mut self) {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|l| l.error.is_none() && l.response.is_none())
+        {
+            self.last = None;
+        }
+    }
 }
 
 enum Timer {
-    /// Fire a pending task, or forget a finished one.
-    Task(Uuid),
     /// A queue waiting for a token or for its 429/503 slow-down to end.
     Wake(String),
     /// An enqueue's `wait` ran out.
@@ -219,6 +265,14 @@ pub struct Store {
     /// size of a task (the table keeps up to twice the slots it uses).
     tasks: HashMap<Uuid, Box<Task>>,
     queues: HashMap<String, Queue>,
+    /// Task timers (fire a pending task, or forget a finished one): a
+    /// min-heap of (fire time µs, task). An entry is live while its task
+    /// is `timed` for that time; moved or cleared timers leave stale
+    /// entries that are skipped when they come up, and swept when they
+    /// outnumber the tasks. A heap stores 24 bytes per timer in one array,
+    /// and inserting a random time costs O(1) on average.
+    task_timers: BinaryHeap<Reverse<(u64, Uuid)>>,
+    /// Every other timer, keyed by (fire time µs, sequence).
     timers: BTreeMap<(u64, u64), Timer>,
     seq: u64,
     next_delivery: u64,
@@ -230,7 +284,32 @@ pub struct Store {
     /// `out` at the end of every `apply` and `fire_due`.
     outbox: Vec<Event>,
     next_req: u64,
+    /// Queue names and URLs shared by the tasks that use them.
+    strings: Interner,
     pub stats: Stats,
+}
+
+/// Shared strings: the first task with a queue name or URL allocates it,
+/// the next ones share it. Strings no task uses any more are dropped when
+/// the set has doubled since the last sweep.
+#[derive(Default)]
+struct Interner {
+    set: std::collections::HashSet<std::sync::Arc<str>>,
+    sweep_at: usize,
+}
+
+impl Interner {
+    fn intern(&mut self, s: &std::sync::Arc<str>) -> std::sync::Arc<str> {
+        if let Some(shared) = self.set.get(&**s) {
+            return shared.clone();
+        }
+        if self.set.len() >= self.sweep_at {
+            self.set.retain(|s| std::sync::Arc::strong_count(s) > 1);
+            self.sweep_at = (self.set.len() * 2).max(1024);
+        }
+        self.set.insert(s.clone());
+        s.clone()
+    }
 }
 
 impl Store {
@@ -243,6 +322,7 @@ impl Store {
             config,
             tasks: HashMap::new(),
             queues,
+            task_timers: BinaryHeap::new(),
             timers: BTreeMap::new(),
             seq: 0,
             next_delivery: 1,
@@ -252,6 +332,7 @@ impl Store {
             pending: HashMap::new(),
             outbox: Vec::new(),
             next_req: 1,
+            strings: Interner::default(),
             stats: Stats::default(),
         }
     }
@@ -267,7 +348,12 @@ impl Store {
 
     /// When the earliest timer fires, in unix µs.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.timers.keys().next().map(|k| k.0)
+        let task = self.task_timers.peek().map(|Reverse((at, _))| *at);
+        let other = self.timers.keys().next().map(|k| k.0);
+        match (task, other) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Applies one command at time `now_us`, pushing resulting events.
@@ -321,33 +407,45 @@ impl Store {
     /// Fires every timer due at `now_us`.
     pub fn fire_due(&mut self, now_us: u64, out: &mut Vec<Event>) {
         let mut touched: BTreeSet<String> = BTreeSet::new();
-        while let Some((&key, _)) = self.timers.iter().next() {
-            if key.0 > now_us {
-                break;
+        loop {
+            let task_at = self.task_timers.peek().map(|Reverse((at, _))| *at);
+            let other_at = self.timers.keys().next().map(|k| k.0);
+            if let Some(at) = task_at.filter(|&a| a <= now_us && other_at.is_none_or(|o| a <= o)) {
+                let Some(Reverse((_, id))) = self.task_timers.pop() else {
+                    break;
+                };
+                let Some(task) = self.tasks.get_mut(&id) else {
+                    continue;
+                };
+                if !task.timed || task.fire_at_us != at {
+                    continue; // stale: cleared or moved since
+                }
+                task.timed = false;
+                if task.state.is_final() {
+                    if task.state != TaskState::Failed {
+                        self.remove_task(id);
+                    }
+                    continue;
+                }
+                // Scheduled or Retrying: due. Join the ready line.
+                task.in_ready = true;
+                let queue = task.spec.queue.to_string();
+                if let Some(q) = self.queues.get_mut(&queue) {
+                    q.ready.push_back(id);
+                }
+                touched.insert(queue);
+                continue;
             }
+            let Some(key) = other_at
+                .filter(|&o| o <= now_us)
+                .and_then(|_| self.timers.keys().next().copied())
+            else {
+                break;
+            };
             let Some(timer) = self.timers.remove(&key) else {
                 break;
             };
             match timer {
-                Timer::Task(id) => {
-                    let Some(task) = self.tasks.get_mut(&id) else {
-                        continue;
-                    };
-                    task.timer = None;
-                    if task.state.is_final() {
-                        if task.state != TaskState::Failed {
-                            self.remove_task(id);
-                        }
-                        continue;
-                    }
-                    // Scheduled or Retrying: due. Join the ready line.
-                    task.in_ready = true;
-                    let queue = task.spec.queue.clone();
-                    if let Some(q) = self.queues.get_mut(&queue) {
-                        q.ready.push_back(id);
-                    }
-                    touched.insert(queue);
-                }
                 Timer::Wake(queue) => {
                     if let Some(q) = self.queues.get_mut(&queue) {
                         if q.wake == Some(key) {
@@ -606,14 +704,22 @@ impl Store {
     #[allow(clippy::result_large_err)] // the error is the reply itself, sent at once
     fn check(&mut self, queue: &str, spec: TaskSpec, now_us: u64) -> Result<ValidTask, ReplyBody> {
         let default_timeout = self.queue_mut(queue, now_us).config.timeout;
-        validate_with(queue, spec, micros_to_secs(now_us), default_timeout)
-            .map_err(|reason| error(ErrorCode::BadRequest, reason))
+        let mut t = validate_with(queue, spec, micros_to_secs(now_us), default_timeout)
+            .map_err(|reason| error(ErrorCode::BadRequest, reason))?;
+        self.intern(&mut t);
+        Ok(t)
+    }
+
+    /// Makes `t` share its queue and URL strings with the tasks before it.
+    pub(crate) fn intern(&mut self, t: &mut ValidTask) {
+        t.queue = self.strings.intern(&t.queue);
+        t.url = self.strings.intern(&t.url);
     }
 
     /// The answer to a task whose name or idempotency key is taken.
     fn duplicate_of(&self, spec: &ValidTask, now_us: u64) -> Option<ReplyBody> {
         for key in &task_keys(spec) {
-            let Some(e) = self.queues.get(&spec.queue).and_then(|q| q.keys.get(key)) else {
+            let Some(e) = self.queues.get(&*spec.queue).and_then(|q| q.keys.get(key)) else {
                 continue;
             };
             let live = self.tasks.get(&e.id).is_some_and(|t| !t.state.is_final());
@@ -652,7 +758,7 @@ impl Store {
         let id = Uuid::new_v4();
         let reply = ReplyBody::Enqueued {
             id: id.to_string(),
-            queue: spec.queue.clone(),
+            queue: spec.queue.to_string(),
             eta: spec.eta,
             result: None,
             replicas: 1,
@@ -705,18 +811,17 @@ impl Store {
                 replica,
                 state: TaskState::Scheduled,
                 fire_at_us: fire_at,
-                timer: None,
+                timed: false,
                 attempts: 0,
                 executions: 0,
                 last_status: None,
-                last_error: None,
-                last_response: None,
+                last: None,
                 first_attempt_us: None,
                 delivery: None,
                 in_ready: false,
                 is_callback,
                 due_us: due,
-                holders,
+                holders: holders.into_boxed_slice(),
             }),
         );
         self.set_task_timer(id, fire_at);
@@ -726,7 +831,7 @@ impl Store {
     fn find(&self, queue: &str, id: &str) -> Option<Uuid> {
         let id = Uuid::parse_str(id).ok()?;
         let t = self.tasks.get(&id)?;
-        (t.spec.queue == queue).then_some(id)
+        (*t.spec.queue == *queue).then_some(id)
     }
 
     /// Moves a task to `to`, keeping its queue's counters right.
@@ -736,7 +841,7 @@ impl Store {
         };
         let from = t.state;
         t.state = to;
-        if let Some(q) = self.queues.get_mut(&t.spec.queue) {
+        if let Some(q) = self.queues.get_mut(&*t.spec.queue) {
             q.count(Some(from), Some(to));
         }
     }
@@ -797,36 +902,37 @@ impl Store {
             return;
         };
         task.in_ready = false;
-        task.delivery = Some(delivery);
-        task.first_attempt_us.get_or_insert(now_us);
+        task.delivery = NonZeroU64::new(delivery);
+        task.first_attempt_us
+            .get_or_insert(NonZeroU64::new(now_us.max(1)).unwrap_or(NonZeroU64::MIN));
         let retry_count = task.attempts;
         task.attempts += 1;
         self.stats.dispatched += 1;
         let s = &task.spec;
         let mut signing_secrets = Vec::new();
-        if let Some(q) = self.queues.get_mut(&s.queue) {
+        if let Some(q) = self.queues.get_mut(&*s.queue) {
             q.running += 1;
             q.record_dispatch(now_us);
-            if s.pool == HTTP_POOL {
+            if s.pool() == HTTP_POOL {
                 signing_secrets = q.config.signing_secrets.clone();
             }
         }
         let deadline_us =
             now_us + secs_to_micros(s.timeout) + cluster::CLAIM_GRACE.as_micros() as u64;
         out.push(Event::Dispatch {
-            pool: s.pool.clone(),
+            pool: s.pool().to_string(),
             delivery,
             timeout: s.timeout,
             task: DeliveredTask {
                 id: id.to_string(),
-                queue: s.queue.clone(),
-                name: s.name.clone(),
-                url: s.url.clone(),
-                method: s.method.clone(),
-                params: s.params.clone(),
-                body: s.body.clone().map(ByteBuf::from),
-                content_type: s.content_type.clone(),
-                headers: s.headers.clone(),
+                queue: s.queue.to_string(),
+                name: s.rare().name.clone(),
+                url: s.url.to_string(),
+                method: s.method.as_str().to_string(),
+                params: s.params(),
+                body: s.body().map(|b| ByteBuf::from(b.to_vec())),
+                content_type: s.rare().content_type.clone(),
+                headers: s.rare().headers.clone(),
                 eta: s.eta,
                 timeout: s.timeout,
                 retry_count,
@@ -868,7 +974,7 @@ impl Store {
             _ => {}
         }
         let was_running = task.state == TaskState::Running;
-        if let (true, Some(delivery)) = (was_running, task.delivery) {
+        if let (true, Some(delivery)) = (was_running, task.delivery.map(NonZeroU64::get)) {
             out.push(Event::Revoke { delivery });
         }
         task.delivery = None;
@@ -927,27 +1033,29 @@ impl Store {
             self.stats.stale_results += 1;
             return;
         };
-        if task.state != TaskState::Running || task.delivery != Some(delivery) {
+        if task.state != TaskState::Running || task.delivery.map(NonZeroU64::get) != Some(delivery)
+        {
             self.stats.stale_results += 1;
             return;
         }
         task.delivery = None;
         task.last_status = v.status;
-        task.last_response = v.body.clone().map(|mut b| {
+        task.set_last_response(v.body.clone().map(|mut b| {
             b.truncate(MAX_RESPONSE_BYTES);
             b
-        });
+        }));
         if v.responded {
             task.executions += 1;
         }
-        let queue = task.spec.queue.clone();
+        let queue = task.spec.queue.to_string();
         let attempts = task.attempts;
-        let age =
-            Duration::from_micros(now_us.saturating_sub(task.first_attempt_us.unwrap_or(now_us)));
+        let age = Duration::from_micros(
+            now_us.saturating_sub(task.first_attempt_us.map_or(now_us, NonZeroU64::get)),
+        );
         let attempt = AttemptResult {
             outcome: v.outcome,
             status: v.status,
-            body: task.last_response.clone().map(ByteBuf::from),
+            body: task.last_response().map(ByteBuf::from),
             error: if v.outcome == Outcome::Failure {
                 Some(v.reason.clone().unwrap_or_else(|| failure_text(v.status)))
             } else {
@@ -962,7 +1070,7 @@ impl Store {
         match v.outcome {
             Outcome::Success => {
                 if let Some(t) = self.tasks.get_mut(&id) {
-                    t.last_error = None;
+                    t.set_last_error(None);
                 }
                 self.transition(id, TaskState::Succeeded);
                 self.stats.succeeded += 1;
@@ -981,7 +1089,7 @@ impl Store {
                     q.slow_until_us = q.slow_until_us.max(now_us + hold.as_micros() as u64);
                 }
                 if let Some(t) = self.tasks.get_mut(&id) {
-                    t.last_error = attempt.error.clone();
+                    t.set_last_error(attempt.error.clone());
                 }
                 if !v.no_retry && policy.allows_another(attempts, age) {
                     let delay = policy.next_delay(attempts, v.retry_after);
@@ -998,8 +1106,8 @@ impl Store {
                         executions: t.executions,
                         due_us: at,
                         last_status: t.last_status,
-                        last_error: t.last_error.clone(),
-                        response: t.last_response.clone().map(ByteBuf::from),
+                        last_error: t.last_error(),
+                        response: t.last_response().map(ByteBuf::from),
                     });
                 } else {
                     self.transition(id, TaskState::Failed);
@@ -1019,7 +1127,7 @@ impl Store {
     fn finish(&mut self, id: Uuid, now_us: u64, _out: &mut Vec<Event>) {
         let Some(t) = self.tasks.get(&id) else { return };
         let state = t.state;
-        let queue = t.spec.queue.clone();
+        let queue = t.spec.queue.to_string();
         let keys = task_keys(&t.spec);
         let (retention, dedup) = match self.queues.get(&queue) {
             Some(q) => (q.config.retention, q.config.dedup_window),
@@ -1071,23 +1179,23 @@ impl Store {
             return;
         }
         let url = if succeeded {
-            t.spec.callback_url.clone()
+            t.spec.rare().callback_url.clone()
         } else {
-            t.spec.failure_callback_url.clone()
+            t.spec.rare().failure_callback_url.clone()
         };
         let Some(url) = url else { return };
         let report = serde_json::json!({
             "task_id": id.to_string(),
-            "queue": t.spec.queue,
-            "name": t.spec.name,
-            "url": t.spec.url,
+            "queue": &*t.spec.queue,
+            "name": t.spec.name(),
+            "url": &*t.spec.url,
             "status": if succeeded { "succeeded" } else { "failed" },
             "attempts": t.attempts,
             "last_status": t.last_status,
-            "last_error": t.last_error,
-            "response_body": t.last_response.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+            "last_error": t.last_error(),
+            "response_body": t.last_response_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
         });
-        let queue = t.spec.queue.clone();
+        let queue = t.spec.queue.to_string();
         let spec = TaskSpec {
             url,
             body: Some(ByteBuf::from(report.to_string().into_bytes())),
@@ -1114,9 +1222,17 @@ impl Store {
         let Some(t) = self.tasks.remove(&id) else {
             return;
         };
-        if let Some(q) = self.queues.get_mut(&t.spec.queue) {
-            q.index.remove(&(t.created_us, id));
+        if let Some(q) = self.queues.get_mut(&*t.spec.queue) {
+            q.index.removed();
             q.count(Some(t.state), None);
+            if q.index.needs_sweep() {
+                let (tasks, queue) = (&self.tasks, &t.spec.queue);
+                q.index.sweep(|(created, id)| {
+                    tasks
+                        .get(id)
+                        .is_some_and(|t| t.created_us == *created && t.spec.queue == *queue)
+                });
+            }
         }
     }
 
@@ -1126,7 +1242,9 @@ impl Store {
         };
         let ids: Vec<Uuid> = q
             .index
-            .range(..=(now_us, Uuid::max()))
+            .after(None)
+            .iter()
+            .take_while(|(created, _)| *created <= now_us)
             .map(|(_, id)| *id)
             .collect();
         let mut removed = 0;
@@ -1134,7 +1252,8 @@ impl Store {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };
-            if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery) {
+            if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery.map(NonZeroU64::get))
+            {
                 out.push(Event::Revoke { delivery });
                 if let Some(q) = self.queues.get_mut(queue) {
                     q.running = q.running.saturating_sub(1);
@@ -1224,12 +1343,7 @@ impl Store {
                 next_cursor: None,
             };
         };
-        let range = match start {
-            Some(k) => q
-                .index
-                .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
-            None => q.index.range(..),
-        };
+        let range = q.index.after(start);
         let mut tasks = Vec::new();
         let mut last = None;
         let mut next_cursor = None;
@@ -1237,6 +1351,9 @@ impl Store {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };
+            if t.created_us != created || *t.spec.queue != *queue {
+                continue; // stale entry
+            }
             if state.is_some_and(|s| s != t.state) {
                 continue;
             }
@@ -1251,11 +1368,10 @@ impl Store {
         ReplyBody::Tasks { tasks, next_cursor }
     }
 
+    /// Clears a task's timer (its heap entry goes stale).
     fn clear_timer(&mut self, id: Uuid) {
         if let Some(t) = self.tasks.get_mut(&id) {
-            if let Some(key) = t.timer.take() {
-                self.timers.remove(&key);
-            }
+            t.timed = false;
         }
     }
 
@@ -1266,11 +1382,22 @@ impl Store {
         key
     }
 
+    /// Sets a task's timer to `at_us`, which becomes its `fire_at_us`.
     fn set_task_timer(&mut self, id: Uuid, at_us: u64) {
-        self.clear_timer(id);
-        let key = self.add_timer(at_us, Timer::Task(id));
-        if let Some(t) = self.tasks.get_mut(&id) {
-            t.timer = Some(key);
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        t.fire_at_us = at_us;
+        t.timed = true;
+        self.task_timers.push(Reverse((at_us, id)));
+        if self.task_timers.len() > 2 * self.tasks.len() + 1024 {
+            // Mostly stale entries: keep the live ones.
+            let tasks = &self.tasks;
+            self.task_timers.retain(|Reverse((at, id))| {
+                tasks
+                    .get(id)
+                    .is_some_and(|t| t.timed && t.fire_at_us == *at)
+            });
         }
     }
 
@@ -1298,10 +1425,10 @@ impl Store {
         let s = &t.spec;
         TaskInfo {
             id: id.to_string(),
-            queue: s.queue.clone(),
-            name: s.name.clone(),
-            url: s.url.clone(),
-            method: s.method.clone(),
+            queue: s.queue.to_string(),
+            name: s.rare().name.clone(),
+            url: s.url.to_string(),
+            method: s.method.as_str().to_string(),
             state: t.state,
             eta: if t.state.is_final() {
                 s.eta
@@ -1311,20 +1438,20 @@ impl Store {
             attempts: t.attempts,
             executions: t.executions,
             last_status: t.last_status,
-            last_error: t.last_error.clone(),
+            last_error: t.last_error(),
             created: micros_to_secs(t.created_us),
             replica: t.replica,
             replica_offset: self.config.replica_offset.as_secs_f64(),
-            first_attempt: t.first_attempt_us.map(micros_to_secs),
+            first_attempt: t.first_attempt_us.map(|u| micros_to_secs(u.get())),
             detail: full.then(|| TaskDetail {
-                params: s.params.clone(),
-                body: s.body.clone().map(ByteBuf::from),
-                content_type: s.content_type.clone(),
-                headers: s.headers.clone(),
+                params: s.params(),
+                body: s.body().map(|b| ByteBuf::from(b.to_vec())),
+                content_type: s.rare().content_type.clone(),
+                headers: s.rare().headers.clone(),
                 timeout: s.timeout,
-                callback_url: s.callback_url.clone(),
-                failure_callback_url: s.failure_callback_url.clone(),
-                last_response: t.last_response.clone().map(ByteBuf::from),
+                callback_url: s.rare().callback_url.clone(),
+                failure_callback_url: s.rare().failure_callback_url.clone(),
+                last_response: t.last_response().map(ByteBuf::from),
             }),
         }
     }
@@ -1350,11 +1477,11 @@ fn command_queue(c: &ClientCommand) -> Option<&str> {
 /// The dedup keys a task holds in its queue.
 fn task_keys(spec: &ValidTask) -> Vec<(KeyKind, String)> {
     let mut keys = Vec::new();
-    if let Some(n) = &spec.name {
-        keys.push((KeyKind::Name, n.clone()));
+    if let Some(n) = spec.name() {
+        keys.push((KeyKind::Name, n.to_string()));
     }
-    if let Some(k) = &spec.idempotency_key {
-        keys.push((KeyKind::Idempotency, k.clone()));
+    if let Some(k) = spec.idempotency_key() {
+        keys.push((KeyKind::Idempotency, k.to_string()));
     }
     keys
 }

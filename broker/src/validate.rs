@@ -2,6 +2,8 @@
 //! a reason for a `bad_request` error. This is the one place enqueue rules
 //! live; the gateway relies on it rather than repeating them.
 
+use std::sync::Arc;
+
 use protocol::{is_valid_pool_name, is_valid_queue_name, is_valid_task_name, TaskSpec, HTTP_POOL};
 
 /// Longest allowed distance of an eta into the future.
@@ -13,26 +15,177 @@ pub const MAX_TIMEOUT_SECS: f64 = 3600.0;
 /// Methods a task may use.
 pub const METHODS: [&str; 5] = ["POST", "GET", "PUT", "PATCH", "DELETE"];
 
-/// A task that passed validation.
+/// A task that passed validation, in the compact form the store keeps:
+/// a million pending tasks must stay small (see `BENCHMARKS.md`).
+///
+/// * The queue and URL are shared `Arc<str>`s, which the store interns,
+///   so tasks of one queue or endpoint share one allocation.
+/// * The pool is derived from the URL and the method is a byte.
+/// * Parameters are kept form-encoded in one allocation (decoded when the
+///   task is dispatched or shown); a raw body is kept as it came.
+/// * The fields most tasks leave empty share one optional box.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidTask {
-    pub queue: String,
-    pub name: Option<String>,
+    pub queue: Arc<str>,
     /// Normalized URL (ASCII, as `url::Url` serializes it).
-    pub url: String,
-    /// The dispatch pool: [`HTTP_POOL`] or the POOL of `zmq://POOL`.
-    pub pool: String,
-    pub method: String,
-    pub params: Vec<(String, String)>,
-    pub body: Option<Vec<u8>>,
-    pub content_type: Option<String>,
-    pub headers: Vec<(String, String)>,
+    pub url: Arc<str>,
+    pub method: Method,
     /// Unix seconds; never in the past of `now`.
     pub eta: f64,
     pub timeout: f64,
+    /// The parameters, form-encoded, or the raw body when `raw` is set.
+    payload: Box<[u8]>,
+    raw: bool,
+    rare: Option<Box<Rare>>,
+}
+
+/// The fields of a task that most tasks leave empty.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rare {
+    pub name: Option<String>,
+    pub content_type: Option<String>,
+    pub headers: Vec<(String, String)>,
     pub callback_url: Option<String>,
     pub failure_callback_url: Option<String>,
     pub idempotency_key: Option<String>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        *self == Rare::default()
+    }
+}
+
+/// A task's HTTP method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Post,
+    Get,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Post => "POST",
+            Method::Get => "GET",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+        }
+    }
+
+    /// Case-insensitive; `None` for a method tasks may not use.
+    pub fn parse(m: &str) -> Option<Method> {
+        Some(match m.to_ascii_uppercase().as_str() {
+            "POST" => Method::Post,
+            "GET" => Method::Get,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a task is delivered: [`HTTP_POOL`] for a webhook, else the POOL of
+/// its `zmq://POOL` URL.
+pub fn pool_of(url: &str) -> &str {
+    match url.strip_prefix("zmq://") {
+        Some(rest) => rest.split('/').next().unwrap_or(rest),
+        None => HTTP_POOL,
+    }
+}
+
+impl ValidTask {
+    /// Assembles a task from parts already checked (a peer's record).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        queue: &str,
+        url: &str,
+        method: Method,
+        params: &[(String, String)],
+        body: Option<&[u8]>,
+        eta: f64,
+        timeout: f64,
+        rare: Rare,
+    ) -> ValidTask {
+        let (payload, raw) = match body {
+            Some(b) => (b.into(), true),
+            None => (encode_params(params), false),
+        };
+        ValidTask {
+            queue: queue.into(),
+            url: url.into(),
+            method,
+            eta,
+            timeout,
+            payload,
+            raw,
+            rare: (!rare.is_empty()).then(|| Box::new(rare)),
+        }
+    }
+
+    /// The dispatch pool: [`HTTP_POOL`] or the POOL of `zmq://POOL`.
+    pub fn pool(&self) -> &str {
+        pool_of(&self.url)
+    }
+
+    /// The parameters, in order (empty with a raw body).
+    pub fn params(&self) -> Vec<(String, String)> {
+        if self.raw {
+            return Vec::new();
+        }
+        url::form_urlencoded::parse(&self.payload)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    /// The raw body, if the task has one.
+    pub fn body(&self) -> Option<&[u8]> {
+        self.raw.then_some(&self.payload[..])
+    }
+
+    /// Bytes of parameters or body as stored.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// The rarely used fields (all empty for most tasks).
+    pub fn rare(&self) -> &Rare {
+        static EMPTY: Rare = Rare {
+            name: None,
+            content_type: None,
+            headers: Vec::new(),
+            callback_url: None,
+            failure_callback_url: None,
+            idempotency_key: None,
+        };
+        self.rare.as_deref().unwrap_or(&EMPTY)
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.rare().name.as_deref()
+    }
+
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.rare().idempotency_key.as_deref()
+    }
+}
+
+/// Parameters in one allocation, `application/x-www-form-urlencoded`
+/// (decoding gives back exactly the same pairs).
+fn encode_params(params: &[(String, String)]) -> Box<[u8]> {
+    if params.is_empty() {
+        return Box::default();
+    }
+    let mut s = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        s.append_pair(k, v);
+    }
+    s.finish().into_bytes().into_boxed_slice()
 }
 
 /// Checks `spec` for `queue` at time `now` (unix seconds), with the default
@@ -66,22 +219,21 @@ pub fn validate_with(
     }
     let url =
         url::Url::parse(&spec.url).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
-    let pool = match url.scheme() {
+    match url.scheme() {
         "http" | "https" => {
             if url.host_str().is_none_or(str::is_empty) {
                 return Err("task.url must name a host".into());
             }
-            HTTP_POOL.to_string()
         }
         "zmq" => {
             let pool = url.host_str().unwrap_or("");
-            if !is_valid_pool_name(pool) || !matches!(url.path(), "" | "/") || url.query().is_some()
-            {
+            // Nothing but the pool: no user, port, path, query or fragment.
+            let bare = matches!(url.as_str().strip_prefix("zmq://"), Some(r) if r == pool || r.strip_suffix('/') == Some(pool));
+            if !is_valid_pool_name(pool) || !bare {
                 return Err(
                     "zmq URLs must be zmq://POOL with POOL matching [A-Za-z0-9_.-]{1,100}".into(),
                 );
             }
-            pool.to_string()
         }
         other => {
             return Err(format!(
@@ -90,17 +242,13 @@ pub fn validate_with(
         }
     };
     let method = match spec.method.as_deref() {
-        None | Some("") => "POST".to_string(),
-        Some(m) => {
-            let upper = m.to_ascii_uppercase();
-            if !METHODS.contains(&upper.as_str()) {
-                return Err(format!(
-                    "task.method must be one of {}, not {m:?}",
-                    METHODS.join(", ")
-                ));
-            }
-            upper
-        }
+        None | Some("") => Method::Post,
+        Some(m) => Method::parse(m).ok_or_else(|| {
+            format!(
+                "task.method must be one of {}, not {m:?}",
+                METHODS.join(", ")
+            )
+        })?,
     };
     if spec.body.is_some() && !spec.params.is_empty() {
         return Err("params and body are exclusive".into());
@@ -171,22 +319,23 @@ pub fn validate_with(
             return Err("the idempotency key must be 1 to 500 visible ASCII characters".into());
         }
     }
-    Ok(ValidTask {
-        queue: queue.to_string(),
-        name: spec.name,
-        url: url.to_string(),
-        pool,
+    Ok(ValidTask::from_parts(
+        queue,
+        url.as_str(),
         method,
-        params: spec.params,
-        body: spec.body.map(|b| b.into_vec()),
-        content_type: spec.content_type,
-        headers: spec.headers,
+        &spec.params,
+        spec.body.as_deref().map(|b| &b[..]),
         eta,
         timeout,
-        callback_url,
-        failure_callback_url,
-        idempotency_key: spec.idempotency_key,
-    })
+        Rare {
+            name: spec.name,
+            content_type: spec.content_type,
+            headers: spec.headers,
+            callback_url,
+            failure_callback_url,
+            idempotency_key: spec.idempotency_key,
+        },
+    ))
 }
 
 /// RFC 9110 `tchar`.
@@ -208,12 +357,14 @@ mod tests {
     #[test]
     fn accepts_and_normalizes() {
         let t = validate("default", spec("http://localhost:9099/worker"), 100.0).unwrap();
-        assert_eq!(t.pool, HTTP_POOL);
-        assert_eq!(t.method, "POST");
+        assert_eq!(t.pool(), HTTP_POOL);
+        assert_eq!(t.method, Method::Post);
         assert_eq!(t.eta, 100.0);
         assert_eq!(t.timeout, 30.0);
         let t = validate("q", spec("zmq://images"), 1.0).unwrap();
-        assert_eq!(t.pool, "images");
+        assert_eq!(t.pool(), "images");
+        let t = validate("q", spec("zmq://images/"), 1.0).unwrap();
+        assert_eq!(t.pool(), "images");
     }
 
     #[test]
@@ -224,6 +375,10 @@ mod tests {
         bad(spec("ftp://x/"));
         bad(spec("not a url"));
         bad(spec("zmq://a/b"));
+        bad(spec("zmq://a#f"));
+        bad(spec("zmq://u@a"));
+        bad(spec("zmq://a:5"));
+        bad(spec("zmq://a?x=1"));
         bad(TaskSpec {
             countdown: Some(1.0),
             eta: Some(1.0),
@@ -272,5 +427,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.eta, 1000.0);
+    }
+
+    #[test]
+    fn params_come_back_exactly() {
+        let tricky = vec![
+            ("a".to_string(), "1".to_string()),
+            ("".to_string(), "".to_string()),
+            ("sp ace".to_string(), "plus+and&amp=eq%25".to_string()),
+            ("a".to_string(), "repeated key, ünïcode ✓".to_string()),
+            ("\n\t".to_string(), " leading and trailing ".to_string()),
+        ];
+        let t = validate(
+            "q",
+            TaskSpec {
+                params: tricky.clone(),
+                ..spec("http://a/")
+            },
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(t.params(), tricky);
+        assert_eq!(t.body(), None);
+        let t = validate(
+            "q",
+            TaskSpec {
+                body: Some(serde_bytes::ByteBuf::from(b"a=1&b".to_vec())),
+                ..spec("http://a/")
+            },
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(t.body(), Some(&b"a=1&b"[..]));
+        assert!(t.params().is_empty());
+        let t = validate("q", spec("http://a/"), 1.0).unwrap();
+        assert!(t.params().is_empty());
+        assert_eq!(t.body(), None);
     }
 }

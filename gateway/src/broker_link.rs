@@ -59,6 +59,32 @@ pub struct LinkConfig {
     pub heartbeat_interval: Duration,
     /// Re-register after hearing nothing from the broker this long.
     pub broker_expiry: Duration,
+    /// A broker in this process (`miyamoto standalone`), reached in-process.
+    pub local: Option<LocalBroker>,
+}
+
+/// A broker running in the same process and ZeroMQ context as the gateway.
+/// Its TCP base endpoint, wherever it appears (the configuration or a
+/// roster), is reached through its `inproc://` endpoints instead: no
+/// loopback TCP, no ZeroMQ I/O thread on either side.
+#[derive(Clone)]
+pub struct LocalBroker {
+    pub ctx: zmq::Context,
+    /// The broker's TCP base endpoint, e.g. `tcp://127.0.0.1:7000`.
+    pub endpoint: String,
+    /// Its in-process client and worker endpoints.
+    pub client: String,
+    pub worker: String,
+}
+
+impl std::fmt::Debug for LocalBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBroker")
+            .field("endpoint", &self.endpoint)
+            .field("client", &self.client)
+            .field("worker", &self.worker)
+            .finish()
+    }
 }
 
 /// The worker endpoint (port + 1) of a base-port endpoint.
@@ -95,6 +121,7 @@ impl LinkConfig {
             request_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(1),
             broker_expiry: Duration::from_secs(5),
+            local: None,
         })
     }
 }
@@ -204,7 +231,10 @@ fn run(
     jobs: mpsc::UnboundedSender<Delivery>,
     stop: &AtomicBool,
 ) -> Result<(), zmq::Error> {
-    let ctx = zmq::Context::new();
+    let ctx = match &config.local {
+        Some(l) => l.ctx.clone(),
+        None => zmq::Context::new(),
+    };
     // One DEALER to every broker's client port: ZeroMQ spreads requests
     // over the connected ones, and IMMEDIATE skips the dead.
     let client = sockets::dealer(&ctx, true)?;
@@ -364,10 +394,14 @@ fn connect_broker(
     let Ok(worker) = worker_endpoint(endpoint) else {
         return Ok(());
     };
-    client.connect(endpoint)?;
+    let (client_at, worker_at) = match &config.local {
+        Some(l) if l.endpoint == endpoint => (l.client.clone(), l.worker.clone()),
+        _ => (endpoint.to_string(), worker.clone()),
+    };
+    client.connect(&client_at)?;
     known.push(endpoint.to_string());
-    tracing::info!(broker = %endpoint, "gateway connected to a broker");
-    workers.insert(worker.clone(), Registration::new(ctx, config, &worker)?);
+    tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
+    workers.insert(worker, Registration::new(ctx, config, &worker_at)?);
     Ok(())
 }
 

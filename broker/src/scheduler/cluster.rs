@@ -8,6 +8,7 @@
 
 use super::*;
 use crate::placement::place;
+use crate::validate::{Method, Rare};
 
 /// How long an enqueue waits for the other holders' acknowledgements, and
 /// a forwarded request for the peers' answers.
@@ -78,9 +79,9 @@ pub struct PendingRequest {
 
 /// The key placement hashes: the name, else the idempotency key, else the id.
 pub(super) fn placement_key(spec: &ValidTask, id: Uuid) -> String {
-    spec.name
-        .clone()
-        .or_else(|| spec.idempotency_key.clone())
+    spec.name()
+        .or_else(|| spec.idempotency_key())
+        .map(str::to_string)
         .unwrap_or_else(|| id.to_string())
 }
 
@@ -94,20 +95,20 @@ pub(super) fn new_record(
 ) -> ReplicaRecord {
     ReplicaRecord {
         id: id.to_string(),
-        queue: s.queue.clone(),
-        name: s.name.clone(),
-        url: s.url.clone(),
-        pool: s.pool.clone(),
-        method: s.method.clone(),
-        params: s.params.clone(),
-        body: s.body.clone().map(ByteBuf::from),
-        content_type: s.content_type.clone(),
-        headers: s.headers.clone(),
+        queue: s.queue.to_string(),
+        name: s.rare().name.clone(),
+        url: s.url.to_string(),
+        pool: s.pool().to_string(),
+        method: s.method.as_str().to_string(),
+        params: s.params(),
+        body: s.body().map(|b| ByteBuf::from(b.to_vec())),
+        content_type: s.rare().content_type.clone(),
+        headers: s.rare().headers.clone(),
         eta: s.eta,
         timeout: s.timeout,
-        callback_url: s.callback_url.clone(),
-        failure_callback_url: s.failure_callback_url.clone(),
-        idempotency_key: s.idempotency_key.clone(),
+        callback_url: s.rare().callback_url.clone(),
+        failure_callback_url: s.rare().failure_callback_url.clone(),
+        idempotency_key: s.rare().idempotency_key.clone(),
         is_callback,
         created_us: now_us,
         state: TaskState::Scheduled,
@@ -122,22 +123,25 @@ pub(super) fn new_record(
 }
 
 fn spec_of(r: &ReplicaRecord) -> ValidTask {
-    ValidTask {
-        queue: r.queue.clone(),
-        name: r.name.clone(),
-        url: r.url.clone(),
-        pool: r.pool.clone(),
-        method: r.method.clone(),
-        params: r.params.clone(),
-        body: r.body.clone().map(|b| b.into_vec()),
-        content_type: r.content_type.clone(),
-        headers: r.headers.clone(),
-        eta: r.eta,
-        timeout: r.timeout,
-        callback_url: r.callback_url.clone(),
-        failure_callback_url: r.failure_callback_url.clone(),
-        idempotency_key: r.idempotency_key.clone(),
-    }
+    // A peer's record was validated where it was enqueued; an unknown
+    // method (a newer peer) falls back to POST rather than losing the task.
+    ValidTask::from_parts(
+        &r.queue,
+        &r.url,
+        Method::parse(&r.method).unwrap_or(Method::Post),
+        &r.params,
+        r.body.as_deref().map(|b| &b[..]),
+        r.eta,
+        r.timeout,
+        Rare {
+            name: r.name.clone(),
+            content_type: r.content_type.clone(),
+            headers: r.headers.clone(),
+            callback_url: r.callback_url.clone(),
+            failure_callback_url: r.failure_callback_url.clone(),
+            idempotency_key: r.idempotency_key.clone(),
+        },
+    )
 }
 
 impl Store {
@@ -165,14 +169,14 @@ impl Store {
     /// The record of a task this node holds, for copying it elsewhere.
     fn record_of(&self, id: Uuid) -> Option<ReplicaRecord> {
         let t = self.tasks.get(&id)?;
-        let mut r = new_record(id, &t.spec, t.is_callback, t.created_us, t.holders.clone());
+        let mut r = new_record(id, &t.spec, t.is_callback, t.created_us, t.holders.to_vec());
         r.state = t.state;
         r.due_us = t.due_us;
         r.attempts = t.attempts;
         r.executions = t.executions;
         r.last_status = t.last_status;
-        r.last_error = t.last_error.clone();
-        r.first_attempt_us = t.first_attempt_us;
+        r.last_error = t.last_error();
+        r.first_attempt_us = t.first_attempt_us.map(NonZeroU64::get);
         Some(r)
     }
 
@@ -194,8 +198,8 @@ impl Store {
             attempts: t.attempts,
             executions: t.executions,
             last_status: t.last_status,
-            last_error: t.last_error.clone(),
-            response: t.last_response.clone().map(ByteBuf::from),
+            last_error: t.last_error(),
+            response: t.last_response().map(ByteBuf::from),
         });
     }
 
@@ -316,7 +320,7 @@ impl Store {
         }
         let body = body.unwrap_or(ReplyBody::Enqueued {
             id: p.id.to_string(),
-            queue: p.spec.queue.clone(),
+            queue: p.spec.queue.to_string(),
             eta: p.spec.eta,
             result: None,
             replicas: stored,
@@ -333,7 +337,7 @@ impl Store {
                 self.waiters.entry(p.id).or_default().push(Waiter {
                     identity: p.identity,
                     request_id: p.request_id,
-                    queue: p.spec.queue.clone(),
+                    queue: p.spec.queue.to_string(),
                     eta: p.spec.eta,
                     replicas: stored,
                     timer,
@@ -470,7 +474,7 @@ impl Store {
                 if let Ok(uid) = Uuid::parse_str(&id) {
                     if let Some(t) = self.tasks.get(&uid) {
                         let keys = task_keys(&t.spec);
-                        let queue = t.spec.queue.clone();
+                        let queue = t.spec.queue.to_string();
                         if let Some(q) = self.queues.get_mut(&queue) {
                             for k in keys {
                                 if q.keys.get(&k).is_some_and(|e| e.id == uid) {
@@ -575,7 +579,7 @@ impl Store {
             };
         };
         if let Some(t) = self.tasks.get_mut(&id) {
-            t.holders = record.holders.clone();
+            t.holders = record.holders.clone().into_boxed_slice();
             t.replica = self.cluster.replica_index(&record.holders);
             self.retime(id);
             return StoreOutcome::Stored;
@@ -583,7 +587,8 @@ impl Store {
         if record.state.is_final() {
             return StoreOutcome::Stored;
         }
-        let spec = spec_of(&record);
+        let mut spec = spec_of(&record);
+        self.intern(&mut spec);
         if check {
             if let Some(ReplyBody::Duplicate { id, tombstoned }) = self.duplicate_of(&spec, now_us)
             {
@@ -602,8 +607,8 @@ impl Store {
             t.attempts = record.attempts;
             t.executions = record.executions;
             t.last_status = record.last_status;
-            t.last_error = record.last_error.clone();
-            t.first_attempt_us = record.first_attempt_us;
+            t.set_last_error(record.last_error.clone());
+            t.first_attempt_us = record.first_attempt_us.and_then(NonZeroU64::new);
         }
         if record.state == TaskState::Retrying {
             self.transition(id, TaskState::Retrying);
@@ -658,7 +663,7 @@ impl Store {
                 t.attempts = t.attempts.max(attempts);
                 t.executions = t.executions.max(executions);
                 t.last_status = last_status;
-                t.last_error = last_error;
+                t.set_last_error(last_error);
                 t.due_us = due_us;
                 self.transition(uid, TaskState::Retrying);
                 self.retime(uid);
@@ -699,8 +704,10 @@ impl Store {
                 if t.state.is_final() || !state.is_final() {
                     return;
                 }
-                let queue = t.spec.queue.clone();
-                if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery) {
+                let queue = t.spec.queue.to_string();
+                if let (TaskState::Running, Some(delivery)) =
+                    (t.state, t.delivery.map(NonZeroU64::get))
+                {
                     out.push(Event::Revoke { delivery });
                     if let Some(q) = self.queues.get_mut(&queue) {
                         q.running = q.running.saturating_sub(1);
@@ -711,8 +718,8 @@ impl Store {
                 t.attempts = t.attempts.max(attempts);
                 t.executions = t.executions.max(executions);
                 t.last_status = last_status;
-                t.last_error = last_error;
-                t.last_response = response.map(|b| b.into_vec());
+                t.set_last_error(last_error);
+                t.set_last_response(response.map(|b| b.into_vec()));
                 self.transition(uid, state);
                 self.finish(uid, now_us, out);
                 self.pump(&queue, now_us, out);
@@ -761,7 +768,7 @@ impl Store {
             let holders = if t.holders.is_empty() {
                 vec![me]
             } else {
-                t.holders.clone()
+                t.holders.to_vec()
             };
             let alive: Vec<u64> = holders
                 .iter()
@@ -787,7 +794,7 @@ impl Store {
                 .filter(|h| !alive.contains(h))
                 .collect();
             if let Some(t) = self.tasks.get_mut(&id) {
-                t.holders = new_holders.clone();
+                t.holders = new_holders.clone().into_boxed_slice();
                 t.replica = self.cluster.replica_index(&new_holders);
             }
             self.retime(id);

@@ -810,3 +810,15 @@ fn a_resend_during_replication_is_not_a_second_task() {
     assert!(stores <= 1);
     assert!(a.len() <= 1);
 }
+
+/// A million pending tasks must stay small: this guards the compact layout
+/// (`BENCHMARKS.md`, memory per pending task) against a field that grows it.
+#[test]
+fn task_stays_compact() {
+    let size = std::mem::size_of::<Task>();
+    eprintln!(
+        "size_of::<Task>() = {size}, ValidTask = {}",
+        std::mem::size_of::<ValidTask>()
+    );
+    assert!(size <= 168, "Task grew to {size} bytes");
+}
