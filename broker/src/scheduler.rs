@@ -7,15 +7,17 @@
 //! channel plus a doorbell. No other thread touches task state, which is
 //! what lets a journal record every change later without touching the rest.
 //!
-//! Timers are a `BTreeMap` keyed by (fire time µs, sequence): enqueue,
-//! cancel and firing are O(log n), so a million pending tasks stay cheap.
+//! Task timers are a min-heap of (fire time µs, id) with lazy deletion
+//! (O(1) on average to set, O(log n) to fire); the few other timers (queue
+//! wake-ups, waits, tombstones, peer requests) are a `BTreeMap`. Tasks are
+//! kept compact (`validate::ValidTask`, [`table`]), so a million pending
+//! tasks take under 300 bytes each (`BENCHMARKS.md`).
 //! A task whose timer fires joins its queue's ready line; the queue hands
 //! it to the dispatcher when its token bucket, concurrency cap, pause and
 //! 429/503 slow-down allow.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
-use std::num::NonZeroU64;
 use std::thread;
 use std::time::Duration;
 
@@ -153,6 +155,7 @@ pub struct Stats {
 }
 
 struct Task {
+    id: Uuid,
     spec: ValidTask,
     created_us: u64,
     replica: u32,
@@ -164,12 +167,8 @@ struct Task {
     attempts: u32,
     executions: u32,
     last_status: Option<u16>,
-    /// The last attempt's error and response (boxed: a pending task has
-    /// neither, and a million pending tasks should not pay for them).
-    last: Option<Box<Last>>,
-    first_attempt_us: Option<NonZeroU64>,
-    /// The delivery under way while `Running`.
-    delivery: Option<NonZeroU64>,
+    /// Attempts' state: error, response, first attempt, delivery.
+    run: Option<Box<Run>>,
     /// In its queue's ready line (due, waiting for a token or a slot).
     in_ready: bool,
     /// A callback report: gets no callbacks of its own.
@@ -180,15 +179,20 @@ struct Task {
     holders: Box<[u64]>,
 }
 
+/// What a task gathers once attempts start (boxed: a pending task has
+/// none of it, and a million pending tasks should not pay for it).
 #[derive(Default)]
-struct Last {
+struct Run {
     error: Option<String>,
     response: Option<Vec<u8>>,
+    first_attempt_us: Option<u64>,
+    /// The delivery under way while `Running`.
+    delivery: Option<u64>,
 }
 
 impl Task {
     fn last_error(&self) -> Option<String> {
-        self.last.as_ref().and_then(|l| l.error.clone())
+        self.run.as_ref().and_then(|r| r.error.clone())
     }
 
     fn last_response(&self) -> Option<Vec<u8>> {
@@ -196,30 +200,43 @@ impl Task {
     }
 
     fn last_response_ref(&self) -> Option<&Vec<u8>> {
-        self.last.as_ref().and_then(|l| l.response.as_ref())
+        self.run.as_ref().and_then(|r| r.response.as_ref())
+    }
+
+    fn first_attempt_us(&self) -> Option<u64> {
+        self.run.as_ref().and_then(|r| r.first_attempt_us)
+    }
+
+    fn delivery(&self) -> Option<u64> {
+        self.run.as_ref().and_then(|r| r.delivery)
     }
 
     fn set_last_error(&mut self, error: Option<String>) {
-        self.last_mut().error = error;
-        self.drop_empty_last();
+        self.update_run(|r| r.error = error);
     }
 
     fn set_last_response(&mut self, response: Option<Vec<u8>>) {
-        self.last_mut().response = response;
-        self.drop_empty_last();
+        self.update_run(|r| r.response = response);
     }
 
-    fn last_mut(&mut self) -> &mut Last {
-        self.last.get_or_insert_with(Box::default)
+    fn set_first_attempt_us(&mut self, at: Option<u64>) {
+        self.update_run(|r| r.first_attempt_us = at);
     }
 
-    fn drop_empty_last(&mut self) {
-        if self
-            .last
-            .as_ref()
-            .is_some_and(|l| l.error.is_none() && l.response.is_none())
+    fn set_delivery(&mut self, delivery: Option<u64>) {
+        self.update_run(|r| r.delivery = delivery);
+    }
+
+    /// Changes the run state, dropping its box when it becomes empty.
+    fn update_run(&mut self, f: impl FnOnce(&mut Run)) {
+        let run = self.run.get_or_insert_with(Box::default);
+        f(run);
+        if run.error.is_none()
+            && run.response.is_none()
+            && run.first_attempt_us.is_none()
+            && run.delivery.is_none()
         {
-            self.last = None;
+            self.run = None;
         }
     }
 }
@@ -261,9 +278,7 @@ struct Verdict {
 /// Every task of this node, its queues and its timers.
 pub struct Store {
     config: SchedulerConfig,
-    /// Boxed: a million-entry table then costs 24 bytes per slot, not the
-    /// size of a task (the table keeps up to twice the slots it uses).
-    tasks: HashMap<Uuid, Box<Task>>,
+    tasks: table::TaskTable,
     queues: HashMap<String, Queue>,
     /// Task timers (fire a pending task, or forget a finished one): a
     /// min-heap of (fire time µs, task). An entry is live while its task
@@ -294,12 +309,12 @@ pub struct Store {
 /// the set has doubled since the last sweep.
 #[derive(Default)]
 struct Interner {
-    set: std::collections::HashSet<std::sync::Arc<str>>,
+    set: std::collections::HashSet<std::sync::Arc<String>>,
     sweep_at: usize,
 }
 
 impl Interner {
-    fn intern(&mut self, s: &std::sync::Arc<str>) -> std::sync::Arc<str> {
+    fn intern(&mut self, s: &std::sync::Arc<String>) -> std::sync::Arc<String> {
         if let Some(shared) = self.set.get(&**s) {
             return shared.clone();
         }
@@ -320,7 +335,7 @@ impl Store {
         }
         Store {
             config,
-            tasks: HashMap::new(),
+            tasks: table::TaskTable::default(),
             queues,
             task_timers: BinaryHeap::new(),
             timers: BTreeMap::new(),
@@ -803,27 +818,23 @@ impl Store {
         q.count(None, Some(TaskState::Scheduled));
         let replica = self.cluster.replica_index(&holders);
         let fire_at = due + replica as u64 * self.config.replica_offset.as_micros() as u64;
-        self.tasks.insert(
+        self.tasks.insert(Box::new(Task {
             id,
-            Box::new(Task {
-                spec,
-                created_us: now_us,
-                replica,
-                state: TaskState::Scheduled,
-                fire_at_us: fire_at,
-                timed: false,
-                attempts: 0,
-                executions: 0,
-                last_status: None,
-                last: None,
-                first_attempt_us: None,
-                delivery: None,
-                in_ready: false,
-                is_callback,
-                due_us: due,
-                holders: holders.into_boxed_slice(),
-            }),
-        );
+            spec,
+            created_us: now_us,
+            replica,
+            state: TaskState::Scheduled,
+            fire_at_us: fire_at,
+            timed: false,
+            attempts: 0,
+            executions: 0,
+            last_status: None,
+            run: None,
+            in_ready: false,
+            is_callback,
+            due_us: due,
+            holders: holders.into_boxed_slice(),
+        }));
         self.set_task_timer(id, fire_at);
         self.stats.enqueued += 1;
     }
@@ -902,9 +913,10 @@ impl Store {
             return;
         };
         task.in_ready = false;
-        task.delivery = NonZeroU64::new(delivery);
-        task.first_attempt_us
-            .get_or_insert(NonZeroU64::new(now_us.max(1)).unwrap_or(NonZeroU64::MIN));
+        task.set_delivery(Some(delivery));
+        if task.first_attempt_us().is_none() {
+            task.set_first_attempt_us(Some(now_us));
+        }
         let retry_count = task.attempts;
         task.attempts += 1;
         self.stats.dispatched += 1;
@@ -918,11 +930,11 @@ impl Store {
             }
         }
         let deadline_us =
-            now_us + secs_to_micros(s.timeout) + cluster::CLAIM_GRACE.as_micros() as u64;
+            now_us + secs_to_micros(s.timeout()) + cluster::CLAIM_GRACE.as_micros() as u64;
         out.push(Event::Dispatch {
             pool: s.pool().to_string(),
             delivery,
-            timeout: s.timeout,
+            timeout: s.timeout(),
             task: DeliveredTask {
                 id: id.to_string(),
                 queue: s.queue.to_string(),
@@ -934,7 +946,7 @@ impl Store {
                 content_type: s.rare().content_type.clone(),
                 headers: s.rare().headers.clone(),
                 eta: s.eta,
-                timeout: s.timeout,
+                timeout: s.timeout(),
                 retry_count,
                 execution_count: task.executions,
                 signing_secrets,
@@ -974,10 +986,10 @@ impl Store {
             _ => {}
         }
         let was_running = task.state == TaskState::Running;
-        if let (true, Some(delivery)) = (was_running, task.delivery.map(NonZeroU64::get)) {
+        if let (true, Some(delivery)) = (was_running, task.delivery()) {
             out.push(Event::Revoke { delivery });
         }
-        task.delivery = None;
+        task.set_delivery(None);
         task.in_ready = false;
         if was_running {
             if let Some(q) = self.queues.get_mut(queue) {
@@ -1033,12 +1045,11 @@ impl Store {
             self.stats.stale_results += 1;
             return;
         };
-        if task.state != TaskState::Running || task.delivery.map(NonZeroU64::get) != Some(delivery)
-        {
+        if task.state != TaskState::Running || task.delivery() != Some(delivery) {
             self.stats.stale_results += 1;
             return;
         }
-        task.delivery = None;
+        task.set_delivery(None);
         task.last_status = v.status;
         task.set_last_response(v.body.clone().map(|mut b| {
             b.truncate(MAX_RESPONSE_BYTES);
@@ -1049,9 +1060,8 @@ impl Store {
         }
         let queue = task.spec.queue.to_string();
         let attempts = task.attempts;
-        let age = Duration::from_micros(
-            now_us.saturating_sub(task.first_attempt_us.map_or(now_us, NonZeroU64::get)),
-        );
+        let age =
+            Duration::from_micros(now_us.saturating_sub(task.first_attempt_us().unwrap_or(now_us)));
         let attempt = AttemptResult {
             outcome: v.outcome,
             status: v.status,
@@ -1252,8 +1262,7 @@ impl Store {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };
-            if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery.map(NonZeroU64::get))
-            {
+            if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery()) {
                 out.push(Event::Revoke { delivery });
                 if let Some(q) = self.queues.get_mut(queue) {
                     q.running = q.running.saturating_sub(1);
@@ -1442,13 +1451,13 @@ impl Store {
             created: micros_to_secs(t.created_us),
             replica: t.replica,
             replica_offset: self.config.replica_offset.as_secs_f64(),
-            first_attempt: t.first_attempt_us.map(|u| micros_to_secs(u.get())),
+            first_attempt: t.first_attempt_us().map(micros_to_secs),
             detail: full.then(|| TaskDetail {
                 params: s.params(),
                 body: s.body().map(|b| ByteBuf::from(b.to_vec())),
                 content_type: s.rare().content_type.clone(),
                 headers: s.rare().headers.clone(),
-                timeout: s.timeout,
+                timeout: s.timeout(),
                 callback_url: s.rare().callback_url.clone(),
                 failure_callback_url: s.rare().failure_callback_url.clone(),
                 last_response: t.last_response().map(ByteBuf::from),
@@ -1605,5 +1614,6 @@ fn flush(out: &mut Vec<Event>, events: &Sender<Event>, bell: &Bell) {
 
 mod cluster;
 mod recent;
+mod table;
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use protocol::{is_valid_pool_name, is_valid_queue_name, is_valid_task_name, TaskSpec, HTTP_POOL};
 
 /// Longest allowed distance of an eta into the future.
@@ -18,23 +20,25 @@ pub const METHODS: [&str; 5] = ["POST", "GET", "PUT", "PATCH", "DELETE"];
 /// A task that passed validation, in the compact form the store keeps:
 /// a million pending tasks must stay small (see `BENCHMARKS.md`).
 ///
-/// * The queue and URL are shared `Arc<str>`s, which the store interns,
-///   so tasks of one queue or endpoint share one allocation.
+/// * The queue and URL are shared `Arc<String>`s (thin pointers), which
+///   the store interns, so tasks of one queue or endpoint share them.
 /// * The pool is derived from the URL and the method is a byte.
 /// * Parameters are kept form-encoded in one allocation (decoded when the
 ///   task is dispatched or shown); a raw body is kept as it came.
 /// * The fields most tasks leave empty share one optional box.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidTask {
-    pub queue: Arc<str>,
+    pub queue: Arc<String>,
     /// Normalized URL (ASCII, as `url::Url` serializes it).
-    pub url: Arc<str>,
+    pub url: Arc<String>,
     pub method: Method,
     /// Unix seconds; never in the past of `now`.
     pub eta: f64,
-    pub timeout: f64,
-    /// The parameters, form-encoded, or the raw body when `raw` is set.
-    payload: Box<[u8]>,
+    /// Per-attempt timeout in milliseconds (see [`ValidTask::timeout`]).
+    timeout_ms: u32,
+    /// The parameters, form-encoded, or the raw body when `raw` is set;
+    /// up to 16 bytes are kept inline.
+    payload: SmallVec<[u8; 16]>,
     raw: bool,
     rare: Option<Box<Rare>>,
 }
@@ -113,19 +117,25 @@ impl ValidTask {
         rare: Rare,
     ) -> ValidTask {
         let (payload, raw) = match body {
-            Some(b) => (b.into(), true),
+            Some(b) => (SmallVec::from_slice(b), true),
             None => (encode_params(params), false),
         };
         ValidTask {
-            queue: queue.into(),
-            url: url.into(),
+            queue: Arc::new(queue.to_string()),
+            url: Arc::new(url.to_string()),
             method,
             eta,
-            timeout,
+            // At most an hour, at least a millisecond.
+            timeout_ms: (timeout * 1000.0).round().clamp(1.0, u32::MAX as f64) as u32,
             payload,
             raw,
             rare: (!rare.is_empty()).then(|| Box::new(rare)),
         }
+    }
+
+    /// Seconds a worker has for each attempt (kept to the millisecond).
+    pub fn timeout(&self) -> f64 {
+        f64::from(self.timeout_ms) / 1000.0
     }
 
     /// The dispatch pool: [`HTTP_POOL`] or the POOL of `zmq://POOL`.
@@ -177,15 +187,17 @@ impl ValidTask {
 
 /// Parameters in one allocation, `application/x-www-form-urlencoded`
 /// (decoding gives back exactly the same pairs).
-fn encode_params(params: &[(String, String)]) -> Box<[u8]> {
+fn encode_params(params: &[(String, String)]) -> SmallVec<[u8; 16]> {
     if params.is_empty() {
-        return Box::default();
+        return SmallVec::new();
     }
     let mut s = url::form_urlencoded::Serializer::new(String::new());
     for (k, v) in params {
         s.append_pair(k, v);
     }
-    s.finish().into_bytes().into_boxed_slice()
+    let mut v = SmallVec::from_vec(s.finish().into_bytes());
+    v.shrink_to_fit(); // inline when it fits
+    v
 }
 
 /// Checks `spec` for `queue` at time `now` (unix seconds), with the default
@@ -360,7 +372,7 @@ mod tests {
         assert_eq!(t.pool(), HTTP_POOL);
         assert_eq!(t.method, Method::Post);
         assert_eq!(t.eta, 100.0);
-        assert_eq!(t.timeout, 30.0);
+        assert_eq!(t.timeout(), 30.0);
         let t = validate("q", spec("zmq://images"), 1.0).unwrap();
         assert_eq!(t.pool(), "images");
         let t = validate("q", spec("zmq://images/"), 1.0).unwrap();

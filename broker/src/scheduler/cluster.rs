@@ -105,7 +105,7 @@ pub(super) fn new_record(
         content_type: s.rare().content_type.clone(),
         headers: s.rare().headers.clone(),
         eta: s.eta,
-        timeout: s.timeout,
+        timeout: s.timeout(),
         callback_url: s.rare().callback_url.clone(),
         failure_callback_url: s.rare().failure_callback_url.clone(),
         idempotency_key: s.rare().idempotency_key.clone(),
@@ -176,7 +176,7 @@ impl Store {
         r.executions = t.executions;
         r.last_status = t.last_status;
         r.last_error = t.last_error();
-        r.first_attempt_us = t.first_attempt_us.map(NonZeroU64::get);
+        r.first_attempt_us = t.first_attempt_us();
         Some(r)
     }
 
@@ -608,7 +608,7 @@ impl Store {
             t.executions = record.executions;
             t.last_status = record.last_status;
             t.set_last_error(record.last_error.clone());
-            t.first_attempt_us = record.first_attempt_us.and_then(NonZeroU64::new);
+            t.set_first_attempt_us(record.first_attempt_us);
         }
         if record.state == TaskState::Retrying {
             self.transition(id, TaskState::Retrying);
@@ -705,15 +705,13 @@ impl Store {
                     return;
                 }
                 let queue = t.spec.queue.to_string();
-                if let (TaskState::Running, Some(delivery)) =
-                    (t.state, t.delivery.map(NonZeroU64::get))
-                {
+                if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery()) {
                     out.push(Event::Revoke { delivery });
                     if let Some(q) = self.queues.get_mut(&queue) {
                         q.running = q.running.saturating_sub(1);
                     }
                 }
-                t.delivery = None;
+                t.set_delivery(None);
                 t.in_ready = false;
                 t.attempts = t.attempts.max(attempts);
                 t.executions = t.executions.max(executions);
@@ -759,7 +757,7 @@ impl Store {
             .tasks
             .iter()
             .filter(|(_, t)| !t.state.is_final())
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in ids {
             let Some(t) = self.tasks.get(&id) else {

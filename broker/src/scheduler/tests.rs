@@ -820,5 +820,5 @@ fn task_stays_compact() {
         "size_of::<Task>() = {size}, ValidTask = {}",
         std::mem::size_of::<ValidTask>()
     );
-    assert!(size <= 168, "Task grew to {size} bytes");
+    assert!(size <= 152, "Task grew to {size} bytes");
 }

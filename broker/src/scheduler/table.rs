@@ -1,0 +1,75 @@
+//! The task table: every task of the node, boxed, found by id.
+//!
+//! A `HashMap<Uuid, Box<Task>>` spends 24 bytes a slot, and a hash table
+//! keeps up to twice the slots it fills: up to 50 bytes a task. This table
+//! keeps only the box (8 bytes a slot, plus hashbrown's control byte) and
+//! finds a task by the id stored inside it. Task ids are random (v4), so
+//! their low 64 bits are the hash.
+
+use hashbrown::HashTable;
+use uuid::Uuid;
+
+use super::Task;
+
+#[derive(Default)]
+pub(super) struct TaskTable {
+    table: HashTable<Box<Task>>,
+}
+
+fn hash(id: &Uuid) -> u64 {
+    id.as_u64_pair().1
+}
+
+impl TaskTable {
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<&Task> {
+        self.table.find(hash(id), |t| t.id == *id).map(|b| &**b)
+    }
+
+    pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut Task> {
+        self.table
+            .find_mut(hash(id), |t| t.id == *id)
+            .map(|b| &mut **b)
+    }
+
+    /// Adds `task` under its id, replacing a task with the same id.
+    pub fn insert(&mut self, task: Box<Task>) {
+        let h = hash(&task.id);
+        match self.table.find_mut(h, |t| t.id == task.id) {
+            Some(slot) => *slot = task,
+            None => {
+                self.table.insert_unique(h, task, |t| hash(&t.id));
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: &Uuid) -> Option<Box<Task>> {
+        match self.table.find_entry(hash(id), |t| t.id == *id) {
+            Ok(entry) => Some(entry.remove().0),
+            Err(_) => None,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Uuid, &Task)> {
+        self.table.iter().map(|t| (t.id, &**t))
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Index<&Uuid> for TaskTable {
+    type Output = Task;
+
+    fn index(&self, id: &Uuid) -> &Task {
+        match self.get(id) {
+            Some(t) => t,
+            None => panic!("no task {id}"),
+        }
+    }
+}
