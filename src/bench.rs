@@ -575,7 +575,7 @@ fn zmq_enqueue(
         if let Some(t) = sent_at.get(id as usize) {
             let _ = latency.record(t.elapsed().as_micros().max(1) as u64);
         }
-        if let Ok(reply) = protocol::decode::<protocol::ClientReply, _>(&parts) {
+        if let Ok(reply) = protocol::decode_hot::<protocol::ClientReply, _>(&parts) {
             if matches!(reply.body, ReplyBody::Error { .. }) {
                 errors += 1;
             }

@@ -88,7 +88,7 @@ impl Producer {
                     break;
                 }
                 let parts = self.socket.recv_multipart(0)?;
-                let Ok(reply) = protocol::decode::<ClientReply, _>(&parts) else {
+                let Ok(reply) = protocol::decode_hot::<ClientReply, _>(&parts) else {
                     continue;
                 };
                 if reply.request_id == request.request_id {
@@ -243,7 +243,7 @@ impl Worker {
             if self.socket.poll(zmq::POLLIN, slice.as_millis() as i64)? > 0 {
                 let parts = self.socket.recv_multipart(0)?;
                 self.last_heard = Instant::now();
-                match protocol::decode::<BrokerMessage, _>(&parts) {
+                match protocol::decode_hot::<BrokerMessage, _>(&parts) {
                     Ok(BrokerMessage::Task { delivery, task }) => {
                         return Ok(Some(Job { delivery, task }))
                     }

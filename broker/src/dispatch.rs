@@ -54,7 +54,7 @@ struct InFlight {
     task_id: String,
     pool: String,
     deadline: Instant,
-    waiting: Option<Waiting>,
+    timeout: f64,
 }
 
 struct Worker {
@@ -290,18 +290,21 @@ impl Dispatcher {
         &mut self,
         identity: &[u8],
         delivery: u64,
+        task: DeliveredTask,
         unreachable: bool,
         out: &mut Vec<Out>,
     ) {
         if let Some(w) = self.workers.get_mut(identity) {
             if let Some(f) = w.in_flight.remove(&delivery) {
-                if let Some(waiting) = f.waiting {
-                    self.pools
-                        .entry(f.pool)
-                        .or_default()
-                        .waiting
-                        .push_front(waiting);
-                }
+                self.pools
+                    .entry(f.pool)
+                    .or_default()
+                    .waiting
+                    .push_front(Waiting {
+                        delivery,
+                        timeout: f.timeout,
+                        task,
+                    });
             }
             if unreachable {
                 self.remove(identity, "unreachable", out);
@@ -312,14 +315,10 @@ impl Dispatcher {
         }
     }
 
-    /// The loop sent something to `identity`; `delivery` when it was a task,
-    /// whose copy kept for a failed send is no longer needed.
-    pub fn sent(&mut self, identity: &[u8], delivery: Option<u64>, now: Instant) {
+    /// The loop sent something to `identity`.
+    pub fn sent(&mut self, identity: &[u8], now: Instant) {
         if let Some(w) = self.workers.get_mut(identity) {
             w.last_sent = now;
-            if let Some(f) = delivery.and_then(|d| w.in_flight.get_mut(&d)) {
-                f.waiting = None;
-            }
         }
     }
 
@@ -359,19 +358,21 @@ impl Dispatcher {
             let deadline = now
                 + Duration::from_secs_f64(waiting.timeout.clamp(0.0, 86400.0))
                 + self.config.result_grace;
-            let msg = BrokerMessage::Task {
-                delivery: waiting.delivery,
-                task: waiting.task.clone(),
-            };
             w.in_flight.insert(
                 waiting.delivery,
                 InFlight {
                     task_id: waiting.task.id.clone(),
                     pool: pool_name.to_string(),
                     deadline,
-                    waiting: Some(waiting),
+                    timeout: waiting.timeout,
                 },
             );
+            // The task itself travels in the message; a failed send hands
+            // it back through `unsent`.
+            let msg = BrokerMessage::Task {
+                delivery: waiting.delivery,
+                task: waiting.task,
+            };
             self.stats.deliveries_sent += 1;
             out.push(Out::Send(identity, msg));
         }

@@ -434,7 +434,7 @@ impl IoLoop {
                     let Some((identity, rest)) = frames.split_first() else {
                         continue;
                     };
-                    let msg = protocol::decode::<WorkerMessage, _>(rest);
+                    let msg = protocol::decode_hot::<WorkerMessage, _>(rest);
                     self.dispatcher.on_message(identity, msg, now, &mut out);
                     self.carry_out(&mut out, now);
                 }
@@ -784,7 +784,7 @@ impl IoLoop {
             let Some((identity, rest)) = frames.split_first() else {
                 continue;
             };
-            match protocol::decode::<ClientRequest, _>(rest) {
+            match protocol::decode_hot::<ClientRequest, _>(rest) {
                 Ok(ClientRequest {
                     request_id,
                     command: ClientCommand::ClusterInfo,
@@ -839,18 +839,20 @@ impl IoLoop {
                     let _ = self.commands.send(cmd);
                 }
                 Out::Send(identity, msg) => {
-                    let delivery = match &msg {
-                        protocol::BrokerMessage::Task { delivery, .. } => Some(*delivery),
-                        _ => None,
-                    };
                     match sockets::send_routed(&self.workers, &identity, &protocol::encode(&msg)) {
-                        Ok(()) => self.dispatcher.sent(&identity, delivery, now),
+                        Ok(()) => self.dispatcher.sent(&identity, now),
                         Err(e) => {
                             self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
-                            if let Some(d) = delivery {
+                            if let protocol::BrokerMessage::Task { delivery, task } = msg {
                                 let unreachable = e == zmq::Error::EHOSTUNREACH;
                                 let mut more = Vec::new();
-                                self.dispatcher.unsent(&identity, d, unreachable, &mut more);
+                                self.dispatcher.unsent(
+                                    &identity,
+                                    delivery,
+                                    task,
+                                    unreachable,
+                                    &mut more,
+                                );
                                 out.extend(more);
                             }
                         }

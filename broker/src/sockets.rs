@@ -126,7 +126,19 @@ impl Doorbell {
 /// Receives one multipart message without blocking; `None` when nothing
 /// is waiting (or the socket failed, which the caller cannot fix here).
 pub fn try_recv(s: &zmq::Socket) -> Option<Vec<Vec<u8>>> {
-    s.recv_multipart(zmq::DONTWAIT).ok()
+    // Like `recv_multipart`, reading "more" from each message rather than
+    // with a `getsockopt` per frame. The frames of one message arrive
+    // together, so only the first receive can find nothing.
+    let mut parts = Vec::with_capacity(4);
+    loop {
+        let mut msg = zmq::Message::new();
+        s.recv(&mut msg, zmq::DONTWAIT).ok()?;
+        let more = msg.get_more();
+        parts.push(msg.to_vec());
+        if !more {
+            return Some(parts);
+        }
+    }
 }
 
 /// Sends a multipart message without blocking.

@@ -308,7 +308,7 @@ fn run(
         }
         if c {
             while let Some(parts) = sockets::try_recv(&client) {
-                match protocol::decode::<ClientReply, _>(&parts) {
+                match protocol::decode_hot::<ClientReply, _>(&parts) {
                     Ok(reply) if reply.request_id == roster_request => {
                         if let ReplyBody::Cluster { cluster } = reply.body {
                             for n in cluster.nodes {
@@ -341,7 +341,7 @@ fn run(
             };
             while let Some(parts) = sockets::try_recv(&reg.socket) {
                 reg.last_heard = Instant::now();
-                match protocol::decode::<BrokerMessage, _>(&parts) {
+                match protocol::decode_hot::<BrokerMessage, _>(&parts) {
                     Ok(BrokerMessage::Task { delivery, task }) => {
                         let _ = jobs.send(Delivery {
                             broker: e.clone(),

@@ -7,6 +7,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::fast::FastDecode;
 use crate::Error;
 
 /// The version byte this implementation speaks.
@@ -29,7 +30,10 @@ pub fn header() -> [u8; 4] {
 pub fn encode<T: Serialize>(message: &T) -> Vec<Vec<u8>> {
     // Serializing our own message types into a Vec cannot fail: they hold
     // only strings, numbers, byte strings, sequences and maps.
-    let body = rmp_serde::to_vec_named(message).unwrap_or_default();
+    let mut body = Vec::with_capacity(256);
+    if rmp_serde::encode::write_named(&mut body, message).is_err() {
+        body.clear();
+    }
     vec![Vec::new(), header().to_vec(), body]
 }
 
@@ -42,6 +46,23 @@ pub fn decode<T: DeserializeOwned, F: AsRef<[u8]>>(frames: &[F]) -> Result<T, Er
             "body of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
             body.len()
         )));
+    }
+    rmp_serde::from_slice(body).map_err(Error::body)
+}
+
+/// Like [`decode`], for the messages sent once per task: their usual form
+/// skips serde's buffering ([`crate::fast`]); anything else decodes exactly
+/// as [`decode`] does.
+pub fn decode_hot<T: FastDecode, F: AsRef<[u8]>>(frames: &[F]) -> Result<T, Error> {
+    let body = check_layout(frames)?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(Error::body(format!(
+            "body of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
+            body.len()
+        )));
+    }
+    if let Some(m) = T::fast(body) {
+        return Ok(m);
     }
     rmp_serde::from_slice(body).map_err(Error::body)
 }

@@ -16,11 +16,13 @@
 //! Nothing here panics on bytes from the wire.
 
 mod error;
+pub mod fast;
 pub mod frames;
 pub mod messages;
 pub mod peer;
 
 pub use error::Error;
-pub use frames::{decode, encode, PROTOCOL_VERSION};
+pub use fast::FastDecode;
+pub use frames::{decode, decode_hot, encode, PROTOCOL_VERSION};
 pub use messages::*;
 pub use peer::*;

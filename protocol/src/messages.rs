@@ -22,16 +22,17 @@ pub const HTTP_POOL: &str = "*http";
 /// Largest task body (raw body or encoded params), in bytes.
 pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
 
-fn one() -> u32 {
+pub(crate) fn one() -> u32 {
     1
 }
 
-fn default_queue() -> String {
+pub(crate) fn default_queue() -> String {
     DEFAULT_QUEUE.to_string()
 }
 
 /// A request from a producer or gateway to a broker's base port.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// (`Serialize` is written by hand in [`crate::fast`].)
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 pub struct ClientRequest {
     /// Chosen by the client, unique per request (a UUID is a good choice).
     /// A broker that sees the same id again answers with the first reply
@@ -171,7 +172,8 @@ pub struct TaskSpec {
 }
 
 /// A broker's answer to a [`ClientRequest`].
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// (`Serialize` is written by hand in [`crate::fast`].)
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 pub struct ClientReply {
     /// The request's id, or empty when the request could not be decoded.
     pub request_id: String,

@@ -1,0 +1,406 @@
+//! Decoding the hot messages without serde's buffering.
+//!
+//! The message enums are internally tagged (`"type"` may appear anywhere in
+//! the map, §5), so serde's derived decoder first copies the whole map into
+//! an intermediate tree, then decodes that: every string is allocated
+//! twice. Every encoder in this project writes `"type"` first (after
+//! `request_id` in requests and replies), so for the messages sent once per
+//! task, [`FastDecode::fast`] reads the keys in that order and decodes the
+//! rest of the map straight into the variant's fields. Any other order, any
+//! other variant or any error gives `None`, and the derived decoder runs as
+//! before, so what is accepted and every error message stay the same.
+
+use std::marker::PhantomData;
+
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::messages::{default_queue, one};
+use crate::{
+    AttemptResult, BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask,
+    DeliveryResult, ReplyBody, TaskSpec, WorkerMessage,
+};
+
+/// A message with a fast decoding path for its hot variant.
+pub trait FastDecode: DeserializeOwned {
+    /// The message, if `body` is the hot variant with its keys in the
+    /// order this project writes them; `None` means "use the derived
+    /// decoder".
+    fn fast(body: &[u8]) -> Option<Self>;
+}
+
+/// Reads `[request_id,] type = tag, fields…` in that order.
+struct Tagged<F> {
+    request_id: bool,
+    tag: &'static str,
+    fields: PhantomData<F>,
+}
+
+const OTHER: &str = "not the fast path";
+
+impl<'de, F: Deserialize<'de>> Visitor<'de> for Tagged<F> {
+    type Value = (String, F);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a message map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut request_id = String::new();
+        if self.request_id {
+            if map.next_key::<&str>()? != Some("request_id") {
+                return Err(de::Error::custom(OTHER));
+            }
+            request_id = map.next_value()?;
+        }
+        if map.next_key::<&str>()? != Some("type") || map.next_value::<&str>()? != self.tag {
+            return Err(de::Error::custom(OTHER));
+        }
+        let fields = F::deserialize(MapAccessDeserializer::new(map))?;
+        Ok((request_id, fields))
+    }
+}
+
+fn tagged<F: DeserializeOwned>(
+    body: &[u8],
+    request_id: bool,
+    tag: &'static str,
+) -> Option<(String, F)> {
+    let mut d = rmp_serde::Deserializer::from_read_ref(body);
+    de::Deserializer::deserialize_map(
+        &mut d,
+        Tagged {
+            request_id,
+            tag,
+            fields: PhantomData,
+        },
+    )
+    .ok()
+}
+
+/// The fields of [`BrokerMessage::Task`].
+#[derive(Deserialize)]
+struct TaskFields {
+    delivery: u64,
+    task: DeliveredTask,
+}
+
+/// The fields of [`ClientCommand::Enqueue`], with its defaults.
+#[derive(Deserialize)]
+struct EnqueueFields {
+    #[serde(default = "default_queue")]
+    queue: String,
+    task: TaskSpec,
+    #[serde(default)]
+    wait: Option<f64>,
+}
+
+/// The fields of [`ReplyBody::Enqueued`], with its defaults.
+#[derive(Deserialize)]
+struct EnqueuedFields {
+    id: String,
+    queue: String,
+    eta: f64,
+    #[serde(default)]
+    result: Option<AttemptResult>,
+    #[serde(default = "one")]
+    replicas: u32,
+}
+
+impl FastDecode for BrokerMessage {
+    fn fast(body: &[u8]) -> Option<Self> {
+        let (_, f) = tagged::<TaskFields>(body, false, "task")?;
+        Some(BrokerMessage::Task {
+            delivery: f.delivery,
+            task: f.task,
+        })
+    }
+}
+
+impl FastDecode for WorkerMessage {
+    fn fast(body: &[u8]) -> Option<Self> {
+        let (_, r) = tagged::<DeliveryResult>(body, false, "result")?;
+        Some(WorkerMessage::Result(r))
+    }
+}
+
+impl FastDecode for ClientRequest {
+    fn fast(body: &[u8]) -> Option<Self> {
+        let (request_id, f) = tagged::<EnqueueFields>(body, true, "enqueue")?;
+        Some(ClientRequest {
+            request_id,
+            command: ClientCommand::Enqueue {
+                queue: f.queue,
+                task: f.task,
+                wait: f.wait,
+            },
+        })
+    }
+}
+
+impl FastDecode for ClientReply {
+    fn fast(body: &[u8]) -> Option<Self> {
+        let (request_id, f) = tagged::<EnqueuedFields>(body, true, "enqueued")?;
+        Some(ClientReply {
+            request_id,
+            body: ReplyBody::Enqueued {
+                id: f.id,
+                queue: f.queue,
+                eta: f.eta,
+                result: f.result,
+                replicas: f.replicas,
+            },
+        })
+    }
+}
+
+// Encoding: `#[serde(flatten)]` makes serde write a map of unknown length,
+// which MessagePack encoders buffer before they can write its header. The
+// hot requests and replies are written as maps of known length instead,
+// with the same keys in the same order as the derived encoder.
+
+/// The derived encoding, for every other command and reply.
+#[derive(Serialize)]
+struct FlatRequest<'a> {
+    request_id: &'a String,
+    #[serde(flatten)]
+    command: &'a ClientCommand,
+}
+
+#[derive(Serialize)]
+struct FlatReply<'a> {
+    request_id: &'a String,
+    #[serde(flatten)]
+    body: &'a ReplyBody,
+}
+
+impl Serialize for ClientRequest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.command {
+            ClientCommand::Enqueue { queue, task, wait } => {
+                let mut m = s.serialize_map(Some(5))?;
+                m.serialize_entry("request_id", &self.request_id)?;
+                m.serialize_entry("type", "enqueue")?;
+                m.serialize_entry("queue", queue)?;
+                m.serialize_entry("task", task)?;
+                m.serialize_entry("wait", wait)?;
+                m.end()
+            }
+            command => FlatRequest {
+                request_id: &self.request_id,
+                command,
+            }
+            .serialize(s),
+        }
+    }
+}
+
+impl Serialize for ClientReply {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.body {
+            ReplyBody::Enqueued {
+                id,
+                queue,
+                eta,
+                result,
+                replicas,
+            } => {
+                let mut m = s.serialize_map(Some(7))?;
+                m.serialize_entry("request_id", &self.request_id)?;
+                m.serialize_entry("type", "enqueued")?;
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("queue", queue)?;
+                m.serialize_entry("eta", eta)?;
+                m.serialize_entry("result", result)?;
+                m.serialize_entry("replicas", replicas)?;
+                m.end()
+            }
+            body => FlatReply {
+                request_id: &self.request_id,
+                body,
+            }
+            .serialize(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode, frames::decode_hot, Outcome};
+
+    fn both<T: FastDecode + serde::Serialize + PartialEq + std::fmt::Debug>(m: T, hot: bool) {
+        let frames = encode(&m);
+        assert_eq!(T::fast(&frames[2]).is_some(), hot, "{m:?}");
+        let fast: T = decode_hot(&frames).unwrap();
+        let slow: T = crate::decode(&frames).unwrap();
+        assert_eq!(fast, m);
+        assert_eq!(slow, m);
+    }
+
+    fn task() -> DeliveredTask {
+        DeliveredTask {
+            id: "t".into(),
+            queue: "q".into(),
+            name: Some("n".into()),
+            url: "http://a/".into(),
+            method: "POST".into(),
+            params: vec![("a".into(), "1".into())],
+            body: None,
+            content_type: None,
+            headers: vec![("x".into(), "y".into())],
+            eta: 1.5,
+            timeout: 30.0,
+            retry_count: 2,
+            execution_count: 1,
+            signing_secrets: vec![],
+        }
+    }
+
+    #[test]
+    fn hot_variants_decode_the_same_both_ways() {
+        both(
+            BrokerMessage::Task {
+                delivery: 7,
+                task: task(),
+            },
+            true,
+        );
+        both(BrokerMessage::Heartbeat, false);
+        both(
+            WorkerMessage::Result(DeliveryResult {
+                delivery: 3,
+                task_id: "t".into(),
+                outcome: Outcome::Failure,
+                status: Some(503),
+                reason: Some("busy".into()),
+                retry_after: Some(2.0),
+                responded: true,
+                body: Some(serde_bytes::ByteBuf::from(vec![1, 2])),
+                no_retry: false,
+            }),
+            true,
+        );
+        both(WorkerMessage::Heartbeat, false);
+        both(
+            ClientRequest {
+                request_id: "r1".into(),
+                command: ClientCommand::Enqueue {
+                    queue: "q".into(),
+                    task: TaskSpec {
+                        url: "http://a/".into(),
+                        countdown: Some(1.0),
+                        ..Default::default()
+                    },
+                    wait: None,
+                },
+            },
+            true,
+        );
+        both(
+            ClientRequest {
+                request_id: "r2".into(),
+                command: ClientCommand::Ping,
+            },
+            false,
+        );
+        both(
+            ClientReply {
+                request_id: "r1".into(),
+                body: ReplyBody::Enqueued {
+                    id: "i".into(),
+                    queue: "q".into(),
+                    eta: 2.0,
+                    result: None,
+                    replicas: 2,
+                },
+            },
+            true,
+        );
+    }
+
+    /// The hand-written encodings write the same bytes as the derived ones.
+    #[test]
+    fn hot_encodings_match_the_derived_ones() {
+        let req = ClientRequest {
+            request_id: "r".into(),
+            command: ClientCommand::Enqueue {
+                queue: "q".into(),
+                task: TaskSpec {
+                    url: "http://a/".into(),
+                    params: vec![("a".into(), "b".into())],
+                    ..Default::default()
+                },
+                wait: Some(1.5),
+            },
+        };
+        let derived = rmp_serde::to_vec_named(&FlatRequest {
+            request_id: &req.request_id,
+            command: &req.command,
+        })
+        .unwrap();
+        let mine = rmp_serde::to_vec_named(&req).unwrap();
+        assert_eq!(mine, derived);
+        let reply = ClientReply {
+            request_id: "r".into(),
+            body: ReplyBody::Enqueued {
+                id: "i".into(),
+                queue: "q".into(),
+                eta: 3.0,
+                result: None,
+                replicas: 1,
+            },
+        };
+        let derived = rmp_serde::to_vec_named(&FlatReply {
+            request_id: &reply.request_id,
+            body: &reply.body,
+        })
+        .unwrap();
+        let mine = rmp_serde::to_vec_named(&reply).unwrap();
+        assert_eq!(mine, derived);
+    }
+
+    /// Another language's client may put `type` last and leave out
+    /// defaulted keys: the derived decoder takes over and applies them.
+    #[test]
+    fn other_key_orders_fall_back() {
+        #[derive(serde::Serialize)]
+        struct TypeLast<'a> {
+            request_id: &'a str,
+            task: TaskSpec,
+            r#type: &'a str,
+        }
+        let body = rmp_serde::to_vec_named(&TypeLast {
+            request_id: "r",
+            task: TaskSpec {
+                url: "http://a/".into(),
+                ..Default::default()
+            },
+            r#type: "enqueue",
+        })
+        .unwrap();
+        assert!(ClientRequest::fast(&body).is_none());
+        let frames = vec![Vec::new(), crate::frames::header().to_vec(), body];
+        let r: ClientRequest = decode_hot(&frames).unwrap();
+        assert!(
+            matches!(r.command, ClientCommand::Enqueue { ref queue, wait: None, .. } if queue == "default")
+        );
+        // A wrong type in a field is the same error both ways.
+        #[derive(serde::Serialize)]
+        struct Bad<'a> {
+            r#type: &'a str,
+            delivery: &'a str,
+        }
+        let body = rmp_serde::to_vec_named(&Bad {
+            r#type: "task",
+            delivery: "x",
+        })
+        .unwrap();
+        let frames = vec![Vec::new(), crate::frames::header().to_vec(), body];
+        let fast = decode_hot::<BrokerMessage, _>(&frames).unwrap_err();
+        let slow = crate::decode::<BrokerMessage, _>(&frames).unwrap_err();
+        assert_eq!(fast.to_string(), slow.to_string());
+    }
+}
