@@ -7,18 +7,27 @@ import sys
 from collections import defaultdict
 
 rows = defaultdict(list)
+# by_round[round][key]: the figure of `key` in that round (run.sh writes a
+# {"round": N} line before each round), for ratios of paired runs.
+by_round = defaultdict(dict)
 extra = {}
+round_no = 0
 for line in open(sys.argv[1]):
     line = line.strip()
     if not line.startswith("{"):
         continue
     r = json.loads(line)
+    if set(r) == {"round"}:
+        round_no = r["round"]
+        continue
     if "system" in r:  # beanstalkd / celery baselines
         key = f"{r['system']} delay{r['delay']}"
         rows[key].append(r["jobs_per_sec"])
+        by_round[round_no][key] = r["jobs_per_sec"]
         continue
     key = f"{r['scenario']} {r['label']}".strip()
     rows[key].append(r["per_sec"])
+    by_round[round_no][key] = r["per_sec"]
     extra.setdefault(key, []).append(r)
 
 
@@ -44,6 +53,8 @@ ratios = [
     ("HTTP enqueue (JSON) / bare hyper server", "enqueue-http json", "http-ceiling ceiling", 0.5),
     ("ZeroMQ enqueue / bare DEALER→ROUTER echo", "enqueue-zmq single", "zmq-ceiling ceiling", 0.25),
     ("end-to-end webhooks / bare hyper client", "end-to-end http-delay0", "dispatch-ceiling ceiling", 0.5),
+    ("end-to-end webhooks, enqueued 100 per request / bare hyper client", "end-to-end http-batch-delay0", "dispatch-ceiling ceiling", 0.5),
+    ("webhook delivery alone (delay 1 s) / bare hyper client", "end-to-end http-delay1", "dispatch-ceiling ceiling", 0.5),
     ("end-to-end webhooks / beanstalkd (delay 0)", "end-to-end http-delay0", "beanstalkd delay0", 5),
     ("end-to-end webhooks / beanstalkd (delay 1 s)", "end-to-end http-delay1", "beanstalkd delay1", 5),
     ("end-to-end webhooks / Celery (delay 0, same job count)", "end-to-end celery-size", "celery delay0", 10),
@@ -55,13 +66,19 @@ ratios = [
     ("3 nodes RF 2 / 1 node: end-to-end", "end-to-end cluster-rf2", "end-to-end single-node", None),
 ]
 print()
-print("| ratio (medians) | value | target |")
-print("|---|---:|---:|")
+print("Ratios: the ratio of the medians, and the median and min–max of the")
+print("ratios within each round (candidate and baseline run minutes apart).")
+print()
+print("| ratio | of medians | per round: median | min–max | target |")
+print("|---|---:|---:|---:|---:|")
 for name, a, b, target in ratios:
     ma, mb = med(a), med(b)
     value = "—" if ma is None or not mb else f"{ma / mb:.2f}"
+    paired = [r[a] / r[b] for r in by_round.values() if a in r and r.get(b)]
+    pm = f"{statistics.median(paired):.2f}" if paired else "—"
+    pr = f"{min(paired):.2f}–{max(paired):.2f}" if paired else "—"
     tgt = "—" if target is None else f"≥ {target}"
-    print(f"| {name} | {value} | {tgt} |")
+    print(f"| {name} | {value} | {pm} | {pr} | {tgt} |")
 
 for r in extra.get("timers timers", []):
     e, lat = r["extra"], r["latency_ms"]
@@ -72,5 +89,7 @@ for r in extra.get("timers timers", []):
           f"last tenth (store ≥ 90 % full) {e['enqueue_per_sec_last_tenth']:,.0f}/s, "
           f"ratio {e['enqueue_per_sec_last_tenth'] / max(e['enqueue_per_sec_first_tenth'], 1e-9):.2f}")
     if e.get("rss_bytes_per_pending_task") is not None:
-        print(f"* broker memory: {e['rss_bytes_per_pending_task']:.0f} bytes of RSS per pending task "
+        payload = e.get("payload_bytes_per_task", 0)
+        print(f"* broker memory: {e['rss_bytes_per_pending_task']:.0f} bytes of RSS per pending task, "
+              f"{e['rss_bytes_per_pending_task'] - payload:.0f} beyond its {payload:.1f}-byte payload "
               f"({e['rss_before'] / 2**20:.1f} MiB before, {e['rss_after'] / 2**20:.1f} MiB after)")

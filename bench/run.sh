@@ -81,6 +81,7 @@ U=http://127.0.0.1:7600
 Z=tcp://127.0.0.1:7500
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round of $ROUNDS" >&2
+    echo "{\"round\": $round}" >>"$OUT/results.jsonl"
     # HTTP enqueue beside the bare hyper server.
     bench ceiling http-ceiling --requests "$N_HTTP" --concurrency "$CONC"
     single; bench form enqueue-http --url $U --requests "$N_HTTP" --concurrency "$CONC" --format form; stop_all
@@ -91,6 +92,7 @@ for round in $(seq 1 "$ROUNDS"); do
     # End to end beside the bare hyper client, beanstalkd and Celery.
     bench ceiling dispatch-ceiling --tasks "$N_E2E" --concurrency "$CONC"
     single; bench http-delay0 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"; stop_all
+    single; bench http-batch-delay0 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --batch 100; stop_all
     single; bench zmq-delay0 end-to-end --broker $Z --via zmq --tasks "$N_E2E"; stop_all
     single; bench http-delay1 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --delay 1; stop_all
     "$PY" bench/baselines/beanstalkd_e2e.py --jobs "$N_E2E" --delay 0 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"

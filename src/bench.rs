@@ -99,6 +99,10 @@ enum Scenario {
         /// Pull workers (with `--via zmq`).
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// With `--via http`: enqueue this many tasks per request
+        /// (`POST /queue/{queue}/batch`, at most 1000) instead of one.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        batch: u64,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 300.0)]
         timeout: f64,
@@ -303,6 +307,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             delay,
             via,
             workers,
+            batch,
             timeout,
         } => rt.block_on(end_to_end(
             url,
@@ -312,6 +317,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             *delay,
             *via,
             *workers,
+            *batch,
             *timeout,
         ))?,
         Scenario::DispatchCeiling { tasks, concurrency } => {
@@ -607,6 +613,7 @@ async fn end_to_end(
     delay: f64,
     via: Via,
     workers: usize,
+    batch: u64,
     timeout: f64,
 ) -> anyhow::Result<Report> {
     let seen: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
@@ -621,7 +628,11 @@ async fn end_to_end(
             let next = Arc::new(AtomicU64::new(0));
             let times: Arc<Mutex<Vec<Option<Instant>>>> =
                 Arc::new(Mutex::new(vec![None; tasks as usize]));
-            let endpoint = format!("{}/queue/bench", url.trim_end_matches('/'));
+            let endpoint = if batch > 1 {
+                format!("{}/queue/bench/batch", url.trim_end_matches('/'))
+            } else {
+                format!("{}/queue/bench", url.trim_end_matches('/'))
+            };
             let mut handles = Vec::new();
             for _ in 0..concurrency.max(1) {
                 let (client, endpoint, next, times, target) = (
@@ -633,11 +644,20 @@ async fn end_to_end(
                 );
                 handles.push(tokio::spawn(async move {
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= tasks {
+                        let first = next.fetch_add(batch, Ordering::Relaxed);
+                        if first >= tasks {
                             break;
                         }
-                        let (body, ct) = body_for(Format::Form, &target, i, delay);
+                        let ids = first..(first + batch).min(tasks);
+                        let (body, ct) = if batch > 1 {
+                            let items: Vec<Value> = ids
+                                .clone()
+                                .map(|i| json!({"url": target, "countdown": delay, "params": {"i": i.to_string()}}))
+                                .collect();
+                            (Bytes::from(Value::Array(items).to_string()), "application/json")
+                        } else {
+                            body_for(Format::Form, &target, first, delay)
+                        };
                         let Ok(req) = hyper::Request::post(&endpoint)
                             .header("content-type", ct)
                             .body(Full::new(body))
@@ -649,7 +669,9 @@ async fn end_to_end(
                             let _ = resp.into_body().collect().await;
                         }
                         if let Ok(mut v) = times.lock() {
-                            v[i as usize] = Some(t);
+                            for i in ids {
+                                v[i as usize] = Some(t);
+                            }
                         }
                     }
                 }));
@@ -742,7 +764,7 @@ async fn end_to_end(
         errors: 0,
         seconds,
         latency,
-        extra: json!({"via": format!("{via:?}").to_lowercase(), "delay": delay, "seconds_total": total, "enqueue_seconds": enqueue_seconds, "concurrency": concurrency}),
+        extra: json!({"via": format!("{via:?}").to_lowercase(), "delay": delay, "seconds_total": total, "enqueue_seconds": enqueue_seconds, "concurrency": concurrency, "batch": batch}),
     })
 }
 
@@ -874,6 +896,9 @@ fn timers(
             "enqueue_per_sec_last_tenth": last_rate,
             "rss_before": rss_before, "rss_after": rss_after,
             "rss_bytes_per_pending_task": per_task,
+            // The task's payload: its parameter `i=<n>`, form-encoded as
+            // the broker keeps it.
+            "payload_bytes_per_task": (0..tasks).map(|i| 2 + i.to_string().len() as u64).sum::<u64>() as f64 / tasks.max(1) as f64,
             "window": window,
         }),
     })

@@ -84,6 +84,18 @@ fn every_bench_scenario_runs_on_a_small_count() {
         let e2e = bench(&["end-to-end", "--url", &url, "--tasks", "200"]);
         check(&e2e, "end-to-end", 200);
         assert_eq!(e2e["extra"]["via"], "http");
+        // Batched enqueues, with a count that leaves a short last batch.
+        let e2e = bench(&[
+            "end-to-end",
+            "--url",
+            &url,
+            "--tasks",
+            "250",
+            "--batch",
+            "100",
+        ]);
+        check(&e2e, "end-to-end", 250);
+        assert_eq!(e2e["extra"]["batch"], 100);
         let e2e = bench(&[
             "end-to-end",
             "--broker",
