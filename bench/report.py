@@ -60,8 +60,8 @@ ratios = [
     ("end-to-end webhooks / Celery (delay 0, same job count)", "end-to-end celery-size", "celery delay0", 10),
     ("end-to-end webhooks / Celery (delay 1 s)", "end-to-end http-delay1", "celery delay1", 10),
     ("end-to-end pull workers / bare hyper client", "end-to-end zmq-delay0", "dispatch-ceiling ceiling", None),
-    ("3 nodes RF 1 / 1 node: ZeroMQ enqueue", "enqueue-zmq cluster-rf1", "enqueue-zmq single", None),
-    ("3 nodes RF 2 / 1 node: ZeroMQ enqueue", "enqueue-zmq cluster-rf2", "enqueue-zmq single", None),
+    ("3 nodes RF 1 / 1 node: ZeroMQ enqueue", "enqueue-zmq cluster-rf1", "enqueue-zmq single-node", None),
+    ("3 nodes RF 2 / 1 node: ZeroMQ enqueue", "enqueue-zmq cluster-rf2", "enqueue-zmq single-node", None),
     ("3 nodes RF 1 / 1 node: end-to-end", "end-to-end cluster-rf1", "end-to-end single-node", None),
     ("3 nodes RF 2 / 1 node: end-to-end", "end-to-end cluster-rf2", "end-to-end single-node", None),
 ]

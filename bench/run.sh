@@ -51,6 +51,16 @@ single() {
     wait_http 7600
 }
 
+# One broker and a gateway as separate processes (the cluster's layout,
+# for the 3-nodes-beside-1 rows): broker on 7500..7503, HTTP on 7600.
+separate() {
+    "$BIN" broker --port 7500 --node-id b1 >"$OUT/b1.log" 2>&1 &
+    PIDS+=($!)
+    "$BIN" gateway --listen 127.0.0.1:7600 --broker tcp://127.0.0.1:7500 >"$OUT/gw.log" 2>&1 &
+    PIDS+=($!)
+    wait_http 7600  # /health answers once the gateway reaches the broker
+}
+
 # A fresh 3-node cluster (replication factor $1) and a gateway on 7600.
 cluster() {
     "$BIN" broker --port 7500 --node-id b1 --replicas "$1" >"$OUT/b1.log" 2>&1 &
@@ -107,7 +117,10 @@ for round in $(seq 1 "$ROUNDS"); do
         bench "cluster-rf$rf" end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"
         stop_all
     done
-    single; bench single-node end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"; stop_all
+    separate
+    bench single-node enqueue-zmq --broker $Z --requests "$N_ZMQ" --window 64
+    bench single-node end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC"
+    stop_all
 done
 
 # A million timers, once: firing lateness and memory per pending task.

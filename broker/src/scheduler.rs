@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::clock::{micros_to_secs, now_micros, secs_to_micros};
 use crate::queues::{self, DedupEntry, KeyKind, Queue};
 use crate::sockets::Bell;
-use crate::validate::{validate_with, ValidTask};
+use crate::validate::{validate_known, ValidTask};
 use cluster::{new_record, placement_key};
 use protocol::{EventBody, PeerMessage, ReplicaRecord, StoreOutcome};
 
@@ -299,8 +299,10 @@ pub struct Store {
     /// `out` at the end of every `apply` and `fire_due`.
     outbox: Vec<Event>,
     next_req: u64,
-    /// Queue names and URLs shared by the tasks that use them.
-    strings: Interner,
+    /// Queue names and URLs shared by the tasks that use them. Every URL
+    /// here passed validation, in its normalized form.
+    queue_names: Interner,
+    urls: Interner,
     pub stats: Stats,
 }
 
@@ -314,6 +316,10 @@ struct Interner {
 }
 
 impl Interner {
+    fn contains(&self, s: &String) -> bool {
+        self.set.contains(s)
+    }
+
     fn intern(&mut self, s: &std::sync::Arc<String>) -> std::sync::Arc<String> {
         if let Some(shared) = self.set.get(&**s) {
             return shared.clone();
@@ -347,7 +353,8 @@ impl Store {
             pending: HashMap::new(),
             outbox: Vec::new(),
             next_req: 1,
-            strings: Interner::default(),
+            queue_names: Interner::default(),
+            urls: Interner::default(),
             stats: Stats::default(),
         }
     }
@@ -719,16 +726,19 @@ impl Store {
     #[allow(clippy::result_large_err)] // the error is the reply itself, sent at once
     fn check(&mut self, queue: &str, spec: TaskSpec, now_us: u64) -> Result<ValidTask, ReplyBody> {
         let default_timeout = self.queue_mut(queue, now_us).config.timeout;
-        let mut t = validate_with(queue, spec, micros_to_secs(now_us), default_timeout)
-            .map_err(|reason| error(ErrorCode::BadRequest, reason))?;
+        let urls = &self.urls;
+        let mut t = validate_known(queue, spec, micros_to_secs(now_us), default_timeout, |u| {
+            urls.contains(u)
+        })
+        .map_err(|reason| error(ErrorCode::BadRequest, reason))?;
         self.intern(&mut t);
         Ok(t)
     }
 
     /// Makes `t` share its queue and URL strings with the tasks before it.
     pub(crate) fn intern(&mut self, t: &mut ValidTask) {
-        t.queue = self.strings.intern(&t.queue);
-        t.url = self.strings.intern(&t.url);
+        t.queue = self.queue_names.intern(&t.queue);
+        t.url = self.urls.intern(&t.url);
     }
 
     /// The answer to a task whose name or idempotency key is taken.

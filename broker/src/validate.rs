@@ -223,35 +223,30 @@ pub fn validate_with(
     now: f64,
     default_timeout: f64,
 ) -> Result<ValidTask, String> {
+    validate_known(queue, spec, now, default_timeout, |_| false)
+}
+
+/// Like [`validate_with`]; `known(url)` says that `url` is exactly the
+/// normalized form of a URL accepted before, which then needs no parsing
+/// (normalizing a normalized URL gives it back). The store passes its
+/// shared URLs.
+pub fn validate_known(
+    queue: &str,
+    spec: TaskSpec,
+    now: f64,
+    default_timeout: f64,
+    known: impl Fn(&String) -> bool,
+) -> Result<ValidTask, String> {
     if !is_valid_queue_name(queue) {
         return Err("queue names must match [A-Za-z0-9-]{1,100}".into());
     }
     if spec.url.is_empty() {
         return Err("task.url is required".into());
     }
-    let url =
-        url::Url::parse(&spec.url).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
-    match url.scheme() {
-        "http" | "https" => {
-            if url.host_str().is_none_or(str::is_empty) {
-                return Err("task.url must name a host".into());
-            }
-        }
-        "zmq" => {
-            let pool = url.host_str().unwrap_or("");
-            // Nothing but the pool: no user, port, path, query or fragment.
-            let bare = matches!(url.as_str().strip_prefix("zmq://"), Some(r) if r == pool || r.strip_suffix('/') == Some(pool));
-            if !is_valid_pool_name(pool) || !bare {
-                return Err(
-                    "zmq URLs must be zmq://POOL with POOL matching [A-Za-z0-9_.-]{1,100}".into(),
-                );
-            }
-        }
-        other => {
-            return Err(format!(
-                "task.url scheme must be http, https or zmq, not {other:?}"
-            ))
-        }
+    let url = if known(&spec.url) {
+        spec.url.clone()
+    } else {
+        normalize_url(&spec.url)?
     };
     let method = match spec.method.as_deref() {
         None | Some("") => Method::Post,
@@ -333,7 +328,7 @@ pub fn validate_with(
     }
     Ok(ValidTask::from_parts(
         queue,
-        url.as_str(),
+        &url,
         method,
         &spec.params,
         spec.body.as_deref().map(|b| &b[..]),
@@ -348,6 +343,34 @@ pub fn validate_with(
             idempotency_key: spec.idempotency_key,
         },
     ))
+}
+
+/// Parses and checks a task URL; returns its normalized form.
+fn normalize_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => {
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err("task.url must name a host".into());
+            }
+        }
+        "zmq" => {
+            let pool = url.host_str().unwrap_or("");
+            // Nothing but the pool: no user, port, path, query or fragment.
+            let bare = matches!(url.as_str().strip_prefix("zmq://"), Some(r) if r == pool || r.strip_suffix('/') == Some(pool));
+            if !is_valid_pool_name(pool) || !bare {
+                return Err(
+                    "zmq URLs must be zmq://POOL with POOL matching [A-Za-z0-9_.-]{1,100}".into(),
+                );
+            }
+        }
+        other => {
+            return Err(format!(
+                "task.url scheme must be http, https or zmq, not {other:?}"
+            ))
+        }
+    }
+    Ok(url.into())
 }
 
 /// RFC 9110 `tchar`.

@@ -40,6 +40,11 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<Vec<u8>> {
 /// Checks the layout and version of `frames` (without any identity frame)
 /// and decodes the body.
 pub fn decode<T: DeserializeOwned, F: AsRef<[u8]>>(frames: &[F]) -> Result<T, Error> {
+    rmp_serde::from_slice(checked_body(frames)?).map_err(Error::body)
+}
+
+/// The body of `frames`, once layout, version and size are checked.
+fn checked_body<F: AsRef<[u8]>>(frames: &[F]) -> Result<&[u8], Error> {
     let body = check_layout(frames)?;
     if body.len() > MAX_BODY_BYTES {
         return Err(Error::body(format!(
@@ -47,20 +52,14 @@ pub fn decode<T: DeserializeOwned, F: AsRef<[u8]>>(frames: &[F]) -> Result<T, Er
             body.len()
         )));
     }
-    rmp_serde::from_slice(body).map_err(Error::body)
+    Ok(body)
 }
 
 /// Like [`decode`], for the messages sent once per task: their usual form
 /// skips serde's buffering ([`crate::fast`]); anything else decodes exactly
 /// as [`decode`] does.
 pub fn decode_hot<T: FastDecode, F: AsRef<[u8]>>(frames: &[F]) -> Result<T, Error> {
-    let body = check_layout(frames)?;
-    if body.len() > MAX_BODY_BYTES {
-        return Err(Error::body(format!(
-            "body of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
-            body.len()
-        )));
-    }
+    let body = checked_body(frames)?;
     if let Some(m) = T::fast(body) {
         return Ok(m);
     }

@@ -822,3 +822,31 @@ fn task_stays_compact() {
     );
     assert!(size <= 152, "Task grew to {size} bytes");
 }
+
+/// A URL seen before skips parsing; any other spelling is still parsed,
+/// normalized and checked, and tasks share one copy of each URL.
+#[test]
+fn known_urls_skip_parsing_but_nothing_else() {
+    let mut h = Harness::new(QueueConfig::default());
+    let url_of = |h: &Harness, id: &str| {
+        let uid = Uuid::parse_str(id).unwrap();
+        h.store.tasks[&uid].spec.url.clone()
+    };
+    let spec = |url: &str| TaskSpec {
+        url: url.into(),
+        ..Default::default()
+    };
+    let a = h.enqueue_id(spec("HTTP://Example.COM/a b"), T0);
+    let b = h.enqueue_id(spec("http://example.com/a%20b"), T0);
+    let c = h.enqueue_id(spec("HTTP://Example.COM/a b"), T0);
+    assert_eq!(*url_of(&h, &a), "http://example.com/a%20b");
+    assert!(std::sync::Arc::ptr_eq(&url_of(&h, &a), &url_of(&h, &b)));
+    assert!(std::sync::Arc::ptr_eq(&url_of(&h, &a), &url_of(&h, &c)));
+    // Queue names are not URLs, even when a queue is named like one.
+    for bad in ["default", "ftp://example.com/", "zmq://a/b", ""] {
+        assert!(
+            matches!(h.enqueue(spec(bad), T0), ReplyBody::Error { .. }),
+            "{bad:?} was accepted"
+        );
+    }
+}
