@@ -2,7 +2,7 @@
 //! token bucket, concurrency, pause, name tombstones, live figures.
 //! Owned by the scheduler thread, like the tasks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use protocol::{QueueConfig, QueueConfigPatch, QueueStats, TaskState};
@@ -167,29 +167,48 @@ pub struct Queue {
 }
 
 /// A queue's tasks in creation order, as (created µs, id): a sorted vector,
-/// 24 bytes a task. Tasks arrive in time order, so an insert is a push.
+/// 24 bytes a task. Tasks made here arrive in time order, so an insert is a
+/// push; the few that arrive out of order (copies from peers, a clock that
+/// stepped back) wait in a small sorted set and are merged in when it grows
+/// past an eighth of the vector, so no insert shifts the whole vector.
 /// Removal only counts: stale entries (the task is gone) are skipped by
 /// readers, who check the task table, and swept by the store once they
 /// outnumber the live ones ([`CreationIndex::needs_sweep`]).
 #[derive(Debug, Default)]
 pub struct CreationIndex {
     entries: Vec<(u64, Uuid)>,
+    late: BTreeSet<(u64, Uuid)>,
     stale: usize,
 }
 
 impl CreationIndex {
     pub fn insert(&mut self, key: (u64, Uuid)) {
         match self.entries.last() {
-            Some(last) if *last > key => {
-                // The clock stepped back: keep the order.
-                let at = self.entries.partition_point(|e| *e < key);
-                if self.entries.get(at) != Some(&key) {
-                    self.entries.insert(at, key);
+            Some(last) if *last >= key => {
+                if self.entries.binary_search(&key).is_err() {
+                    self.late.insert(key);
+                    if self.late.len() > 64 + self.entries.len() / 8 {
+                        self.merge_late();
+                    }
                 }
             }
-            Some(last) if *last == key => {}
             _ => self.entries.push(key),
         }
+    }
+
+    /// Merges the side set into the vector: one linear pass over both.
+    fn merge_late(&mut self) {
+        if self.late.is_empty() {
+            return;
+        }
+        let late = std::mem::take(&mut self.late);
+        let mut merged = Vec::with_capacity(self.entries.len() + late.len());
+        merged.extend(Merge {
+            a: self.entries.iter().copied().peekable(),
+            b: late.into_iter().peekable(),
+        });
+        merged.dedup();
+        self.entries = merged;
     }
 
     /// Notes that a task left; its entry goes stale.
@@ -198,22 +217,54 @@ impl CreationIndex {
     }
 
     pub fn needs_sweep(&self) -> bool {
-        self.stale > 1024 && self.stale * 2 > self.entries.len()
+        self.stale > 1024 && self.stale * 2 > self.entries.len() + self.late.len()
     }
 
     /// Keeps the entries `live` accepts.
-    pub fn sweep(&mut self, live: impl FnMut(&(u64, Uuid)) -> bool) {
-        self.entries.retain(live);
+    pub fn sweep(&mut self, mut live: impl FnMut(&(u64, Uuid)) -> bool) {
+        self.merge_late();
+        self.entries.retain(&mut live);
         self.stale = 0;
     }
 
     /// Entries after `start` (all with `None`), in order; may be stale.
-    pub fn after(&self, start: Option<(u64, Uuid)>) -> &[(u64, Uuid)] {
+    pub fn after(&self, start: Option<(u64, Uuid)>) -> impl Iterator<Item = (u64, Uuid)> + '_ {
         let from = match start {
             Some(k) => self.entries.partition_point(|e| *e <= k),
             None => 0,
         };
-        &self.entries[from..]
+        let late = match start {
+            Some(k) => self
+                .late
+                .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+            None => self.late.range(..),
+        };
+        Merge {
+            a: self.entries[from..].iter().copied().peekable(),
+            b: late.copied().peekable(),
+        }
+    }
+}
+
+/// Two sorted sequences as one.
+struct Merge<A: Iterator, B: Iterator> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<A, B> Iterator for Merge<A, B>
+where
+    A: Iterator<Item = (u64, Uuid)>,
+    B: Iterator<Item = (u64, Uuid)>,
+{
+    type Item = (u64, Uuid);
+
+    fn next(&mut self) -> Option<(u64, Uuid)> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(x), Some(y)) if y < x => self.b.next(),
+            (Some(_), _) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
     }
 }
 
@@ -394,22 +445,37 @@ mod tests {
     #[test]
     fn creation_index_keeps_order_and_sweeps() {
         let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        let times = |ix: &CreationIndex, start| ix.after(start).map(|e| e.0).collect::<Vec<u64>>();
         let mut ix = CreationIndex::default();
         ix.insert((10, ids[0]));
         ix.insert((30, ids[1]));
-        ix.insert((20, ids[2])); // the clock stepped back
+        ix.insert((20, ids[2])); // out of order: waits in the side set
         ix.insert((30, ids[1])); // already there
         ix.insert((40, ids[3]));
-        let all: Vec<u64> = ix.after(None).iter().map(|e| e.0).collect();
-        assert_eq!(all, vec![10, 20, 30, 40]);
-        let rest: Vec<u64> = ix.after(Some((20, ids[2]))).iter().map(|e| e.0).collect();
-        assert_eq!(rest, vec![30, 40]);
-        assert!(ix.after(Some((40, ids[3]))).is_empty());
+        ix.insert((20, ids[2])); // already there, in the side set
+        assert_eq!(times(&ix, None), vec![10, 20, 30, 40]);
+        assert_eq!(times(&ix, Some((20, ids[2]))), vec![30, 40]);
+        assert_eq!(times(&ix, Some((10, ids[0]))), vec![20, 30, 40]);
+        assert!(ix.after(Some((40, ids[3]))).next().is_none());
         ix.removed();
         assert!(!ix.needs_sweep());
         ix.sweep(|e| e.0 != 20);
-        let all: Vec<u64> = ix.after(None).iter().map(|e| e.0).collect();
-        assert_eq!(all, vec![10, 30, 40]);
+        assert_eq!(times(&ix, None), vec![10, 30, 40]);
+        // Many late arrivals (copies from a peer, in random order) merge
+        // in batches and come out sorted.
+        let mut big = CreationIndex::default();
+        big.insert((1_000_000, Uuid::new_v4()));
+        let mut keys: Vec<(u64, Uuid)> = (0..3000u64)
+            .map(|i| ((i * 7919) % 3001, Uuid::new_v4()))
+            .collect();
+        for k in &keys {
+            big.insert(*k);
+        }
+        keys.push((1_000_000, Uuid::nil()));
+        let got: Vec<u64> = big.after(None).map(|e| e.0).collect();
+        let mut want: Vec<u64> = keys.iter().map(|k| k.0).collect();
+        want.sort_unstable();
+        assert_eq!(got, want);
         // Many removals make a sweep due.
         let mut big = CreationIndex::default();
         for i in 0..3000u64 {

@@ -735,10 +735,23 @@ impl Store {
         Ok(t)
     }
 
-    /// Makes `t` share its queue and URL strings with the tasks before it.
+    /// Makes `t`, which passed validation here, share its queue and URL
+    /// strings with the tasks before it.
     pub(crate) fn intern(&mut self, t: &mut ValidTask) {
         t.queue = self.queue_names.intern(&t.queue);
         t.url = self.urls.intern(&t.url);
+    }
+
+    /// Like [`Store::intern`] for a peer's copy, which was validated where
+    /// it was enqueued: its URL joins the known ones only if this node's
+    /// validation accepts it as it is.
+    pub(crate) fn intern_peer(&mut self, t: &mut ValidTask) {
+        t.queue = self.queue_names.intern(&t.queue);
+        if self.urls.contains(&t.url)
+            || crate::validate::normalize_url(&t.url).is_ok_and(|n| n == *t.url)
+        {
+            t.url = self.urls.intern(&t.url);
+        }
     }
 
     /// The answer to a task whose name or idempotency key is taken.
@@ -1242,6 +1255,7 @@ impl Store {
         let Some(t) = self.tasks.remove(&id) else {
             return;
         };
+        self.sweep_task_timers();
         if let Some(q) = self.queues.get_mut(&*t.spec.queue) {
             q.index.removed();
             q.count(Some(t.state), None);
@@ -1263,9 +1277,8 @@ impl Store {
         let ids: Vec<Uuid> = q
             .index
             .after(None)
-            .iter()
             .take_while(|(created, _)| *created <= now_us)
-            .map(|(_, id)| *id)
+            .map(|(_, id)| id)
             .collect();
         let mut removed = 0;
         for id in ids {
@@ -1366,7 +1379,7 @@ impl Store {
         let mut tasks = Vec::new();
         let mut last = None;
         let mut next_cursor = None;
-        for &(created, id) in range {
+        for (created, id) in range {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };
@@ -1409,8 +1422,13 @@ impl Store {
         t.fire_at_us = at_us;
         t.timed = true;
         self.task_timers.push(Reverse((at_us, id)));
+        self.sweep_task_timers();
+    }
+
+    /// Drops stale heap entries once they outnumber the tasks (after many
+    /// moves, or a purge).
+    fn sweep_task_timers(&mut self) {
         if self.task_timers.len() > 2 * self.tasks.len() + 1024 {
-            // Mostly stale entries: keep the live ones.
             let tasks = &self.tasks;
             self.task_timers.retain(|Reverse((at, id))| {
                 tasks

@@ -346,7 +346,7 @@ pub fn validate_known(
 }
 
 /// Parses and checks a task URL; returns its normalized form.
-fn normalize_url(raw: &str) -> Result<String, String> {
+pub fn normalize_url(raw: &str) -> Result<String, String> {
     let url = url::Url::parse(raw).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {

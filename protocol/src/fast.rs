@@ -8,7 +8,9 @@
 //! task, [`FastDecode::fast`] reads the keys in that order and decodes the
 //! rest of the map straight into the variant's fields. Any other order, any
 //! other variant or any error gives `None`, and the derived decoder runs as
-//! before, so what is accepted and every error message stay the same.
+//! before, so every error message stays the same. One difference: a map
+//! that repeats `"type"` after its fields is taken by its first `"type"`
+//! here, where the derived decoder rejects the duplicate key.
 
 use std::marker::PhantomData;
 

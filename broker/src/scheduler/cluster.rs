@@ -588,7 +588,7 @@ impl Store {
             return StoreOutcome::Stored;
         }
         let mut spec = spec_of(&record);
-        self.intern(&mut spec);
+        self.intern_peer(&mut spec);
         if check {
             if let Some(ReplyBody::Duplicate { id, tombstoned }) = self.duplicate_of(&spec, now_us)
             {

@@ -4,7 +4,7 @@
 //! keeps up to twice the slots it fills: up to 50 bytes a task. This table
 //! keeps only the box (8 bytes a slot, plus hashbrown's control byte) and
 //! finds a task by the id stored inside it. Task ids are random (v4), so
-//! their low 64 bits are the hash.
+//! their two halves XORed are the hash.
 
 use hashbrown::HashTable;
 use uuid::Uuid;
@@ -17,7 +17,10 @@ pub(super) struct TaskTable {
 }
 
 fn hash(id: &Uuid) -> u64 {
-    id.as_u64_pair().1
+    // Both halves: a v4 id has fixed version and variant bits, which would
+    // waste the top bits hashbrown takes its tags from.
+    let (hi, lo) = id.as_u64_pair();
+    hi ^ lo
 }
 
 impl TaskTable {
