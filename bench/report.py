@@ -80,7 +80,18 @@ for name, a, b, target in ratios:
     tgt = "—" if target is None else f"≥ {target}"
     print(f"| {name} | {value} | {pm} | {pr} | {tgt} |")
 
-for r in extra.get("timers timers", []):
+timer_runs = extra.get("timers timers", [])
+if len(timer_runs) > 1:
+    ratios_t = [r["extra"]["enqueue_per_sec_last_tenth"] / max(r["extra"]["enqueue_per_sec_first_tenth"], 1e-9)
+                for r in timer_runs]
+    mem = [r["extra"]["rss_bytes_per_pending_task"] - r["extra"].get("payload_bytes_per_task", 0)
+           for r in timer_runs if r["extra"].get("rss_bytes_per_pending_task") is not None]
+    print()
+    print(f"Timers over {len(timer_runs)} runs: enqueue rate last tenth / first tenth "
+          f"median {statistics.median(ratios_t):.2f} (min–max {min(ratios_t):.2f}–{max(ratios_t):.2f})"
+          + (f"; bytes per pending task beyond the payload median {statistics.median(mem):.0f} "
+             f"(min–max {min(mem):.0f}–{max(mem):.0f})" if mem else "") + ".")
+for r in timer_runs:
     e, lat = r["extra"], r["latency_ms"]
     print()
     print(f"Timers: {r['count']:,} tasks over {e['window']} s.")
