@@ -229,15 +229,13 @@ impl CreationIndex {
 
     /// Entries after `start` (all with `None`), in order; may be stale.
     pub fn after(&self, start: Option<(u64, Uuid)>) -> impl Iterator<Item = (u64, Uuid)> + '_ {
-        let from = match start {
-            Some(k) => self.entries.partition_point(|e| *e <= k),
-            None => 0,
-        };
-        let late = match start {
-            Some(k) => self
-                .late
-                .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
-            None => self.late.range(..),
+        let (from, late) = match start {
+            Some(k) => (
+                self.entries.partition_point(|e| *e <= k),
+                self.late
+                    .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+            ),
+            None => (0, self.late.range(..)),
         };
         Merge {
             a: self.entries[from..].iter().copied().peekable(),

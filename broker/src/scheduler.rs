@@ -212,23 +212,29 @@ impl Task {
     }
 
     fn set_last_error(&mut self, error: Option<String>) {
-        self.update_run(|r| r.error = error);
+        let clear = error.is_none();
+        self.update_run(clear, |r| r.error = error);
     }
 
     fn set_last_response(&mut self, response: Option<Vec<u8>>) {
-        self.update_run(|r| r.response = response);
+        let clear = response.is_none();
+        self.update_run(clear, |r| r.response = response);
     }
 
     fn set_first_attempt_us(&mut self, at: Option<u64>) {
-        self.update_run(|r| r.first_attempt_us = at);
+        self.update_run(at.is_none(), |r| r.first_attempt_us = at);
     }
 
     fn set_delivery(&mut self, delivery: Option<u64>) {
-        self.update_run(|r| r.delivery = delivery);
+        self.update_run(delivery.is_none(), |r| r.delivery = delivery);
     }
 
-    /// Changes the run state, dropping its box when it becomes empty.
-    fn update_run(&mut self, f: impl FnOnce(&mut Run)) {
+    /// Changes the run state, dropping its box when it becomes empty; a
+    /// field cleared (`clear`) on a task without one allocates nothing.
+    fn update_run(&mut self, clear: bool, f: impl FnOnce(&mut Run)) {
+        if clear && self.run.is_none() {
+            return;
+        }
         let run = self.run.get_or_insert_with(Box::default);
         f(run);
         if run.error.is_none()
@@ -458,13 +464,10 @@ impl Store {
                 touched.insert(queue);
                 continue;
             }
-            let Some(key) = other_at
-                .filter(|&o| o <= now_us)
-                .and_then(|_| self.timers.keys().next().copied())
-            else {
+            if other_at.is_none_or(|o| o > now_us) {
                 break;
-            };
-            let Some(timer) = self.timers.remove(&key) else {
+            }
+            let Some((key, timer)) = self.timers.pop_first() else {
                 break;
             };
             match timer {
@@ -1169,11 +1172,7 @@ impl Store {
         if state == TaskState::Failed {
             self.clear_timer(id);
         } else {
-            let at = now_us + secs_to_micros(retention);
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.fire_at_us = at;
-            }
-            self.set_task_timer(id, at);
+            self.set_task_timer(id, now_us + secs_to_micros(retention));
         }
         let until = now_us + secs_to_micros(dedup);
         for key in keys {

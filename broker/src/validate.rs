@@ -111,13 +111,17 @@ impl ValidTask {
         url: &str,
         method: Method,
         params: &[(String, String)],
-        body: Option<&[u8]>,
+        body: Option<Vec<u8>>,
         eta: f64,
         timeout: f64,
         rare: Rare,
     ) -> ValidTask {
         let (payload, raw) = match body {
-            Some(b) => (SmallVec::from_slice(b), true),
+            Some(b) => {
+                let mut v = SmallVec::from_vec(b);
+                v.shrink_to_fit(); // inline when it fits
+                (v, true)
+            }
             None => (encode_params(params), false),
         };
         ValidTask {
@@ -331,7 +335,7 @@ pub fn validate_known(
         &url,
         method,
         &spec.params,
-        spec.body.as_deref().map(|b| &b[..]),
+        spec.body.map(|b| b.into_vec()),
         eta,
         timeout,
         Rare {

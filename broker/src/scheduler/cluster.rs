@@ -130,7 +130,7 @@ fn spec_of(r: &ReplicaRecord) -> ValidTask {
         &r.url,
         Method::parse(&r.method).unwrap_or(Method::Post),
         &r.params,
-        r.body.as_deref().map(|b| &b[..]),
+        r.body.as_ref().map(|b| b.to_vec()),
         r.eta,
         r.timeout,
         Rare {

@@ -53,13 +53,17 @@ impl Recent {
         self.entries.get(pos.wrapping_sub(self.head) as usize)
     }
 
+    /// Where the entry keyed `k` is in the ring.
+    fn position(&self, k: u64) -> Option<u32> {
+        self.index
+            .find(k, |&p| self.entry(p).is_some_and(|e| e.key == k))
+            .copied()
+    }
+
     /// The remembered reply to `request_id`, whose request names `queue`.
     pub fn get(&self, request_id: &str, queue: &str) -> Option<ReplyBody> {
         let k = key(request_id);
-        let pos = *self
-            .index
-            .find(k, |&p| self.entry(p).is_some_and(|e| e.key == k))?;
-        let e = self.entry(pos)?;
+        let e = self.entry(self.position(k)?)?;
         if e.id.is_nil() {
             return self.others.get(&k).map(|b| (**b).clone());
         }
@@ -79,7 +83,7 @@ impl Recent {
             self.pop_oldest();
         }
         let k = key(request_id);
-        if self.get(request_id, "").is_some() {
+        if self.position(k).is_some() {
             return; // the first reply stands
         }
         let mut e = Entry {

@@ -44,11 +44,11 @@ impl TaskTable {
 
     /// Adds `task` under its id, replacing a task with the same id.
     pub fn insert(&mut self, task: Box<Task>) {
-        let h = hash(&task.id);
-        match self.table.find_mut(h, |t| t.id == task.id) {
-            Some(slot) => *slot = task,
-            None => {
-                self.table.insert_unique(h, task, |t| hash(&t.id));
+        let id = task.id;
+        match self.table.entry(hash(&id), |t| t.id == id, |t| hash(&t.id)) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = task,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(task);
             }
         }
     }
