@@ -4,6 +4,11 @@
 
 mod bench;
 
+/// mimalloc: per-thread free lists suit a process whose tasks are
+/// allocated on one thread and freed on another (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use broker::client::Producer;
