@@ -137,16 +137,20 @@ struct LinkRequest {
 #[derive(Clone)]
 pub struct BrokerLink {
     requests: Sender<LinkRequest>,
-    results: Sender<(String, DeliveryResult)>,
+    results: Sender<(BrokerId, DeliveryResult)>,
     bell: Bell,
     stop: Arc<AtomicBool>,
 }
 
+/// Which of the link's brokers sent a task (its result goes back there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerId(usize);
+
 /// A task to deliver, handed from the link thread to tokio.
 #[derive(Debug)]
 pub struct Delivery {
-    /// The worker endpoint of the broker that sent it (results go back there).
-    pub broker: String,
+    /// The broker that sent it.
+    pub broker: BrokerId,
     pub delivery: u64,
     pub task: DeliveredTask,
 }
@@ -205,7 +209,7 @@ impl BrokerLink {
     }
 
     /// Reports a webhook's outcome to the broker that sent the task.
-    pub fn report(&self, broker: String, result: DeliveryResult) {
+    pub fn report(&self, broker: BrokerId, result: DeliveryResult) {
         if self.results.send((broker, result)).is_ok() {
             self.bell.ring();
         }
@@ -227,7 +231,7 @@ fn run(
     config: LinkConfig,
     doorbell: Doorbell,
     requests: Receiver<LinkRequest>,
-    results: Receiver<(String, DeliveryResult)>,
+    results: Receiver<(BrokerId, DeliveryResult)>,
     jobs: mpsc::UnboundedSender<Delivery>,
     stop: &AtomicBool,
 ) -> Result<(), zmq::Error> {
@@ -239,7 +243,9 @@ fn run(
     // over the connected ones, and IMMEDIATE skips the dead.
     let client = sockets::dealer(&ctx, true)?;
     let mut known: Vec<String> = Vec::new();
-    let mut workers: HashMap<String, Registration> = HashMap::new();
+    // Registrations by `BrokerId`: the list only grows, so an id stays
+    // valid (a registration renewed by `keep_alive` keeps its place).
+    let mut workers: Vec<Registration> = Vec::new();
     for b in &config.brokers {
         connect_broker(&ctx, &client, &config, b, &mut known, &mut workers)?;
     }
@@ -248,24 +254,21 @@ fn run(
     // The roster is asked for right away, then every 2 s.
     let mut next_roster = Instant::now();
     let roster_request = "roster".to_string();
+    // Which worker sockets were readable, reused across iterations.
+    let mut readable: Vec<bool> = Vec::new();
     loop {
-        let endpoints: Vec<String> = workers.keys().cloned().collect();
-        let (c, w) = {
-            let mut items = vec![
-                client.as_poll_item(zmq::POLLIN),
-                zmq::PollItem::from_fd(doorbell.fd(), zmq::POLLIN),
-            ];
-            for e in &endpoints {
-                if let Some(r) = workers.get(e) {
-                    items.push(r.socket.as_poll_item(zmq::POLLIN));
-                }
-            }
+        let c = {
+            let mut items = Vec::with_capacity(2 + workers.len());
+            items.push(client.as_poll_item(zmq::POLLIN));
+            items.push(zmq::PollItem::from_fd(doorbell.fd(), zmq::POLLIN));
+            items.extend(workers.iter().map(|r| r.socket.as_poll_item(zmq::POLLIN)));
             match zmq::poll(&mut items, tick.as_millis() as i64) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => return Err(e),
             }
-            let readable: Vec<bool> = items.iter().skip(2).map(|i| i.is_readable()).collect();
-            (items[0].is_readable(), readable)
+            readable.clear();
+            readable.extend(items[2..].iter().map(|i| i.is_readable()));
+            items[0].is_readable()
         };
         if stop.load(Ordering::Acquire) {
             return Ok(());
@@ -294,7 +297,7 @@ fn run(
             }
         }
         while let Ok((broker, result)) = results.try_recv() {
-            if let Some(reg) = workers.get_mut(&broker) {
+            if let Some(reg) = workers.get_mut(broker.0) {
                 reg.send(&WorkerMessage::Result(result));
             }
         }
@@ -332,26 +335,23 @@ fn run(
                 }
             }
         }
-        for (e, readable) in endpoints.iter().zip(w) {
-            if !readable {
+        for (i, reg) in workers.iter_mut().enumerate() {
+            if !readable.get(i).copied().unwrap_or(false) {
                 continue;
             }
-            let Some(reg) = workers.get_mut(e) else {
-                continue;
-            };
             while let Some(parts) = sockets::try_recv(&reg.socket) {
                 reg.last_heard = Instant::now();
                 match protocol::decode_hot::<BrokerMessage, _>(&parts) {
                     Ok(BrokerMessage::Task { delivery, task }) => {
                         let _ = jobs.send(Delivery {
-                            broker: e.clone(),
+                            broker: BrokerId(i),
                             delivery,
                             task,
                         });
                     }
                     Ok(BrokerMessage::Heartbeat) => {}
                     Ok(BrokerMessage::Disconnect { reason }) => {
-                        tracing::info!(%reason, broker = %e, "broker asked the dispatcher to register again");
+                        tracing::info!(%reason, broker = %reg.endpoint, "broker asked the dispatcher to register again");
                         reg.ready();
                     }
                     Ok(BrokerMessage::Error { reason, .. }) => {
@@ -372,7 +372,7 @@ fn run(
                 true
             }
         });
-        for reg in workers.values_mut() {
+        for reg in workers.iter_mut() {
             reg.keep_alive(&ctx, &config)?;
         }
     }
@@ -386,7 +386,7 @@ fn connect_broker(
     config: &LinkConfig,
     endpoint: &str,
     known: &mut Vec<String>,
-    workers: &mut HashMap<String, Registration>,
+    workers: &mut Vec<Registration>,
 ) -> Result<(), zmq::Error> {
     if known.iter().any(|k| k == endpoint) {
         return Ok(());
@@ -396,12 +396,12 @@ fn connect_broker(
     };
     let (client_at, worker_at) = match &config.local {
         Some(l) if l.endpoint == endpoint => (l.client.clone(), l.worker.clone()),
-        _ => (endpoint.to_string(), worker.clone()),
+        _ => (endpoint.to_string(), worker),
     };
     client.connect(&client_at)?;
     known.push(endpoint.to_string());
     tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
-    workers.insert(worker, Registration::new(ctx, config, &worker_at)?);
+    workers.push(Registration::new(ctx, config, &worker_at)?);
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -72,7 +72,7 @@ pub async fn run(
             if job.task.signing_secrets.is_empty() {
                 job.task.signing_secrets = config.signing_secrets.clone();
             }
-            let result = deliver(&client, job.delivery, &job.task).await;
+            let result = deliver(&client, job.delivery, job.task).await;
             link.report(job.broker, result);
         });
     }
@@ -103,37 +103,74 @@ pub fn sign(secrets: &[String], id: &str, timestamp: u64, body: &[u8]) -> Option
     (!signatures.is_empty()).then(|| signatures.join(" "))
 }
 
+const X_TASK_ID: HeaderName = HeaderName::from_static("x-task-id");
+const X_TASK_QUEUE: HeaderName = HeaderName::from_static("x-task-queue");
+const X_TASK_NAME: HeaderName = HeaderName::from_static("x-task-name");
+const X_TASK_RETRY_COUNT: HeaderName = HeaderName::from_static("x-task-retry-count");
+const X_TASK_EXECUTION_COUNT: HeaderName = HeaderName::from_static("x-task-execution-count");
+const X_TASK_ETA: HeaderName = HeaderName::from_static("x-task-eta");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+const FORM: HeaderValue = HeaderValue::from_static("application/x-www-form-urlencoded");
+const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
+
+/// Unix seconds with six decimals, as `format!("{:.6}")` writes them for
+/// times given to the microsecond (what the broker keeps), without going
+/// through float formatting.
+pub fn eta_header(eta: f64) -> String {
+    if !(0.0..1e12).contains(&eta) {
+        return format!("{eta:.6}");
+    }
+    let micros = (eta * 1e6).round() as u64;
+    let mut buf = itoa::Buffer::new();
+    let mut out = String::with_capacity(24);
+    out.push_str(buf.format(micros / 1_000_000));
+    out.push('.');
+    let frac = buf.format(micros % 1_000_000);
+    for _ in frac.len()..6 {
+        out.push('0');
+    }
+    out.push_str(frac);
+    out
+}
+
 /// Builds the HTTP request for a task (see `PROTOCOL.md`, "Webhooks").
-pub fn build_request(task: &DeliveredTask) -> Result<Request<Full<Bytes>>, String> {
+/// The task's URL and body move into the request.
+pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, String> {
     let method = Method::from_bytes(task.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", task.method))?;
     let in_query = method == Method::GET || method == Method::DELETE;
-    let mut url = task.url.clone();
-    let form = || {
+    let mut url = std::mem::take(&mut task.url);
+    let form = |params: &[(String, String)]| {
         form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(task.params.iter())
+            .extend_pairs(params.iter())
             .finish()
     };
-    let (body, content_type) = match &task.body {
+    let (body, content_type) = match task.body.take() {
         Some(b) => (
-            Bytes::from(b.to_vec()),
-            Some(
-                task.content_type
-                    .clone()
-                    .unwrap_or_else(|| "application/octet-stream".into()),
-            ),
+            Bytes::from(b.into_vec()),
+            Some(match &task.content_type {
+                Some(ct) => HeaderValue::from_str(ct).unwrap_or(OCTET_STREAM),
+                None => OCTET_STREAM,
+            }),
         ),
         None if in_query => {
             if !task.params.is_empty() {
                 url.push(if url.contains('?') { '&' } else { '?' });
-                url.push_str(&form());
+                url.push_str(&form(&task.params));
             }
             (Bytes::new(), None)
         }
-        None => (
-            Bytes::from(form()),
-            Some("application/x-www-form-urlencoded".to_string()),
-        ),
+        None => (Bytes::from(form(&task.params)), Some(FORM)),
+    };
+    let uri = match hyper::Uri::try_from(url) {
+        Ok(uri) => uri,
+        Err(e) => {
+            // The URL moved into the failed parse; the task's fields
+            // still name what was asked for.
+            return Err(format!("cannot build a request for the task's URL: {e}"));
+        }
     };
     let signature = if task.signing_secrets.is_empty() {
         None
@@ -144,12 +181,7 @@ pub fn build_request(task: &DeliveredTask) -> Result<Request<Full<Bytes>>, Strin
             .unwrap_or(0);
         sign(&task.signing_secrets, &task.id, now, &body).map(|s| (now, s))
     };
-    let mut req = Request::builder()
-        .method(method)
-        .uri(&url)
-        .body(Full::new(body))
-        .map_err(|e| format!("cannot build a request for {url:?}: {e}"))?;
-    let h = req.headers_mut();
+    let mut h = HeaderMap::with_capacity(11 + task.headers.len());
     for (k, v) in &task.headers {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
@@ -158,38 +190,52 @@ pub fn build_request(task: &DeliveredTask) -> Result<Request<Full<Bytes>>, Strin
             h.append(k, v);
         }
     }
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(HeaderName::from_static(name), v);
+    let text = |value: &str| HeaderValue::from_str(value).ok();
+    let mut set = |name: HeaderName, value: Option<HeaderValue>| {
+        if let Some(v) = value {
+            h.insert(name, v);
         }
     };
-    set("x-task-id", task.id.clone());
-    set("x-task-queue", task.queue.clone());
+    set(X_TASK_ID, text(&task.id));
+    set(X_TASK_QUEUE, text(&task.queue));
     if let Some(name) = &task.name {
-        set("x-task-name", name.clone());
+        set(X_TASK_NAME, text(name));
     }
-    set("x-task-retry-count", task.retry_count.to_string());
-    set("x-task-execution-count", task.execution_count.to_string());
-    set("x-task-eta", format!("{:.6}", task.eta));
+    set(
+        X_TASK_RETRY_COUNT,
+        Some(HeaderValue::from(task.retry_count)),
+    );
+    set(
+        X_TASK_EXECUTION_COUNT,
+        Some(HeaderValue::from(task.execution_count)),
+    );
+    set(X_TASK_ETA, HeaderValue::try_from(eta_header(task.eta)).ok());
     if let Some((timestamp, signature)) = signature {
-        set("webhook-id", task.id.clone());
-        set("webhook-timestamp", timestamp.to_string());
-        set("webhook-signature", signature);
+        set(WEBHOOK_ID, text(&task.id));
+        set(WEBHOOK_TIMESTAMP, Some(HeaderValue::from(timestamp)));
+        set(WEBHOOK_SIGNATURE, HeaderValue::try_from(signature).ok());
     }
     if let Some(ct) = content_type {
-        if let Ok(v) = HeaderValue::from_str(&ct) {
-            h.insert(CONTENT_TYPE, v);
-        }
+        h.insert(CONTENT_TYPE, ct);
     }
     h.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = h;
     Ok(req)
 }
 
 /// Performs one attempt and turns its outcome into a result.
-pub async fn deliver(client: &HttpsClient, delivery: u64, task: &DeliveredTask) -> DeliveryResult {
+pub async fn deliver(
+    client: &HttpsClient,
+    delivery: u64,
+    mut task: DeliveredTask,
+) -> DeliveryResult {
+    let req = build_request(&mut task);
     let mut result = DeliveryResult {
         delivery,
-        task_id: task.id.clone(),
+        task_id: task.id,
         outcome: Outcome::Failure,
         status: None,
         reason: None,
@@ -198,7 +244,7 @@ pub async fn deliver(client: &HttpsClient, delivery: u64, task: &DeliveredTask) 
         body: None,
         no_retry: false,
     };
-    let req = match build_request(task) {
+    let req = match req {
         Ok(r) => r,
         Err(e) => {
             result.reason = Some(e);
@@ -311,7 +357,7 @@ mod tests {
 
     #[test]
     fn get_puts_params_in_the_query() {
-        let r = build_request(&task()).unwrap();
+        let r = build_request(&mut task()).unwrap();
         assert_eq!(r.uri().to_string(), "http://localhost:1/w?x=1&foo=b+r");
         assert_eq!(r.headers()["x-task-eta"], "1.500000");
         assert_eq!(r.headers()["x-task-retry-count"], "2");
@@ -323,12 +369,39 @@ mod tests {
     fn post_form_encodes_params() {
         let mut t = task();
         t.method = "POST".into();
-        let r = build_request(&t).unwrap();
+        let r = build_request(&mut t).unwrap();
         assert_eq!(
             r.headers()[CONTENT_TYPE],
             "application/x-www-form-urlencoded"
         );
         assert_eq!(r.uri().to_string(), "http://localhost:1/w?x=1");
+    }
+
+    #[test]
+    fn eta_header_matches_float_formatting() {
+        let mut micros: u64 = 1_764_288_000_123_456;
+        for step in [0u64, 1, 7, 999_999, 1_000_000, 123_457_891, 86_400_000_000] {
+            micros += step;
+            let eta = micros as f64 / 1e6;
+            assert_eq!(eta_header(eta), format!("{eta:.6}"), "{micros}");
+        }
+        for eta in [0.0, 0.5, 1.5, 3.000001, 59.999999, -1.0, 1e13, f64::NAN] {
+            assert_eq!(eta_header(eta), format!("{eta:.6}"), "{eta}");
+        }
+    }
+
+    #[test]
+    fn a_bad_url_is_an_error_not_a_panic() {
+        let mut t = task();
+        t.url = "http://exa mple.com/".into();
+        assert!(build_request(&mut t)
+            .unwrap_err()
+            .starts_with("cannot build a request"));
+        let mut t = task();
+        t.method = "BAD METHOD".into();
+        assert!(build_request(&mut t)
+            .unwrap_err()
+            .starts_with("invalid method"));
     }
 
     #[test]

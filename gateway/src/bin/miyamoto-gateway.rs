@@ -1,5 +1,9 @@
 use clap::Parser;
 
+/// The allocator of every Miyamoto process (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     broker::cli::init_logging();
