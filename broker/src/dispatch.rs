@@ -7,6 +7,7 @@
 //! [`Command::Lost`] for the scheduler.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::{BrokerMessage, DeliveredTask, ErrorCode, WorkerMessage};
@@ -52,7 +53,7 @@ struct Waiting {
 
 struct InFlight {
     task_id: String,
-    pool: String,
+    pool: Arc<str>,
     deadline: Instant,
     timeout: f64,
 }
@@ -67,12 +68,23 @@ struct Worker {
     last_sent: Instant,
 }
 
-#[derive(Default)]
 struct Pool {
+    name: Arc<str>,
     waiting: VecDeque<Waiting>,
     /// Identities of the workers serving the pool, for round robin.
     members: Vec<Vec<u8>>,
     next: usize,
+}
+
+impl Pool {
+    fn new(name: &str) -> Pool {
+        Pool {
+            name: name.into(),
+            waiting: VecDeque::new(),
+            members: Vec::new(),
+            next: 0,
+        }
+    }
 }
 
 /// Counters for operators and tests.
@@ -213,7 +225,7 @@ impl Dispatcher {
         for p in &pools {
             self.pools
                 .entry(p.clone())
-                .or_default()
+                .or_insert_with(|| Pool::new(p))
                 .members
                 .push(identity.to_vec());
         }
@@ -265,15 +277,19 @@ impl Dispatcher {
         now: Instant,
         out: &mut Vec<Out>,
     ) {
-        self.pools
-            .entry(pool.clone())
-            .or_default()
-            .waiting
-            .push_back(Waiting {
-                delivery,
-                timeout,
-                task,
-            });
+        let waiting = Waiting {
+            delivery,
+            timeout,
+            task,
+        };
+        match self.pools.get_mut(&pool) {
+            Some(p) => p.waiting.push_back(waiting),
+            None => {
+                let mut p = Pool::new(&pool);
+                p.waiting.push_back(waiting);
+                self.pools.insert(pool.clone(), p);
+            }
+        }
         self.assign(&pool, now, out);
     }
 
@@ -297,8 +313,8 @@ impl Dispatcher {
         if let Some(w) = self.workers.get_mut(identity) {
             if let Some(f) = w.in_flight.remove(&delivery) {
                 self.pools
-                    .entry(f.pool)
-                    .or_default()
+                    .entry(f.pool.to_string())
+                    .or_insert_with(|| Pool::new(&f.pool))
                     .waiting
                     .push_front(Waiting {
                         delivery,
@@ -362,7 +378,7 @@ impl Dispatcher {
                 waiting.delivery,
                 InFlight {
                     task_id: waiting.task.id.clone(),
-                    pool: pool_name.to_string(),
+                    pool: pool.name.clone(),
                     deadline,
                     timeout: waiting.timeout,
                 },
