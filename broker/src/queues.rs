@@ -168,9 +168,11 @@ pub struct Queue {
 
 /// A queue's tasks in creation order, as (created µs, id): a sorted vector,
 /// 24 bytes a task. Tasks made here arrive in time order, so an insert is a
-/// push; the few that arrive out of order (copies from peers, a clock that
-/// stepped back) wait in a small sorted set and are merged in when it grows
-/// past an eighth of the vector, so no insert shifts the whole vector.
+/// push, or a short shift among the last few entries when tasks share a
+/// microsecond (a batch) and their random ids decide the order. Those that
+/// arrive further out of order (copies from peers, a clock that stepped
+/// back) wait in a small sorted set and are merged in when it grows past an
+/// eighth of the vector, so no insert shifts the whole vector.
 /// Removal only counts: stale entries (the task is gone) are skipped by
 /// readers, who check the task table, and swept by the store once they
 /// outnumber the live ones ([`CreationIndex::needs_sweep`]).
@@ -182,10 +184,18 @@ pub struct CreationIndex {
 }
 
 impl CreationIndex {
+    /// Entries an insert may shift rather than put in the side set.
+    const TAIL: usize = 1024;
+
     pub fn insert(&mut self, key: (u64, Uuid)) {
         match self.entries.last() {
             Some(last) if *last >= key => {
-                if self.entries.binary_search(&key).is_err() {
+                let tail = self.entries.len().saturating_sub(Self::TAIL);
+                if self.entries[tail] <= key {
+                    if let Err(at) = self.entries[tail..].binary_search(&key) {
+                        self.entries.insert(tail + at, key);
+                    }
+                } else if self.entries.binary_search(&key).is_err() {
                     self.late.insert(key);
                     if self.late.len() > 64 + self.entries.len() / 8 {
                         self.merge_late();
@@ -459,6 +469,19 @@ mod tests {
         assert!(!ix.needs_sweep());
         ix.sweep(|e| e.0 != 20);
         assert_eq!(times(&ix, None), vec![10, 30, 40]);
+        // A batch's tasks share a microsecond: their ids order them, in
+        // place, without the side set.
+        let mut batch = CreationIndex::default();
+        batch.insert((5, Uuid::new_v4()));
+        let mut keys: Vec<(u64, Uuid)> = (0..500).map(|_| (7, Uuid::new_v4())).collect();
+        for k in &keys {
+            batch.insert(*k);
+            batch.insert(*k); // a repeat is still one entry
+        }
+        assert!(batch.late.is_empty());
+        keys.sort_unstable();
+        let got: Vec<(u64, Uuid)> = batch.after(None).skip(1).collect();
+        assert_eq!(got, keys);
         // Many late arrivals (copies from a peer, in random order) merge
         // in batches and come out sorted.
         let mut big = CreationIndex::default();

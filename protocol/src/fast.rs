@@ -5,7 +5,8 @@
 //! an intermediate tree, then decodes that: every string is allocated
 //! twice. Every encoder in this project writes `"type"` first (after
 //! `request_id` in requests and replies), so for the messages sent once per
-//! task, [`FastDecode::fast`] reads the keys in that order and decodes the
+//! task (and for batches of enqueues and their answers, when every answer
+//! is `enqueued`), [`FastDecode::fast`] reads the keys in that order and decodes the
 //! rest of the map straight into the variant's fields. Any other order, any
 //! other variant or any error gives `None`, and the derived decoder runs as
 //! before, so every error message stays the same. One difference: a map
@@ -31,6 +32,57 @@ pub trait FastDecode: DeserializeOwned {
     /// order this project writes them; `None` means "use the derived
     /// decoder".
     fn fast(body: &[u8]) -> Option<Self>;
+}
+
+/// The hot variants of one message type, chosen by the `"type"` that was
+/// read first: decodes the rest of the map into that variant.
+trait Variants: Sized {
+    fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error>;
+}
+
+/// Reads `[request_id,] type, fields…` in that order, for any tag that
+/// `V` knows.
+struct ByTag<V> {
+    request_id: bool,
+    variants: PhantomData<V>,
+}
+
+impl<'de, V: Variants> Visitor<'de> for ByTag<V> {
+    type Value = (String, V);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a message map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut request_id = String::new();
+        if self.request_id {
+            if map.next_key::<&str>()? != Some("request_id") {
+                return Err(de::Error::custom(OTHER));
+            }
+            request_id = map.next_value()?;
+        }
+        if map.next_key::<&str>()? != Some("type") {
+            return Err(de::Error::custom(OTHER));
+        }
+        let tag: &str = map.next_value()?;
+        match V::fields(tag, map)? {
+            Some(v) => Ok((request_id, v)),
+            None => Err(de::Error::custom(OTHER)),
+        }
+    }
+}
+
+fn by_tag<V: Variants>(body: &[u8], request_id: bool) -> Option<(String, V)> {
+    let mut d = rmp_serde::Deserializer::from_read_ref(body);
+    de::Deserializer::deserialize_map(
+        &mut d,
+        ByTag {
+            request_id,
+            variants: PhantomData,
+        },
+    )
+    .ok()
 }
 
 /// Reads `[request_id,] type = tag, fields…` in that order.
@@ -99,6 +151,35 @@ struct EnqueueFields {
     wait: Option<f64>,
 }
 
+/// The fields of [`ClientCommand::EnqueueBatch`], with its defaults.
+#[derive(Deserialize)]
+struct EnqueueBatchFields {
+    #[serde(default = "default_queue")]
+    queue: String,
+    tasks: Vec<TaskSpec>,
+}
+
+/// The fields of [`ReplyBody::Batch`] when every result is `enqueued`
+/// with `"type"` first (any other result: the derived decoder).
+#[derive(Deserialize)]
+struct BatchFields {
+    results: Vec<EnqueuedItem>,
+}
+
+/// One `enqueued` result inside a batch.
+struct EnqueuedItem(ReplyBody);
+
+impl<'de> Deserialize<'de> for EnqueuedItem {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (_, f) = d.deserialize_map(Tagged::<EnqueuedFields> {
+            request_id: false,
+            tag: "enqueued",
+            fields: PhantomData,
+        })?;
+        Ok(EnqueuedItem(f.into_reply()))
+    }
+}
+
 /// The fields of [`ReplyBody::Enqueued`], with its defaults.
 #[derive(Deserialize)]
 struct EnqueuedFields {
@@ -128,33 +209,72 @@ impl FastDecode for WorkerMessage {
     }
 }
 
+impl EnqueuedFields {
+    fn into_reply(self) -> ReplyBody {
+        ReplyBody::Enqueued {
+            id: self.id,
+            queue: self.queue,
+            eta: self.eta,
+            result: self.result,
+            replicas: self.replicas,
+        }
+    }
+}
+
+impl Variants for ClientCommand {
+    fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
+        Ok(Some(match tag {
+            "enqueue" => {
+                let f = EnqueueFields::deserialize(MapAccessDeserializer::new(map))?;
+                ClientCommand::Enqueue {
+                    queue: f.queue,
+                    task: f.task,
+                    wait: f.wait,
+                }
+            }
+            "enqueue_batch" => {
+                let f = EnqueueBatchFields::deserialize(MapAccessDeserializer::new(map))?;
+                ClientCommand::EnqueueBatch {
+                    queue: f.queue,
+                    tasks: f.tasks,
+                }
+            }
+            _ => return Ok(None),
+        }))
+    }
+}
+
+impl Variants for ReplyBody {
+    fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
+        Ok(Some(match tag {
+            "enqueued" => {
+                EnqueuedFields::deserialize(MapAccessDeserializer::new(map))?.into_reply()
+            }
+            "batch" => {
+                let f = BatchFields::deserialize(MapAccessDeserializer::new(map))?;
+                ReplyBody::Batch {
+                    results: f.results.into_iter().map(|r| r.0).collect(),
+                }
+            }
+            _ => return Ok(None),
+        }))
+    }
+}
+
 impl FastDecode for ClientRequest {
     fn fast(body: &[u8]) -> Option<Self> {
-        let (request_id, f) = tagged::<EnqueueFields>(body, true, "enqueue")?;
+        let (request_id, command) = by_tag::<ClientCommand>(body, true)?;
         Some(ClientRequest {
             request_id,
-            command: ClientCommand::Enqueue {
-                queue: f.queue,
-                task: f.task,
-                wait: f.wait,
-            },
+            command,
         })
     }
 }
 
 impl FastDecode for ClientReply {
     fn fast(body: &[u8]) -> Option<Self> {
-        let (request_id, f) = tagged::<EnqueuedFields>(body, true, "enqueued")?;
-        Some(ClientReply {
-            request_id,
-            body: ReplyBody::Enqueued {
-                id: f.id,
-                queue: f.queue,
-                eta: f.eta,
-                result: f.result,
-                replicas: f.replicas,
-            },
-        })
+        let (request_id, body) = by_tag::<ReplyBody>(body, true)?;
+        Some(ClientReply { request_id, body })
     }
 }
 
@@ -190,6 +310,14 @@ impl Serialize for ClientRequest {
                 m.serialize_entry("wait", wait)?;
                 m.end()
             }
+            ClientCommand::EnqueueBatch { queue, tasks } => {
+                let mut m = s.serialize_map(Some(4))?;
+                m.serialize_entry("request_id", &self.request_id)?;
+                m.serialize_entry("type", "enqueue_batch")?;
+                m.serialize_entry("queue", queue)?;
+                m.serialize_entry("tasks", tasks)?;
+                m.end()
+            }
             command => FlatRequest {
                 request_id: &self.request_id,
                 command,
@@ -217,6 +345,13 @@ impl Serialize for ClientReply {
                 m.serialize_entry("eta", eta)?;
                 m.serialize_entry("result", result)?;
                 m.serialize_entry("replicas", replicas)?;
+                m.end()
+            }
+            ReplyBody::Batch { results } => {
+                let mut m = s.serialize_map(Some(3))?;
+                m.serialize_entry("request_id", &self.request_id)?;
+                m.serialize_entry("type", "batch")?;
+                m.serialize_entry("results", results)?;
                 m.end()
             }
             body => FlatReply {
@@ -323,6 +458,71 @@ mod tests {
         );
     }
 
+    fn enqueued(id: &str) -> ReplyBody {
+        ReplyBody::Enqueued {
+            id: id.into(),
+            queue: "q".into(),
+            eta: 2.5,
+            result: None,
+            replicas: 1,
+        }
+    }
+
+    #[test]
+    fn batches_decode_the_same_both_ways() {
+        let spec = TaskSpec {
+            url: "http://a/".into(),
+            params: vec![("a".into(), "1".into())],
+            ..Default::default()
+        };
+        both(
+            ClientRequest {
+                request_id: "b1".into(),
+                command: ClientCommand::EnqueueBatch {
+                    queue: "q".into(),
+                    tasks: vec![spec.clone(), spec],
+                },
+            },
+            true,
+        );
+        both(
+            ClientReply {
+                request_id: "b1".into(),
+                body: ReplyBody::Batch {
+                    results: vec![enqueued("a"), enqueued("b")],
+                },
+            },
+            true,
+        );
+        both(
+            ClientReply {
+                request_id: "b0".into(),
+                body: ReplyBody::Batch { results: vec![] },
+            },
+            true,
+        );
+        // Any other result in the batch: the derived decoder, same answer.
+        both(
+            ClientReply {
+                request_id: "b2".into(),
+                body: ReplyBody::Batch {
+                    results: vec![
+                        enqueued("a"),
+                        ReplyBody::Duplicate {
+                            id: "b".into(),
+                            tombstoned: false,
+                        },
+                        ReplyBody::Error {
+                            code: crate::ErrorCode::BadRequest,
+                            reason: "task.url is required".into(),
+                        },
+                    ],
+                },
+            },
+            false,
+        );
+    }
+
     /// The hand-written encodings write the same bytes as the derived ones.
     #[test]
     fn hot_encodings_match_the_derived_ones() {
@@ -362,6 +562,34 @@ mod tests {
         .unwrap();
         let mine = rmp_serde::to_vec_named(&reply).unwrap();
         assert_eq!(mine, derived);
+        let req = ClientRequest {
+            request_id: "r".into(),
+            command: ClientCommand::EnqueueBatch {
+                queue: "q".into(),
+                tasks: vec![TaskSpec {
+                    url: "http://a/".into(),
+                    ..Default::default()
+                }],
+            },
+        };
+        let derived = rmp_serde::to_vec_named(&FlatRequest {
+            request_id: &req.request_id,
+            command: &req.command,
+        })
+        .unwrap();
+        assert_eq!(rmp_serde::to_vec_named(&req).unwrap(), derived);
+        let reply = ClientReply {
+            request_id: "r".into(),
+            body: ReplyBody::Batch {
+                results: vec![enqueued("a"), ReplyBody::Cancelled { id: "c".into() }],
+            },
+        };
+        let derived = rmp_serde::to_vec_named(&FlatReply {
+            request_id: &reply.request_id,
+            body: &reply.body,
+        })
+        .unwrap();
+        assert_eq!(rmp_serde::to_vec_named(&reply).unwrap(), derived);
     }
 
     /// Another language's client may put `type` last and leave out
