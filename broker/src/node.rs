@@ -382,6 +382,8 @@ struct IoLoop {
 
 /// Messages taken from one socket per wakeup, so no socket starves another.
 const BATCH: usize = 1000;
+/// Passes over the busy sockets between two polls, while they yield.
+const REREADS: usize = 16;
 
 impl IoLoop {
     fn run(&mut self, stop: &AtomicBool) {
@@ -427,17 +429,7 @@ impl IoLoop {
             }
             let now = Instant::now();
             if ready[1] {
-                for _ in 0..BATCH {
-                    let Some(frames) = sockets::try_recv(&self.workers) else {
-                        break;
-                    };
-                    let Some((identity, rest)) = frames.split_first() else {
-                        continue;
-                    };
-                    let msg = protocol::decode_hot::<WorkerMessage, _>(rest);
-                    self.dispatcher.on_message(identity, msg, now, &mut out);
-                    self.carry_out(&mut out, now);
-                }
+                self.read_workers(now, &mut out);
             }
             if ready[3] {
                 self.read_peers(now);
@@ -456,24 +448,16 @@ impl IoLoop {
             }
             // Drain events even without a ring: cheap, and covers a ring
             // that raced with the previous drain.
-            while let Ok(ev) = self.events.try_recv() {
-                match ev {
-                    Event::Reply { identity, reply } => {
-                        self.send_client(&identity, &reply);
-                    }
-                    Event::Dispatch {
-                        pool,
-                        delivery,
-                        timeout,
-                        task,
-                    } => {
-                        self.dispatcher
-                            .on_dispatch(pool, delivery, timeout, task, now, &mut out);
-                        self.carry_out(&mut out, now);
-                    }
-                    Event::Revoke { delivery } => self.dispatcher.on_revoke(delivery),
-                    Event::ToPeer { to, msg } => self.send_peer(to, &msg),
-                    Event::Publish(body) => self.publish(body),
+            self.read_events_channel(now, &mut out);
+            // Under load, more has arrived by now: read the busy sockets and
+            // the channel again before polling, which costs a syscall and a
+            // check of every socket. A read that finds nothing is cheap.
+            for _ in 0..REREADS {
+                let n = self.read_clients()
+                    + self.read_workers(now, &mut out)
+                    + self.read_events_channel(now, &mut out);
+                if n == 0 {
+                    break;
                 }
             }
             if now >= next_tick {
@@ -486,6 +470,51 @@ impl IoLoop {
                 self.beat(now);
             }
         }
+    }
+
+    /// Workers' messages waiting on the worker port (up to a batch).
+    fn read_workers(&mut self, now: Instant, out: &mut Vec<Out>) -> usize {
+        let mut n = 0;
+        while n < BATCH {
+            let Some(frames) = sockets::try_recv(&self.workers) else {
+                break;
+            };
+            n += 1;
+            let Some((identity, rest)) = frames.split_first() else {
+                continue;
+            };
+            let msg = protocol::decode_hot::<WorkerMessage, _>(rest);
+            self.dispatcher.on_message(identity, msg, now, out);
+            self.carry_out(out, now);
+        }
+        n
+    }
+
+    /// What the scheduler and election handed over since the last look.
+    fn read_events_channel(&mut self, now: Instant, out: &mut Vec<Out>) -> usize {
+        let mut n = 0;
+        while let Ok(ev) = self.events.try_recv() {
+            n += 1;
+            match ev {
+                Event::Reply { identity, reply } => {
+                    self.send_client(&identity, &reply);
+                }
+                Event::Dispatch {
+                    pool,
+                    delivery,
+                    timeout,
+                    task,
+                } => {
+                    self.dispatcher
+                        .on_dispatch(pool, delivery, timeout, task, now, out);
+                    self.carry_out(out, now);
+                }
+                Event::Revoke { delivery } => self.dispatcher.on_revoke(delivery),
+                Event::ToPeer { to, msg } => self.send_peer(to, &msg),
+                Event::Publish(body) => self.publish(body),
+            }
+        }
+        n
     }
 
     fn is_member(&self) -> bool {
@@ -776,11 +805,13 @@ impl IoLoop {
         }
     }
 
-    fn read_clients(&mut self) {
-        for _ in 0..BATCH {
+    fn read_clients(&mut self) -> usize {
+        let mut n = 0;
+        while n < BATCH {
             let Some(frames) = sockets::try_recv(&self.clients) else {
                 break;
             };
+            n += 1;
             let Some((identity, rest)) = frames.split_first() else {
                 continue;
             };
@@ -819,6 +850,7 @@ impl IoLoop {
                 }
             }
         }
+        n
     }
 
     fn send_client(&self, identity: &[u8], reply: &ClientReply) {

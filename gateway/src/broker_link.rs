@@ -87,6 +87,9 @@ impl std::fmt::Debug for LocalBroker {
     }
 }
 
+/// Passes over the channels and sockets between two polls, while they yield.
+const REREADS: usize = 16;
+
 /// The worker endpoint (port + 1) of a base-port endpoint.
 pub fn worker_endpoint(client_endpoint: &str) -> Result<String, String> {
     let (head, port) = client_endpoint
@@ -275,32 +278,6 @@ fn run(
         }
         doorbell.clear();
         let now = Instant::now();
-        while let Ok(r) = requests.try_recv() {
-            let request_id = uuid::Uuid::new_v4().to_string();
-            let frames = protocol::encode(&ClientRequest {
-                request_id: request_id.clone(),
-                command: r.command,
-            });
-            match sockets::send_parts(&client, &frames) {
-                Ok(()) => {
-                    pending.insert(
-                        request_id,
-                        Pending {
-                            reply: r.reply,
-                            deadline: now + config.request_timeout + r.extra,
-                        },
-                    );
-                }
-                Err(_) => {
-                    let _ = r.reply.send(Err(LinkError::NotConnected));
-                }
-            }
-        }
-        while let Ok((broker, result)) = results.try_recv() {
-            if let Some(reg) = workers.get_mut(broker.0) {
-                reg.send(&WorkerMessage::Result(result));
-            }
-        }
         if now >= next_roster {
             next_roster = now + Duration::from_secs(2);
             let frames = protocol::encode(&ClientRequest {
@@ -309,56 +286,95 @@ fn run(
             });
             let _ = sockets::send_parts(&client, &frames);
         }
-        if c {
-            while let Some(parts) = sockets::try_recv(&client) {
-                match protocol::decode_hot::<ClientReply, _>(&parts) {
-                    Ok(reply) if reply.request_id == roster_request => {
-                        if let ReplyBody::Cluster { cluster } = reply.body {
-                            for n in cluster.nodes {
-                                connect_broker(
-                                    &ctx,
-                                    &client,
-                                    &config,
-                                    &n.client,
-                                    &mut known,
-                                    &mut workers,
-                                )?;
+        // Under load, more has arrived by the end of a pass: read the
+        // channels and sockets again before polling (a syscall and a check
+        // of every socket); a read that finds nothing is cheap.
+        for pass in 0..REREADS {
+            let mut n = 0;
+            while let Ok(r) = requests.try_recv() {
+                n += 1;
+                let request_id = uuid::Uuid::new_v4().to_string();
+                let frames = protocol::encode(&ClientRequest {
+                    request_id: request_id.clone(),
+                    command: r.command,
+                });
+                match sockets::send_parts(&client, &frames) {
+                    Ok(()) => {
+                        pending.insert(
+                            request_id,
+                            Pending {
+                                reply: r.reply,
+                                deadline: now + config.request_timeout + r.extra,
+                            },
+                        );
+                    }
+                    Err(_) => {
+                        let _ = r.reply.send(Err(LinkError::NotConnected));
+                    }
+                }
+            }
+            while let Ok((broker, result)) = results.try_recv() {
+                n += 1;
+                if let Some(reg) = workers.get_mut(broker.0) {
+                    reg.send(&WorkerMessage::Result(result));
+                }
+            }
+            if c || pass > 0 {
+                while let Some(parts) = sockets::try_recv(&client) {
+                    n += 1;
+                    match protocol::decode_hot::<ClientReply, _>(&parts) {
+                        Ok(reply) if reply.request_id == roster_request => {
+                            if let ReplyBody::Cluster { cluster } = reply.body {
+                                for node in cluster.nodes {
+                                    connect_broker(
+                                        &ctx,
+                                        &client,
+                                        &config,
+                                        &node.client,
+                                        &mut known,
+                                        &mut workers,
+                                    )?;
+                                }
                             }
                         }
-                    }
-                    Ok(reply) => {
-                        if let Some(p) = pending.remove(&reply.request_id) {
-                            let _ = p.reply.send(Ok(reply.body));
+                        Ok(reply) => {
+                            if let Some(p) = pending.remove(&reply.request_id) {
+                                let _ = p.reply.send(Ok(reply.body));
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "undecodable reply from broker"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "undecodable reply from broker"),
                 }
             }
-        }
-        for (i, reg) in workers.iter_mut().enumerate() {
-            if !readable.get(i).copied().unwrap_or(false) {
-                continue;
-            }
-            while let Some(parts) = sockets::try_recv(&reg.socket) {
-                reg.last_heard = Instant::now();
-                match protocol::decode_hot::<BrokerMessage, _>(&parts) {
-                    Ok(BrokerMessage::Task { delivery, task }) => {
-                        let _ = jobs.send(Delivery {
-                            broker: BrokerId(i),
-                            delivery,
-                            task,
-                        });
-                    }
-                    Ok(BrokerMessage::Heartbeat) => {}
-                    Ok(BrokerMessage::Disconnect { reason }) => {
-                        tracing::info!(%reason, broker = %reg.endpoint, "broker asked the dispatcher to register again");
-                        reg.ready();
-                    }
-                    Ok(BrokerMessage::Error { reason, .. }) => {
-                        tracing::warn!(%reason, "broker reported an error to the dispatcher")
-                    }
-                    Err(err) => tracing::warn!(error = %err, "undecodable message from broker"),
+            for (i, reg) in workers.iter_mut().enumerate() {
+                if pass == 0 && !readable.get(i).copied().unwrap_or(false) {
+                    continue;
                 }
+                while let Some(parts) = sockets::try_recv(&reg.socket) {
+                    n += 1;
+                    reg.last_heard = Instant::now();
+                    match protocol::decode_hot::<BrokerMessage, _>(&parts) {
+                        Ok(BrokerMessage::Task { delivery, task }) => {
+                            let _ = jobs.send(Delivery {
+                                broker: BrokerId(i),
+                                delivery,
+                                task,
+                            });
+                        }
+                        Ok(BrokerMessage::Heartbeat) => {}
+                        Ok(BrokerMessage::Disconnect { reason }) => {
+                            tracing::info!(%reason, broker = %reg.endpoint, "broker asked the dispatcher to register again");
+                            reg.ready();
+                        }
+                        Ok(BrokerMessage::Error { reason, .. }) => {
+                            tracing::warn!(%reason, "broker reported an error to the dispatcher")
+                        }
+                        Err(err) => tracing::warn!(error = %err, "undecodable message from broker"),
+                    }
+                }
+            }
+            if n == 0 {
+                break;
             }
         }
         let now = Instant::now();
