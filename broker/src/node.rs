@@ -382,8 +382,10 @@ struct IoLoop {
 
 /// Messages taken from one socket per wakeup, so no socket starves another.
 const BATCH: usize = 1000;
-/// Passes over the busy sockets between two polls, while they yield.
+/// Passes over the busy sockets between two polls, while they yield,
+/// and the time they may take.
 const REREADS: usize = 16;
+const REREAD_BUDGET: Duration = Duration::from_millis(2);
 
 impl IoLoop {
     fn run(&mut self, stop: &AtomicBool) {
@@ -452,7 +454,14 @@ impl IoLoop {
             // Under load, more has arrived by now: read the busy sockets and
             // the channel again before polling, which costs a syscall and a
             // check of every socket. A read that finds nothing is cheap.
+            // A time budget keeps the other sockets (peers, election) and
+            // the tick from waiting on a busy stream.
+            let until = now + REREAD_BUDGET;
             for _ in 0..REREADS {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
                 let n = self.read_clients()
                     + self.read_workers(now, &mut out)
                     + self.read_events_channel(now, &mut out);

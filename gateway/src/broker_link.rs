@@ -87,8 +87,10 @@ impl std::fmt::Debug for LocalBroker {
     }
 }
 
-/// Passes over the channels and sockets between two polls, while they yield.
+/// Passes over the channels and sockets between two polls, while they
+/// yield, and the time they may take.
 const REREADS: usize = 16;
+const REREAD_BUDGET: Duration = Duration::from_millis(2);
 
 /// The worker endpoint (port + 1) of a base-port endpoint.
 pub fn worker_endpoint(client_endpoint: &str) -> Result<String, String> {
@@ -289,7 +291,11 @@ fn run(
         // Under load, more has arrived by the end of a pass: read the
         // channels and sockets again before polling (a syscall and a check
         // of every socket); a read that finds nothing is cheap.
+        let until = now + REREAD_BUDGET;
         for pass in 0..REREADS {
+            if pass > 0 && Instant::now() >= until {
+                break;
+            }
             let mut n = 0;
             while let Ok(r) = requests.try_recv() {
                 n += 1;

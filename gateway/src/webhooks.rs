@@ -136,12 +136,12 @@ pub fn eta_header(eta: f64) -> String {
 }
 
 /// Builds the HTTP request for a task (see `PROTOCOL.md`, "Webhooks").
-/// The task's URL and body move into the request.
+/// The task's body moves into the request.
 pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, String> {
     let method = Method::from_bytes(task.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", task.method))?;
     let in_query = method == Method::GET || method == Method::DELETE;
-    let mut url = std::mem::take(&mut task.url);
+    let mut url = task.url.clone();
     let form = |params: &[(String, String)]| {
         form_urlencoded::Serializer::new(String::new())
             .extend_pairs(params.iter())
@@ -150,10 +150,11 @@ pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, S
     let (body, content_type) = match task.body.take() {
         Some(b) => (
             Bytes::from(b.into_vec()),
-            Some(match &task.content_type {
-                Some(ct) => HeaderValue::from_str(ct).unwrap_or(OCTET_STREAM),
-                None => OCTET_STREAM,
-            }),
+            // A content type that is no header value is left out.
+            match &task.content_type {
+                Some(ct) => HeaderValue::from_str(ct).ok(),
+                None => Some(OCTET_STREAM),
+            },
         ),
         None if in_query => {
             if !task.params.is_empty() {
@@ -164,14 +165,8 @@ pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, S
         }
         None => (Bytes::from(form(&task.params)), Some(FORM)),
     };
-    let uri = match hyper::Uri::try_from(url) {
-        Ok(uri) => uri,
-        Err(e) => {
-            // The URL moved into the failed parse; the task's fields
-            // still name what was asked for.
-            return Err(format!("cannot build a request for the task's URL: {e}"));
-        }
-    };
+    let uri = hyper::Uri::try_from(url)
+        .map_err(|e| format!("cannot build a request for {:?}: {e}", task.url))?;
     let signature = if task.signing_secrets.is_empty() {
         None
     } else {
@@ -391,12 +386,28 @@ mod tests {
     }
 
     #[test]
+    fn an_unusable_content_type_keeps_the_tasks_own_header() {
+        let mut t = task();
+        t.method = "POST".into();
+        t.params.clear();
+        t.body = Some(serde_bytes::ByteBuf::from(b"x".to_vec()));
+        t.content_type = Some("text/plain\u{7f}".into());
+        t.headers = vec![("Content-Type".into(), "text/plain".into())];
+        let r = build_request(&mut t).unwrap();
+        assert_eq!(r.headers()[CONTENT_TYPE], "text/plain");
+        t.content_type = None;
+        t.body = Some(serde_bytes::ByteBuf::from(b"x".to_vec()));
+        let r = build_request(&mut t).unwrap();
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/octet-stream");
+    }
+
+    #[test]
     fn a_bad_url_is_an_error_not_a_panic() {
         let mut t = task();
         t.url = "http://exa mple.com/".into();
         assert!(build_request(&mut t)
             .unwrap_err()
-            .starts_with("cannot build a request"));
+            .starts_with("cannot build a request for \"http://exa mple.com/\""));
         let mut t = task();
         t.method = "BAD METHOD".into();
         assert!(build_request(&mut t)
