@@ -105,31 +105,14 @@ async fn reply(link: &BrokerLink, cmd: ClientCommand) -> Resp {
 /// Renders a broker answer (or link failure) as an HTTP response.
 fn render(r: Result<ReplyBody, LinkError>) -> Resp {
     match r {
-        // The answer to nearly every enqueue: written without building a
-        // `Value` (same keys, in the same sorted order, as `reply_json`).
-        Ok(ReplyBody::Enqueued {
-            id,
-            eta,
-            result: None,
-            replicas,
-            ..
-        }) => {
-            let body = serde_json::to_vec(&Scheduled {
-                eta,
-                id,
-                replicas,
-                status: "scheduled",
-            })
-            .unwrap_or_default();
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r
-        }
-        Ok(body) => {
-            let (status, v) = reply_json(body);
-            json_response(status, v)
-        }
+        // The answer to nearly every enqueue is written without a `Value`.
+        Ok(body) => match Scheduled::of(body) {
+            Ok(scheduled) => json_ok(serde_json::to_vec(&scheduled).unwrap_or_default()),
+            Err(body) => {
+                let (status, v) = reply_json(*body);
+                json_response(status, v)
+            }
+        },
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
@@ -152,8 +135,10 @@ enum BatchItem {
     Other(Value),
 }
 
-impl BatchItem {
-    fn of(body: ReplyBody) -> BatchItem {
+impl Scheduled {
+    /// The body as a `Scheduled` answer, or back (boxed: the rarer case)
+    /// if it is another one.
+    fn of(body: ReplyBody) -> Result<Scheduled, Box<ReplyBody>> {
         match body {
             ReplyBody::Enqueued {
                 id,
@@ -161,13 +146,22 @@ impl BatchItem {
                 result: None,
                 replicas,
                 ..
-            } => BatchItem::Scheduled(Scheduled {
+            } => Ok(Scheduled {
                 eta,
                 id,
                 replicas,
                 status: "scheduled",
             }),
-            other => BatchItem::Other(reply_json(other).1),
+            other => Err(Box::new(other)),
+        }
+    }
+}
+
+impl BatchItem {
+    fn of(body: ReplyBody) -> BatchItem {
+        match Scheduled::of(body) {
+            Ok(scheduled) => BatchItem::Scheduled(scheduled),
+            Err(other) => BatchItem::Other(reply_json(*other).1),
         }
     }
 }
@@ -408,11 +402,7 @@ async fn batch(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp 
         .into_iter()
         .map(|p| p.unwrap_or_else(|| from_broker.next().unwrap_or(BatchItem::Other(Value::Null))))
         .collect();
-    let body = serde_json::to_vec(&out).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    json_ok(serde_json::to_vec(&out).unwrap_or_default())
 }
 
 async fn configure(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp {
@@ -685,8 +675,14 @@ fn error(status: StatusCode, reason: impl Into<String>) -> Resp {
 }
 
 fn json_response(status: StatusCode, v: Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    let mut r = json_ok(v.to_string().into_bytes());
     *r.status_mut() = status;
+    r
+}
+
+/// A 200 answer with a JSON body already written.
+fn json_ok(body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r

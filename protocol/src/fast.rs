@@ -85,54 +85,7 @@ fn by_tag<V: Variants>(body: &[u8], request_id: bool) -> Option<(String, V)> {
     .ok()
 }
 
-/// Reads `[request_id,] type = tag, fields…` in that order.
-struct Tagged<F> {
-    request_id: bool,
-    tag: &'static str,
-    fields: PhantomData<F>,
-}
-
 const OTHER: &str = "not the fast path";
-
-impl<'de, F: Deserialize<'de>> Visitor<'de> for Tagged<F> {
-    type Value = (String, F);
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a message map")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut request_id = String::new();
-        if self.request_id {
-            if map.next_key::<&str>()? != Some("request_id") {
-                return Err(de::Error::custom(OTHER));
-            }
-            request_id = map.next_value()?;
-        }
-        if map.next_key::<&str>()? != Some("type") || map.next_value::<&str>()? != self.tag {
-            return Err(de::Error::custom(OTHER));
-        }
-        let fields = F::deserialize(MapAccessDeserializer::new(map))?;
-        Ok((request_id, fields))
-    }
-}
-
-fn tagged<F: DeserializeOwned>(
-    body: &[u8],
-    request_id: bool,
-    tag: &'static str,
-) -> Option<(String, F)> {
-    let mut d = rmp_serde::Deserializer::from_read_ref(body);
-    de::Deserializer::deserialize_map(
-        &mut d,
-        Tagged {
-            request_id,
-            tag,
-            fields: PhantomData,
-        },
-    )
-    .ok()
-}
 
 /// The fields of [`BrokerMessage::Task`].
 #[derive(Deserialize)]
@@ -171,12 +124,21 @@ struct EnqueuedItem(ReplyBody);
 
 impl<'de> Deserialize<'de> for EnqueuedItem {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (_, f) = d.deserialize_map(Tagged::<EnqueuedFields> {
+        let (_, item) = d.deserialize_map(ByTag::<EnqueuedItem> {
             request_id: false,
-            tag: "enqueued",
-            fields: PhantomData,
+            variants: PhantomData,
         })?;
-        Ok(EnqueuedItem(f.into_reply()))
+        Ok(item)
+    }
+}
+
+impl Variants for EnqueuedItem {
+    fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
+        if tag != "enqueued" {
+            return Ok(None);
+        }
+        let f = EnqueuedFields::deserialize(MapAccessDeserializer::new(map))?;
+        Ok(Some(EnqueuedItem(f.into_reply())))
     }
 }
 
@@ -192,20 +154,38 @@ struct EnqueuedFields {
     replicas: u32,
 }
 
-impl FastDecode for BrokerMessage {
-    fn fast(body: &[u8]) -> Option<Self> {
-        let (_, f) = tagged::<TaskFields>(body, false, "task")?;
-        Some(BrokerMessage::Task {
+impl Variants for BrokerMessage {
+    fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
+        if tag != "task" {
+            return Ok(None);
+        }
+        let f = TaskFields::deserialize(MapAccessDeserializer::new(map))?;
+        Ok(Some(BrokerMessage::Task {
             delivery: f.delivery,
             task: f.task,
-        })
+        }))
+    }
+}
+
+impl Variants for WorkerMessage {
+    fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
+        if tag != "result" {
+            return Ok(None);
+        }
+        let r = DeliveryResult::deserialize(MapAccessDeserializer::new(map))?;
+        Ok(Some(WorkerMessage::Result(r)))
+    }
+}
+
+impl FastDecode for BrokerMessage {
+    fn fast(body: &[u8]) -> Option<Self> {
+        by_tag(body, false).map(|(_, m)| m)
     }
 }
 
 impl FastDecode for WorkerMessage {
     fn fast(body: &[u8]) -> Option<Self> {
-        let (_, r) = tagged::<DeliveryResult>(body, false, "result")?;
-        Some(WorkerMessage::Result(r))
+        by_tag(body, false).map(|(_, m)| m)
     }
 }
 
