@@ -106,7 +106,8 @@ impl Cluster {
 }
 
 /// Enqueues `n` tasks through the gateway (4 client threads) and `n` over
-/// ZeroMQ to `zmq_base`; returns every task id.
+/// ZeroMQ to `zmq_base`; returns every task id. The cluster must hold each
+/// task twice (`--replicas 2`, the default).
 fn enqueue_both_ways(
     c: &Cluster,
     rx: &Receiver,
@@ -127,6 +128,9 @@ fn enqueue_both_ways(
                             &format!("task.url={target}&task.countdown={countdown}&i={t}-{i}"),
                         );
                         assert_eq!(s, 200, "{v}");
+                        // Stored on both holders before the answer, also
+                        // when the gateway sent it inside a shared batch.
+                        assert_eq!(v["replicas"], 2, "{v}");
                         v["id"].as_str().unwrap().to_string()
                     })
                     .collect::<Vec<_>>()

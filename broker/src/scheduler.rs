@@ -573,9 +573,21 @@ impl Store {
                         queue,
                         task.clone(),
                         *wait,
+                        None,
                         now_us,
                     );
                     return r.map(|body| ClientReply { request_id, body });
+                }
+                ClientCommand::EnqueueBatch { tasks, .. } if tasks.len() <= MAX_BATCH => {
+                    if self.store_pending_for(&request_id) {
+                        self.stats.duplicate_requests += 1;
+                        return None;
+                    }
+                    let ClientCommand::EnqueueBatch { queue, tasks } = req.command else {
+                        unreachable!("matched above")
+                    };
+                    self.enqueue_batch_replicated(identity, &request_id, &queue, tasks, now_us);
+                    return None;
                 }
                 ClientCommand::Get { queue, id }
                 | ClientCommand::Cancel { queue, id }

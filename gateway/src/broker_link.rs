@@ -4,7 +4,10 @@
 //! * Requests (enqueue, get, cancel) from HTTP handlers arrive on a
 //!   crossbeam channel with a `oneshot` for the reply; the thread sends
 //!   them on a DEALER to the broker's base port and matches replies by
-//!   request id. `ZMQ_IMMEDIATE` makes a send fail at once while no broker
+//!   request id. Plain enqueues to one queue found waiting together go as
+//!   one `enqueue_batch` (up to [`COALESCE_MAX`]), whose results are handed
+//!   out in order: the broker treats each task of a batch exactly as a
+//!   single enqueue, so only the per-request costs change. `ZMQ_IMMEDIATE` makes a send fail at once while no broker
 //!   is connected, so the caller gets a 503 rather than a late enqueue.
 //! * Webhook work: the thread registers on the broker's worker port for
 //!   the `*http` pool with the dispatcher's concurrency as credit, passes
@@ -13,7 +16,7 @@
 //! The doorbell wakes the thread from `zmq::poll` when a channel has work.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -145,6 +148,7 @@ pub struct BrokerLink {
     results: Sender<(BrokerId, DeliveryResult)>,
     bell: Bell,
     stop: Arc<AtomicBool>,
+    coalesced: Arc<AtomicU64>,
 }
 
 /// Which of the link's brokers sent a task (its result goes back there).
@@ -170,11 +174,20 @@ impl BrokerLink {
         let (res_tx, res_rx) = unbounded();
         let (job_tx, job_rx) = mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let coalesced = Arc::new(AtomicU64::new(0));
         let thread_stop = stop.clone();
+        let counter = coalesced.clone();
         thread::Builder::new()
             .name("broker-link".into())
             .spawn(move || {
-                if let Err(e) = run(config, doorbell, req_rx, res_rx, job_tx, &thread_stop) {
+                let channels = Channels {
+                    doorbell,
+                    requests: req_rx,
+                    results: res_rx,
+                    jobs: job_tx,
+                    coalesced: counter,
+                };
+                if let Err(e) = run(config, channels, &thread_stop) {
                     tracing::error!(error = %e, "broker link stopped");
                 }
             })?;
@@ -184,6 +197,7 @@ impl BrokerLink {
                 results: res_tx,
                 bell,
                 stop,
+                coalesced,
             },
             job_rx,
         ))
@@ -220,6 +234,11 @@ impl BrokerLink {
         }
     }
 
+    /// How many enqueues went to the broker inside a shared batch.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
     /// Stops the link thread.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -227,19 +246,74 @@ impl BrokerLink {
     }
 }
 
+type ReplyTx = oneshot::Sender<Result<ReplyBody, LinkError>>;
+
+/// Who waits for a request's reply.
+enum Waiting {
+    One(ReplyTx),
+    /// Single enqueues sent as one `enqueue_batch`: one per result, in order.
+    Coalesced(Vec<ReplyTx>),
+}
+
+impl Waiting {
+    fn answer(self, body: Result<ReplyBody, LinkError>) {
+        match (self, body) {
+            (Waiting::One(tx), body) => {
+                let _ = tx.send(body);
+            }
+            (Waiting::Coalesced(txs), Ok(ReplyBody::Batch { results }))
+                if results.len() == txs.len() =>
+            {
+                for (tx, r) in txs.into_iter().zip(results) {
+                    let _ = tx.send(Ok(r));
+                }
+            }
+            // An answer for the whole request (an error): everyone's.
+            (Waiting::Coalesced(txs), body) => {
+                let body = match body {
+                    Ok(ReplyBody::Batch { results }) => Ok(ReplyBody::Error {
+                        code: protocol::ErrorCode::Internal,
+                        reason: format!(
+                            "the broker answered {} results for {} tasks",
+                            results.len(),
+                            txs.len()
+                        ),
+                    }),
+                    other => other,
+                };
+                for tx in txs {
+                    let _ = tx.send(body.clone());
+                }
+            }
+        }
+    }
+}
+
 struct Pending {
-    reply: oneshot::Sender<Result<ReplyBody, LinkError>>,
+    reply: Waiting,
     deadline: Instant,
 }
 
-fn run(
-    config: LinkConfig,
+/// The most single enqueues sent as one batch.
+const COALESCE_MAX: usize = 128;
+
+/// The link thread's ends of its channels.
+struct Channels {
     doorbell: Doorbell,
     requests: Receiver<LinkRequest>,
     results: Receiver<(BrokerId, DeliveryResult)>,
     jobs: mpsc::UnboundedSender<Delivery>,
-    stop: &AtomicBool,
-) -> Result<(), zmq::Error> {
+    coalesced: Arc<AtomicU64>,
+}
+
+fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), zmq::Error> {
+    let Channels {
+        doorbell,
+        requests,
+        results,
+        jobs,
+        coalesced,
+    } = channels;
     let ctx = match &config.local {
         Some(l) => l.ctx.clone(),
         None => zmq::Context::new(),
@@ -297,26 +371,83 @@ fn run(
                 break;
             }
             let mut n = 0;
-            while let Ok(r) = requests.try_recv() {
+            let mut next = requests.try_recv().ok();
+            while let Some(r) = next.take() {
                 n += 1;
+                let deadline = now + config.request_timeout + r.extra;
+                let (command, waiting) = match r.command {
+                    ClientCommand::Enqueue {
+                        queue,
+                        task,
+                        wait: None,
+                    } => {
+                        // The plain enqueues waiting behind it for the same
+                        // queue go with it, as one batch.
+                        let mut tasks = vec![task];
+                        let mut txs = vec![r.reply];
+                        while tasks.len() < COALESCE_MAX {
+                            match requests.try_recv() {
+                                Ok(LinkRequest {
+                                    command:
+                                        ClientCommand::Enqueue {
+                                            queue: q,
+                                            task,
+                                            wait: None,
+                                        },
+                                    reply,
+                                    ..
+                                }) if q == queue => {
+                                    n += 1;
+                                    tasks.push(task);
+                                    txs.push(reply);
+                                }
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if tasks.len() == 1 {
+                            let task = tasks.pop().expect("one task");
+                            let tx = txs.pop().expect("one sender");
+                            (
+                                ClientCommand::Enqueue {
+                                    queue,
+                                    task,
+                                    wait: None,
+                                },
+                                Waiting::One(tx),
+                            )
+                        } else {
+                            coalesced.fetch_add(tasks.len() as u64, Ordering::Relaxed);
+                            (
+                                ClientCommand::EnqueueBatch { queue, tasks },
+                                Waiting::Coalesced(txs),
+                            )
+                        }
+                    }
+                    command => (command, Waiting::One(r.reply)),
+                };
                 let request_id = uuid::Uuid::new_v4().to_string();
                 let frames = protocol::encode(&ClientRequest {
                     request_id: request_id.clone(),
-                    command: r.command,
+                    command,
                 });
                 match sockets::send_parts(&client, &frames) {
                     Ok(()) => {
                         pending.insert(
                             request_id,
                             Pending {
-                                reply: r.reply,
-                                deadline: now + config.request_timeout + r.extra,
+                                reply: waiting,
+                                deadline,
                             },
                         );
                     }
-                    Err(_) => {
-                        let _ = r.reply.send(Err(LinkError::NotConnected));
-                    }
+                    Err(_) => waiting.answer(Err(LinkError::NotConnected)),
+                }
+                if next.is_none() {
+                    next = requests.try_recv().ok();
                 }
             }
             while let Ok((broker, result)) = results.try_recv() {
@@ -345,7 +476,7 @@ fn run(
                         }
                         Ok(reply) => {
                             if let Some(p) = pending.remove(&reply.request_id) {
-                                let _ = p.reply.send(Ok(reply.body));
+                                p.reply.answer(Ok(reply.body));
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "undecodable reply from broker"),
@@ -384,16 +515,17 @@ fn run(
             }
         }
         let now = Instant::now();
-        pending.retain(|_, p| {
-            if p.deadline <= now {
-                // The sender may be gone (client hung up): nothing to do.
-                let reply = std::mem::replace(&mut p.reply, oneshot::channel().0);
-                let _ = reply.send(Err(LinkError::Timeout));
-                false
-            } else {
-                true
+        // The senders may be gone (clients hung up): nothing to do then.
+        let expired: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(p) = pending.remove(&id) {
+                p.reply.answer(Err(LinkError::Timeout));
             }
-        });
+        }
         for reg in workers.iter_mut() {
             reg.keep_alive(&ctx, &config)?;
         }

@@ -52,6 +52,16 @@ impl ClusterView {
 pub enum Pending {
     Store(Box<PendingStore>),
     Request(PendingRequest),
+    Batch(PendingBatch),
+}
+
+/// A batch whose tasks wait for their holders: answered when the last
+/// task's copies are decided. It has no timer: each task's store has one.
+pub struct PendingBatch {
+    identity: Vec<u8>,
+    request_id: String,
+    results: Vec<Option<ReplyBody>>,
+    left: usize,
 }
 
 /// An enqueue waiting for the other holders.
@@ -66,6 +76,8 @@ pub struct PendingStore {
     local: bool,
     answers: HashMap<u64, StoreOutcome>,
     timer: (u64, u64),
+    /// The batch (its pending key) and the place in it, for a batch's task.
+    slot: Option<(u64, usize)>,
 }
 
 /// A client command forwarded to every peer (the task is held elsewhere).
@@ -218,9 +230,91 @@ impl Store {
         self.set_task_timer(id, at);
     }
 
+    /// A batch in a cluster: each task is stored as by
+    /// [`Store::enqueue_replicated`], and the batch is answered when every
+    /// task's holders acknowledged (or timed out). The answer goes out
+    /// through the outbox, at once when no task waits for a peer.
+    pub(super) fn enqueue_batch_replicated(
+        &mut self,
+        identity: &[u8],
+        request_id: &str,
+        queue: &str,
+        tasks: Vec<TaskSpec>,
+        now_us: u64,
+    ) {
+        if tasks.is_empty() {
+            self.answer_batch(
+                identity.to_vec(),
+                request_id.to_string(),
+                Vec::new(),
+                now_us,
+            );
+            return;
+        }
+        let batch = self.new_req();
+        self.pending.insert(
+            batch,
+            Pending::Batch(PendingBatch {
+                identity: identity.to_vec(),
+                request_id: request_id.to_string(),
+                results: vec![None; tasks.len()],
+                left: tasks.len(),
+            }),
+        );
+        for (i, spec) in tasks.into_iter().enumerate() {
+            let slot = Some((batch, i));
+            if let Some(body) =
+                self.enqueue_replicated(identity, request_id, queue, spec, None, slot, now_us)
+            {
+                self.fill_slot(batch, i, body, now_us);
+            }
+        }
+    }
+
+    /// One task of a batch is decided; the last one answers the batch.
+    fn fill_slot(&mut self, batch: u64, i: usize, body: ReplyBody, now_us: u64) {
+        let Some(Pending::Batch(b)) = self.pending.get_mut(&batch) else {
+            return;
+        };
+        if let Some(r) = b.results.get_mut(i) {
+            *r = Some(body);
+        }
+        b.left = b.left.saturating_sub(1);
+        if b.left > 0 {
+            return;
+        }
+        if let Some(Pending::Batch(b)) = self.pending.remove(&batch) {
+            self.answer_batch(b.identity, b.request_id, b.results, now_us);
+        }
+    }
+
+    fn answer_batch(
+        &mut self,
+        identity: Vec<u8>,
+        request_id: String,
+        results: Vec<Option<ReplyBody>>,
+        now_us: u64,
+    ) {
+        let reply = ClientReply {
+            request_id,
+            body: ReplyBody::Batch {
+                results: results
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| error(ErrorCode::Internal, "the task was not decided"))
+                    })
+                    .collect(),
+            },
+        };
+        self.remember(&reply, now_us);
+        self.outbox.push(Event::Reply { identity, reply });
+    }
+
     /// An enqueue in a cluster: store on this node if it is a holder, copy
     /// to the other holders, answer when they all acknowledged (or
-    /// [`PEER_TIMEOUT`] passed). `None`: the reply comes later.
+    /// [`PEER_TIMEOUT`] passed). `None`: the reply comes later, for a
+    /// batch's task (`slot`) as its place in the batch's answer.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn enqueue_replicated(
         &mut self,
         identity: &[u8],
@@ -228,6 +322,7 @@ impl Store {
         queue: &str,
         spec: TaskSpec,
         wait: Option<f64>,
+        slot: Option<(u64, usize)>,
         now_us: u64,
     ) -> Option<ReplyBody> {
         let spec = match self.check(queue, spec, now_us) {
@@ -268,6 +363,7 @@ impl Store {
                 local,
                 answers: HashMap::new(),
                 timer,
+                slot,
             })),
         );
         if remote == 0 {
@@ -325,6 +421,10 @@ impl Store {
             result: None,
             replicas: stored,
         });
+        if let Some((batch, i)) = p.slot {
+            self.fill_slot(batch, i, body, now_us);
+            return;
+        }
         let reply = ClientReply {
             request_id: p.request_id.clone(),
             body: body.clone(),
@@ -355,6 +455,7 @@ impl Store {
     pub(super) fn store_pending_for(&self, request_id: &str) -> bool {
         self.pending.values().any(|p| match p {
             Pending::Store(s) => s.request_id == request_id,
+            Pending::Batch(b) => b.request_id == request_id,
             Pending::Request(_) => false,
         })
     }
@@ -418,6 +519,8 @@ impl Store {
     pub(super) fn pending_expired(&mut self, req: u64, now_us: u64, _out: &mut Vec<Event>) {
         match self.pending.get(&req) {
             Some(Pending::Store(_)) => self.decide_store(req, now_us),
+            // Its tasks' stores have the timers.
+            Some(Pending::Batch(_)) => {}
             Some(Pending::Request(_)) => {
                 if let Some(Pending::Request(p)) = self.pending.remove(&req) {
                     self.timers.remove(&p.timer);

@@ -811,6 +811,114 @@ fn a_resend_during_replication_is_not_a_second_task() {
     assert!(a.len() <= 1);
 }
 
+fn batch_request(id: &str) -> Command {
+    Command::Request {
+        identity: b"c".to_vec(),
+        request: ClientRequest {
+            request_id: id.into(),
+            command: ClientCommand::EnqueueBatch {
+                queue: "default".into(),
+                tasks: vec![
+                    named("x"),
+                    TaskSpec {
+                        url: "ftp://nope".into(),
+                        ..Default::default()
+                    },
+                    named("x"),
+                    spec(10.0),
+                ],
+            },
+        },
+    }
+}
+
+fn replies(out: &[Event]) -> Vec<ReplyBody> {
+    out.iter()
+        .filter_map(|e| match e {
+            Event::Reply { reply, .. } => Some(reply.body.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_in_a_cluster_is_answered_when_its_copies_are_stored() {
+    let (mut a, mut b) = pair();
+    let mut out = Vec::new();
+    a.apply(batch_request("b1"), T0, &mut out);
+    assert!(
+        replies(&out).is_empty(),
+        "answered before the copies: {out:?}"
+    );
+    let mut again = Vec::new();
+    a.apply(batch_request("b1"), T0 + 1, &mut again);
+    assert!(
+        again.is_empty(),
+        "a resend while pending was acted on: {again:?}"
+    );
+    let acks = carry(&mut out, &mut b, T0);
+    let mut answered = Vec::new();
+    for e in acks {
+        if let Event::ToPeer { msg, .. } = e {
+            a.apply(Command::Peer(msg), T0, &mut answered);
+        }
+    }
+    let bodies = replies(&answered);
+    assert_eq!(bodies.len(), 1, "{answered:?}");
+    let ReplyBody::Batch { results } = &bodies[0] else {
+        panic!("{bodies:?}")
+    };
+    assert_eq!(results.len(), 4);
+    let ReplyBody::Enqueued {
+        id: first,
+        replicas: 2,
+        ..
+    } = &results[0]
+    else {
+        panic!("{results:?}")
+    };
+    assert!(matches!(
+        &results[1],
+        ReplyBody::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
+    assert!(matches!(&results[2], ReplyBody::Duplicate { id, .. } if id == first));
+    assert!(matches!(
+        &results[3],
+        ReplyBody::Enqueued { replicas: 2, .. }
+    ));
+    assert_eq!((a.len(), b.len()), (2, 2), "both holders store both tasks");
+    // Once answered, a resend gets the same answer and stores nothing.
+    let mut again = Vec::new();
+    a.apply(batch_request("b1"), T0 + 2, &mut again);
+    assert_eq!(replies(&again), bodies);
+    assert_eq!(a.len(), 2);
+}
+
+#[test]
+fn a_batch_whose_holder_is_silent_is_answered_after_the_peer_timeout() {
+    let (mut a, _b) = pair();
+    let mut out = Vec::new();
+    a.apply(batch_request("b2"), T0, &mut out);
+    assert!(replies(&out).is_empty());
+    out.clear();
+    a.fire_due(T0 + cluster::PEER_TIMEOUT.as_micros() as u64, &mut out);
+    let bodies = replies(&out);
+    let [ReplyBody::Batch { results }] = bodies.as_slice() else {
+        panic!("{out:?}")
+    };
+    let stored: Vec<u32> = results
+        .iter()
+        .filter_map(|r| match r {
+            ReplyBody::Enqueued { replicas, .. } => Some(*replicas),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored, vec![1, 1], "{results:?}");
+}
+
 /// A million pending tasks must stay small: this guards the compact layout
 /// (`BENCHMARKS.md`, memory per pending task) against a field that grows it.
 #[test]
