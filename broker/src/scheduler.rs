@@ -17,7 +17,7 @@
 //! 429/503 slow-down allow.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::thread;
 use std::time::Duration;
 
@@ -301,6 +301,8 @@ pub struct Store {
     waiters: HashMap<Uuid, Vec<Waiter>>,
     cluster: cluster::ClusterView,
     pending: HashMap<u64, cluster::Pending>,
+    /// The request ids of the enqueues and batches in `pending`.
+    pending_ids: HashSet<String>,
     /// Events produced by helpers that have no `out` at hand; appended to
     /// `out` at the end of every `apply` and `fire_due`.
     outbox: Vec<Event>,
@@ -357,6 +359,7 @@ impl Store {
             waiters: HashMap::new(),
             cluster: cluster::ClusterView::default(),
             pending: HashMap::new(),
+            pending_ids: HashSet::new(),
             outbox: Vec::new(),
             next_req: 1,
             queue_names: Interner::default(),

@@ -5,7 +5,8 @@
 //!   crossbeam channel with a `oneshot` for the reply; the thread sends
 //!   them on a DEALER to the broker's base port and matches replies by
 //!   request id. Plain enqueues to one queue found waiting together go as
-//!   one `enqueue_batch` (up to [`COALESCE_MAX`]), whose results are handed
+//!   one `enqueue_batch` (up to [`COALESCE_MAX`] tasks and
+//!   [`COALESCE_BYTES`]), whose results are handed
 //!   out in order: the broker treats each task of a batch exactly as a
 //!   single enqueue, so only the per-request costs change. `ZMQ_IMMEDIATE` makes a send fail at once while no broker
 //!   is connected, so the caller gets a 503 rather than a late enqueue.
@@ -294,8 +295,10 @@ struct Pending {
     deadline: Instant,
 }
 
-/// The most single enqueues sent as one batch.
+/// The most single enqueues sent as one batch, and the most bytes of
+/// tasks in it (well below the 2 MiB a message may hold).
 const COALESCE_MAX: usize = 128;
+const COALESCE_BYTES: usize = 1 << 20;
 
 /// The link thread's ends of its channels.
 struct Channels {
@@ -375,60 +378,12 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
             while let Some(r) = next.take() {
                 n += 1;
                 let deadline = now + config.request_timeout + r.extra;
-                let (command, waiting) = match r.command {
-                    ClientCommand::Enqueue {
-                        queue,
-                        task,
-                        wait: None,
-                    } => {
-                        // The plain enqueues waiting behind it for the same
-                        // queue go with it, as one batch.
-                        let mut tasks = vec![task];
-                        let mut txs = vec![r.reply];
-                        while tasks.len() < COALESCE_MAX {
-                            match requests.try_recv() {
-                                Ok(LinkRequest {
-                                    command:
-                                        ClientCommand::Enqueue {
-                                            queue: q,
-                                            task,
-                                            wait: None,
-                                        },
-                                    reply,
-                                    ..
-                                }) if q == queue => {
-                                    n += 1;
-                                    tasks.push(task);
-                                    txs.push(reply);
-                                }
-                                Ok(other) => {
-                                    next = Some(other);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        if tasks.len() == 1 {
-                            let task = tasks.pop().expect("one task");
-                            let tx = txs.pop().expect("one sender");
-                            (
-                                ClientCommand::Enqueue {
-                                    queue,
-                                    task,
-                                    wait: None,
-                                },
-                                Waiting::One(tx),
-                            )
-                        } else {
-                            coalesced.fetch_add(tasks.len() as u64, Ordering::Relaxed);
-                            (
-                                ClientCommand::EnqueueBatch { queue, tasks },
-                                Waiting::Coalesced(txs),
-                            )
-                        }
-                    }
-                    command => (command, Waiting::One(r.reply)),
-                };
+                let (command, waiting, after) = gather(r, &requests);
+                next = after;
+                if let Waiting::Coalesced(txs) = &waiting {
+                    n += txs.len() - 1;
+                    coalesced.fetch_add(txs.len() as u64, Ordering::Relaxed);
+                }
                 let request_id = uuid::Uuid::new_v4().to_string();
                 let frames = protocol::encode(&ClientRequest {
                     request_id: request_id.clone(),
@@ -532,6 +487,63 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
     }
 }
 
+/// The request `first` and, when it is a plain enqueue, the plain enqueues
+/// to the same queue waiting behind it, up to [`COALESCE_MAX`] tasks and
+/// [`COALESCE_BYTES`]: what to send, who waits for the answer, and the
+/// request read after them that did not fit (to be sent next).
+fn gather(
+    first: LinkRequest,
+    requests: &Receiver<LinkRequest>,
+) -> (ClientCommand, Waiting, Option<LinkRequest>) {
+    let ClientCommand::Enqueue {
+        queue,
+        task,
+        wait: None,
+    } = first.command
+    else {
+        return (first.command, Waiting::One(first.reply), None);
+    };
+    let mut bytes = task.encoded_size_bound();
+    let mut tasks = vec![task];
+    let mut txs = vec![first.reply];
+    let mut after = None;
+    while tasks.len() < COALESCE_MAX {
+        match requests.try_recv() {
+            Ok(LinkRequest {
+                command:
+                    ClientCommand::Enqueue {
+                        queue: q,
+                        task,
+                        wait: None,
+                    },
+                reply,
+                ..
+            }) if q == queue && bytes + task.encoded_size_bound() <= COALESCE_BYTES => {
+                bytes += task.encoded_size_bound();
+                tasks.push(task);
+                txs.push(reply);
+            }
+            Ok(other) => {
+                after = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    if tasks.len() == 1 {
+        if let (Some(task), Some(tx)) = (tasks.pop(), txs.pop()) {
+            let command = ClientCommand::Enqueue {
+                queue,
+                task,
+                wait: None,
+            };
+            return (command, Waiting::One(tx), after);
+        }
+    }
+    let command = ClientCommand::EnqueueBatch { queue, tasks };
+    (command, Waiting::Coalesced(txs), after)
+}
+
 /// Connects to a broker not seen before: its client port joins the shared
 /// DEALER, and a registration pulls its webhook tasks.
 fn connect_broker(
@@ -617,5 +629,170 @@ impl Registration {
             self.send(&WorkerMessage::Heartbeat);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::TaskSpec;
+
+    fn enqueue(queue: &str, body: usize, wait: Option<f64>) -> (LinkRequest, ReplyRx) {
+        let (reply, rx) = oneshot::channel();
+        let task = TaskSpec {
+            url: "http://127.0.0.1/w".into(),
+            body: (body > 0).then(|| serde_bytes::ByteBuf::from(vec![b'x'; body])),
+            ..Default::default()
+        };
+        let command = ClientCommand::Enqueue {
+            queue: queue.into(),
+            task,
+            wait,
+        };
+        let extra = Duration::ZERO;
+        (
+            LinkRequest {
+                command,
+                extra,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    type ReplyRx = oneshot::Receiver<Result<ReplyBody, LinkError>>;
+
+    fn queued(items: Vec<LinkRequest>) -> Receiver<LinkRequest> {
+        let (tx, rx) = unbounded();
+        for i in items {
+            tx.send(i).ok();
+        }
+        rx
+    }
+
+    fn tasks_of(c: &ClientCommand) -> usize {
+        match c {
+            ClientCommand::EnqueueBatch { tasks, .. } => tasks.len(),
+            ClientCommand::Enqueue { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn gathers_plain_enqueues_of_one_queue_in_order() {
+        let (first, _r0) = enqueue("a", 0, None);
+        let mut rest = Vec::new();
+        let mut rxs = Vec::new();
+        for q in ["a", "a", "b", "a"] {
+            let (r, rx) = enqueue(q, 0, None);
+            rest.push(r);
+            rxs.push(rx);
+        }
+        let requests = queued(rest);
+        let (command, waiting, after) = gather(first, &requests);
+        assert_eq!(tasks_of(&command), 3);
+        assert!(matches!(command, ClientCommand::EnqueueBatch { ref queue, .. } if queue == "a"));
+        // The first request of another queue ends the batch and goes next.
+        let after = after.expect("the queue-b enqueue");
+        assert!(matches!(after.command, ClientCommand::Enqueue { ref queue, .. } if queue == "b"));
+        // Answers go back in order.
+        let ids = ["x", "y", "z"];
+        let results = ids
+            .iter()
+            .map(|id| ReplyBody::Duplicate {
+                id: id.to_string(),
+                tombstoned: false,
+            })
+            .collect();
+        waiting.answer(Ok(ReplyBody::Batch { results }));
+        for (rx, id) in rxs.iter_mut().zip(&ids[1..]) {
+            match rx.try_recv() {
+                Ok(Ok(ReplyBody::Duplicate { id: got, .. })) => assert_eq!(&got, id),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The last queue-a enqueue waits in the channel for its own turn.
+        let (command, waiting, after) = gather(after, &requests);
+        assert!(matches!(waiting, Waiting::One(_)) && after.is_some());
+        assert_eq!(tasks_of(&command), 1);
+    }
+
+    #[test]
+    fn a_wait_and_other_commands_are_never_gathered() {
+        let (first, _r0) = enqueue("a", 0, Some(1.0));
+        let (next, _r1) = enqueue("a", 0, None);
+        let requests = queued(vec![next]);
+        let (command, waiting, after) = gather(first, &requests);
+        assert!(matches!(
+            command,
+            ClientCommand::Enqueue { wait: Some(_), .. }
+        ));
+        assert!(matches!(waiting, Waiting::One(_)));
+        assert!(after.is_none(), "the next request was read");
+        let (first, _r2) = enqueue("a", 0, None);
+        let (mut other, _r3) = enqueue("a", 0, None);
+        other.command = ClientCommand::Ping;
+        let requests = queued(vec![other]);
+        let (command, _, after) = gather(first, &requests);
+        assert_eq!(tasks_of(&command), 1);
+        assert!(matches!(
+            after.map(|a| a.command),
+            Some(ClientCommand::Ping)
+        ));
+    }
+
+    #[test]
+    fn a_batch_stays_well_inside_the_message_limit() {
+        // Six tasks of 600 KiB: any three together exceed 2 MiB.
+        let (first, _r) = enqueue("a", 600 * 1024, None);
+        let mut rest = Vec::new();
+        let mut keep = Vec::new();
+        for _ in 0..5 {
+            let (r, rx) = enqueue("a", 600 * 1024, None);
+            rest.push(r);
+            keep.push(rx);
+        }
+        let requests = queued(rest);
+        let mut next = Some(first);
+        let mut sent = 0;
+        while let Some(r) = next.take() {
+            let (command, _, after) = gather(r, &requests);
+            sent += tasks_of(&command);
+            let frames = protocol::encode(&ClientRequest {
+                request_id: "r".into(),
+                command,
+            });
+            // The broker's decoder takes it (it refuses more than 2 MiB).
+            let size = frames.iter().map(Vec::len).sum::<usize>();
+            let decoded = protocol::decode::<ClientRequest, _>(&frames);
+            assert!(decoded.is_ok(), "a request of {size} bytes: {decoded:?}");
+            next = after.or_else(|| requests.try_recv().ok());
+        }
+        assert_eq!(sent, 6);
+    }
+
+    #[test]
+    fn a_whole_request_error_reaches_everyone() {
+        let mut rxs = Vec::new();
+        let mut txs = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = oneshot::channel();
+            txs.push(tx);
+            rxs.push(rx);
+        }
+        Waiting::Coalesced(txs).answer(Err(LinkError::Timeout));
+        for mut rx in rxs {
+            assert!(matches!(rx.try_recv(), Ok(Err(LinkError::Timeout))));
+        }
+        // A batch answer of the wrong length is an error for everyone.
+        let (tx, mut rx) = oneshot::channel();
+        Waiting::Coalesced(vec![tx]).answer(Ok(ReplyBody::Batch { results: vec![] }));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Ok(ReplyBody::Error {
+                code: protocol::ErrorCode::Internal,
+                ..
+            }))
+        ));
     }
 }

@@ -171,6 +171,31 @@ pub struct TaskSpec {
     pub idempotency_key: Option<String>,
 }
 
+impl TaskSpec {
+    /// At least the size of this task's MessagePack encoding, in bytes: its
+    /// strings and body, plus room for every key, header and number.
+    pub fn encoded_size_bound(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let pairs = |p: &[(String, String)]| -> usize {
+            p.iter().map(|(k, v)| 11 + k.len() + v.len()).sum()
+        };
+        // 13 keys of at most 21 bytes, each with a value header or a
+        // number of at most 9 bytes, and the map's header.
+        let fixed = 13 * 30 + 5;
+        fixed
+            + self.url.len()
+            + opt(&self.method)
+            + pairs(&self.params)
+            + self.body.as_ref().map_or(0, |b| b.len())
+            + opt(&self.content_type)
+            + pairs(&self.headers)
+            + opt(&self.name)
+            + opt(&self.callback_url)
+            + opt(&self.failure_callback_url)
+            + opt(&self.idempotency_key)
+    }
+}
+
 /// A broker's answer to a [`ClientRequest`].
 /// (`Serialize` is written by hand in [`crate::fast`].)
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -624,6 +649,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn size_bound_holds(task in spec(), cb in proptest::option::of(".{0,40}"), key in proptest::option::of(".{0,40}")) {
+            let task = TaskSpec { callback_url: cb.clone(), failure_callback_url: cb, idempotency_key: key, ..task };
+            let encoded = rmp_serde::to_vec_named(&task).unwrap();
+            prop_assert!(task.encoded_size_bound() >= encoded.len(), "{} < {}", task.encoded_size_bound(), encoded.len());
+        }
+
         #[test]
         fn client_requests_round_trip(id in ".{0,40}", queue in "[a-z-]{1,10}", task in spec()) {
             for command in [

@@ -252,6 +252,7 @@ impl Store {
             return;
         }
         let batch = self.new_req();
+        self.pending_ids.insert(request_id.to_string());
         self.pending.insert(
             batch,
             Pending::Batch(PendingBatch {
@@ -284,6 +285,7 @@ impl Store {
             return;
         }
         if let Some(Pending::Batch(b)) = self.pending.remove(&batch) {
+            self.pending_ids.remove(&b.request_id);
             self.answer_batch(b.identity, b.request_id, b.results, now_us);
         }
     }
@@ -347,6 +349,9 @@ impl Store {
             check: true,
         };
         let remote = self.send_to_others(&holders, store);
+        if slot.is_none() {
+            self.pending_ids.insert(request_id.to_string());
+        }
         let timer = self.add_timer(
             now_us + PEER_TIMEOUT.as_micros() as u64,
             Timer::Pending(req),
@@ -425,6 +430,7 @@ impl Store {
             self.fill_slot(batch, i, body, now_us);
             return;
         }
+        self.pending_ids.remove(&p.request_id);
         let reply = ClientReply {
             request_id: p.request_id.clone(),
             body: body.clone(),
@@ -453,11 +459,7 @@ impl Store {
 
     /// Whether an enqueue with this request id still waits for its holders.
     pub(super) fn store_pending_for(&self, request_id: &str) -> bool {
-        self.pending.values().any(|p| match p {
-            Pending::Store(s) => s.request_id == request_id,
-            Pending::Batch(b) => b.request_id == request_id,
-            Pending::Request(_) => false,
-        })
+        self.pending_ids.contains(request_id)
     }
 
     /// Sends a client command about a task held elsewhere to every peer;

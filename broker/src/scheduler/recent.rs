@@ -6,7 +6,10 @@
 //! * entries live in one ring buffer in expiry order, 40 bytes each: a
 //!   64-bit hash of the request id, its expiry, and an `enqueued` reply as
 //!   its task id, eta and replica count (its queue is the resent
-//!   request's own); other replies are boxed to the side;
+//!   request's own); other replies are boxed to the side, a batch's
+//!   `enqueued` results as compactly (32 bytes each);
+//! * the cap counts a batch as one entry per result, so it bounds memory
+//!   whatever the batch sizes;
 //! * the lookup table holds only each entry's 32-bit position, 5 bytes a
 //!   slot.
 
@@ -32,6 +35,56 @@ struct Entry {
 // An entry must stay at 40 bytes (see the module's comment).
 const _: () = assert!(std::mem::size_of::<Entry>() <= 40);
 
+/// A remembered reply other than a single `enqueued`.
+enum Kept {
+    Batch(Box<[Item]>),
+    Other(Box<ReplyBody>),
+}
+
+/// One result of a remembered batch.
+enum Item {
+    Enqueued { id: Uuid, eta: f64, replicas: u32 },
+    Other(Box<ReplyBody>),
+}
+
+const _: () = assert!(std::mem::size_of::<Item>() <= 32);
+
+impl Item {
+    fn of(body: &ReplyBody) -> Item {
+        match compact(body) {
+            Some((id, eta, replicas)) => Item::Enqueued { id, eta, replicas },
+            None => Item::Other(Box::new(body.clone())),
+        }
+    }
+}
+
+/// An `enqueued` reply's id, eta and replicas, when that is all it says.
+fn compact(body: &ReplyBody) -> Option<(Uuid, f64, u32)> {
+    match body {
+        ReplyBody::Enqueued {
+            id,
+            eta,
+            result: None,
+            replicas,
+            ..
+        } => Uuid::parse_str(id)
+            .ok()
+            .filter(|u| !u.is_nil())
+            .map(|u| (u, *eta, *replicas)),
+        _ => None,
+    }
+}
+
+fn enqueued(id: Uuid, queue: &str, eta: f64, replicas: u32) -> ReplyBody {
+    ReplyBody::Enqueued {
+        id: id.to_string(),
+        queue: queue.to_string(),
+        eta,
+        result: None,
+        replicas,
+    }
+}
+
 #[derive(Default)]
 pub struct Recent {
     /// Oldest first; `entries[i]` has position `head + i` (mod 2³²).
@@ -39,7 +92,9 @@ pub struct Recent {
     head: u32,
     /// Positions of the entries, hashed by their key.
     index: HashTable<u32>,
-    others: HashMap<u64, Box<ReplyBody>>,
+    others: HashMap<u64, Kept>,
+    /// Results held by the batches in `others`.
+    batch_results: usize,
 }
 
 fn key(request_id: &str) -> u64 {
@@ -64,22 +119,31 @@ impl Recent {
     pub fn get(&self, request_id: &str, queue: &str) -> Option<ReplyBody> {
         let k = key(request_id);
         let e = self.entry(self.position(k)?)?;
-        if e.id.is_nil() {
-            return self.others.get(&k).map(|b| (**b).clone());
+        if !e.id.is_nil() {
+            return Some(enqueued(e.id, queue, e.eta, e.replicas));
         }
-        Some(ReplyBody::Enqueued {
-            id: e.id.to_string(),
-            queue: queue.to_string(),
-            eta: e.eta,
-            result: None,
-            replicas: e.replicas,
+        Some(match self.others.get(&k)? {
+            Kept::Other(b) => (**b).clone(),
+            Kept::Batch(items) => ReplyBody::Batch {
+                results: items
+                    .iter()
+                    .map(|i| match i {
+                        Item::Enqueued { id, eta, replicas } => {
+                            enqueued(*id, queue, *eta, *replicas)
+                        }
+                        Item::Other(b) => (**b).clone(),
+                    })
+                    .collect(),
+            },
         })
     }
 
-    /// Remembers `body` until `expires_us`, dropping the oldest entry
-    /// beyond `max` entries.
+    /// Remembers `body` until `expires_us`, dropping the oldest entries
+    /// beyond `max` (a batch counts once per result).
     pub fn insert(&mut self, request_id: &str, body: &ReplyBody, expires_us: u64, max: usize) {
-        while self.entries.len() >= max.clamp(1, u32::MAX as usize / 2) {
+        while !self.entries.is_empty()
+            && self.entries.len() + self.batch_results >= max.clamp(1, u32::MAX as usize / 2)
+        {
             self.pop_oldest();
         }
         let k = key(request_id);
@@ -93,21 +157,14 @@ impl Recent {
             eta: 0.0,
             replicas: 0,
         };
-        match body {
-            ReplyBody::Enqueued {
-                id,
-                eta,
-                result: None,
-                replicas,
-                ..
-            } if Uuid::parse_str(id).is_ok_and(|u| !u.is_nil()) => {
-                e.id = Uuid::parse_str(id).unwrap_or_default();
-                e.eta = *eta;
-                e.replicas = *replicas;
-            }
-            other => {
-                self.others.insert(k, Box::new(other.clone()));
-            }
+        if let Some((id, eta, replicas)) = compact(body) {
+            (e.id, e.eta, e.replicas) = (id, eta, replicas);
+        } else if let ReplyBody::Batch { results } = body {
+            self.batch_results += results.len();
+            let items = results.iter().map(Item::of).collect();
+            self.others.insert(k, Kept::Batch(items));
+        } else {
+            self.others.insert(k, Kept::Other(Box::new(body.clone())));
         }
         let pos = self.head.wrapping_add(self.entries.len() as u32);
         self.entries.push_back(e);
@@ -129,7 +186,9 @@ impl Recent {
             found.remove();
         }
         if e.id.is_nil() {
-            self.others.remove(&e.key);
+            if let Some(Kept::Batch(items)) = self.others.remove(&e.key) {
+                self.batch_results -= items.len();
+            }
         }
     }
 
@@ -210,6 +269,39 @@ mod tests {
         assert_eq!(r.get("dup", "q"), None);
         assert!(r.others.is_empty());
         assert_eq!(r.index.len(), 0);
+    }
+
+    #[test]
+    fn batches_are_kept_compactly_and_count_per_result() {
+        let mut r = Recent::default();
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let error = ReplyBody::Error {
+            code: protocol::ErrorCode::BadRequest,
+            reason: "bad".into(),
+        };
+        let batch = ReplyBody::Batch {
+            results: vec![enqueued(ids[0], 1.0), error.clone(), enqueued(ids[1], 2.0)],
+        };
+        r.insert("b", &batch, u64::MAX, 10);
+        // Answered again with the resend's queue, the error kept whole.
+        let ReplyBody::Batch { results } = r.get("b", "q").expect("remembered") else {
+            panic!("not a batch")
+        };
+        assert_eq!(
+            results,
+            vec![enqueued(ids[0], 1.0), error, enqueued(ids[1], 2.0)]
+        );
+        assert_eq!(r.batch_results, 3);
+        // 1 entry + 3 results, then singles: the cap of 10 drops the batch
+        // first, and with it its results.
+        for i in 0..6 {
+            r.insert(&format!("s{i}"), &enqueued(ids[2], 0.0), u64::MAX, 10);
+        }
+        assert!(r.get("b", "q").is_some());
+        r.insert("s6", &enqueued(ids[2], 0.0), u64::MAX, 10);
+        assert_eq!(r.get("b", "q"), None);
+        assert_eq!(r.batch_results, 0);
+        assert_eq!(r.len(), 7);
     }
 
     #[test]
