@@ -743,21 +743,22 @@ mod tests {
 
     #[test]
     fn a_batch_stays_well_inside_the_message_limit() {
-        // Six tasks of 600 KiB: any three together exceed 2 MiB.
-        let (first, _r) = enqueue("a", 600 * 1024, None);
+        // Ten tasks of 300 KiB: all together would be 3 MiB.
+        let (first, _r) = enqueue("a", 300 * 1024, None);
         let mut rest = Vec::new();
         let mut keep = Vec::new();
-        for _ in 0..5 {
-            let (r, rx) = enqueue("a", 600 * 1024, None);
+        for _ in 0..9 {
+            let (r, rx) = enqueue("a", 300 * 1024, None);
             rest.push(r);
             keep.push(rx);
         }
         let requests = queued(rest);
         let mut next = Some(first);
-        let mut sent = 0;
+        let (mut sent, mut largest) = (0, 0);
         while let Some(r) = next.take() {
             let (command, _, after) = gather(r, &requests);
             sent += tasks_of(&command);
+            largest = largest.max(tasks_of(&command));
             let frames = protocol::encode(&ClientRequest {
                 request_id: "r".into(),
                 command,
@@ -768,7 +769,8 @@ mod tests {
             assert!(decoded.is_ok(), "a request of {size} bytes: {decoded:?}");
             next = after.or_else(|| requests.try_recv().ok());
         }
-        assert_eq!(sent, 6);
+        assert_eq!(sent, 10);
+        assert!(largest > 1, "no batch was gathered, so nothing was checked");
     }
 
     #[test]

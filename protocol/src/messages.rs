@@ -648,6 +648,38 @@ mod tests {
         }
     }
 
+    /// Every field set, with strings and a body long enough for the
+    /// largest MessagePack headers.
+    #[test]
+    fn size_bound_holds_for_long_fields() {
+        for n in [0, 31, 32, 255, 256, 65_535, 65_536, 70_000] {
+            let s = "é".repeat(n / 2) + &"x".repeat(n % 2);
+            let pairs = vec![(s.clone(), s.clone()); 3];
+            let task = TaskSpec {
+                url: s.clone(),
+                method: Some(s.clone()),
+                params: pairs.clone(),
+                body: Some(ByteBuf::from(vec![7u8; n])),
+                content_type: Some(s.clone()),
+                headers: pairs,
+                countdown: Some(1.5),
+                eta: Some(1.8e9),
+                name: Some(s.clone()),
+                timeout: Some(30.0),
+                callback_url: Some(s.clone()),
+                failure_callback_url: Some(s.clone()),
+                idempotency_key: Some(s),
+            };
+            let encoded = rmp_serde::to_vec_named(&task).unwrap();
+            assert!(
+                task.encoded_size_bound() >= encoded.len(),
+                "{n}: {} < {}",
+                task.encoded_size_bound(),
+                encoded.len()
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn size_bound_holds(task in spec(), cb in proptest::option::of(".{0,40}"), key in proptest::option::of(".{0,40}")) {

@@ -284,12 +284,19 @@ mod tests {
         };
         r.insert("b", &batch, u64::MAX, 10);
         // Answered again with the resend's queue, the error kept whole.
-        let ReplyBody::Batch { results } = r.get("b", "q").expect("remembered") else {
+        let ReplyBody::Batch { results } = r.get("b", "resent").expect("remembered") else {
             panic!("not a batch")
+        };
+        let in_queue = |id: Uuid, eta: f64| ReplyBody::Enqueued {
+            id: id.to_string(),
+            queue: "resent".into(),
+            eta,
+            result: None,
+            replicas: 2,
         };
         assert_eq!(
             results,
-            vec![enqueued(ids[0], 1.0), error, enqueued(ids[1], 2.0)]
+            vec![in_queue(ids[0], 1.0), error, in_queue(ids[1], 2.0)]
         );
         assert_eq!(r.batch_results, 3);
         // 1 entry + 3 results, then singles: the cap of 10 drops the batch
