@@ -105,6 +105,8 @@ for round in $(seq 1 "$ROUNDS"); do
     single; bench http-batch-delay0 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --batch 100; stop_all
     single; bench zmq-delay0 end-to-end --broker $Z --via zmq --tasks "$N_E2E"; stop_all
     single; bench http-delay1 end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --delay 1; stop_all
+    # Delivery alone: every task due at the same eta, stored before it.
+    single; bench http-delivery end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --batch 100 --delay 1 --same-eta; stop_all
     "$PY" bench/baselines/beanstalkd_e2e.py --jobs "$N_E2E" --delay 0 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"
     "$PY" bench/baselines/beanstalkd_e2e.py --jobs "$N_E2E" --delay 1 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"
     "$PY" bench/baselines/celery_e2e.py --jobs "$N_CELERY" --delay 0 >>"$OUT/results.jsonl" 2>>"$OUT/bench.log"

@@ -91,6 +91,12 @@ enum Scenario {
         /// Countdown of every task, seconds.
         #[arg(long, default_value_t = 0.0)]
         delay: f64,
+        /// Give every task the same eta, the start plus `--delay`, instead
+        /// of a countdown from its own enqueue: all are due at once, so the
+        /// throughput after the eta is delivery alone, not paced by the
+        /// enqueue. Fails if the enqueue takes longer than `--delay`.
+        #[arg(long)]
+        same_eta: bool,
         /// `http`: enqueue over HTTP, deliver as webhooks to the built-in
         /// receiver; `zmq`: enqueue over ZeroMQ, deliver to built-in pull
         /// workers.
@@ -305,6 +311,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             tasks,
             concurrency,
             delay,
+            same_eta,
             via,
             workers,
             batch,
@@ -314,7 +321,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             broker,
             *tasks,
             *concurrency,
-            *delay,
+            Due::new(*delay, *same_eta),
             *via,
             *workers,
             *batch,
@@ -336,19 +343,53 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn body_for(format: Format, target: &str, i: u64, countdown: f64) -> (Bytes, &'static str) {
+/// When an end-to-end task is due: `delay` seconds after its own enqueue,
+/// or at one eta shared by every task (`--same-eta`).
+#[derive(Clone, Copy, Debug)]
+struct Due {
+    delay: f64,
+    eta: Option<f64>,
+}
+
+impl Due {
+    fn new(delay: f64, same_eta: bool) -> Due {
+        Due {
+            delay,
+            eta: same_eta.then(|| now_secs() + delay.max(0.0)),
+        }
+    }
+
+    fn countdown(delay: f64) -> Due {
+        Due { delay, eta: None }
+    }
+
+    /// The task's JSON key and value.
+    fn key_value(self) -> (&'static str, f64) {
+        match self.eta {
+            Some(eta) => ("eta", eta),
+            None => ("countdown", self.delay),
+        }
+    }
+
+    fn json(self, target: &str, i: u64) -> Value {
+        let (key, value) = self.key_value();
+        let mut task = json!({"url": target, "params": {"i": i.to_string()}});
+        task[key] = json!(value);
+        task
+    }
+}
+
+fn body_for(format: Format, target: &str, i: u64, due: Due) -> (Bytes, &'static str) {
     match format {
-        Format::Form => (
-            Bytes::from(format!(
-                "task.url={target}&task.countdown={countdown}&i={i}"
-            )),
-            "application/x-www-form-urlencoded",
-        ),
+        Format::Form => {
+            let (key, value) = due.key_value();
+            (
+                Bytes::from(format!("task.url={target}&task.{key}={value}&i={i}")),
+                "application/x-www-form-urlencoded",
+            )
+        }
         Format::Json => (
-            Bytes::from(
-                json!({"url": target, "countdown": countdown, "params": {"i": i.to_string()}})
-                    .to_string(),
-            ),
+            Bytes::from(due.json(target, i).to_string()),
             "application/json",
         ),
     }
@@ -394,7 +435,12 @@ async fn http_load(
                 if i >= requests {
                     break;
                 }
-                let (body, ct) = body_for(format, "http://127.0.0.1:9/never", i, 3600.0);
+                let (body, ct) = body_for(
+                    format,
+                    "http://127.0.0.1:9/never",
+                    i,
+                    Due::countdown(3600.0),
+                );
                 let req = hyper::Request::post(&url)
                     .header("content-type", ct)
                     .body(Full::new(body));
@@ -610,12 +656,13 @@ async fn end_to_end(
     broker: &str,
     tasks: u64,
     concurrency: usize,
-    delay: f64,
+    due: Due,
     via: Via,
     workers: usize,
     batch: u64,
     timeout: f64,
 ) -> anyhow::Result<Report> {
+    let delay = due.delay;
     let seen: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let start = Instant::now();
     let enqueued_at: Vec<Instant>;
@@ -650,13 +697,14 @@ async fn end_to_end(
                         }
                         let ids = first..(first + batch).min(tasks);
                         let (body, ct) = if batch > 1 {
-                            let items: Vec<Value> = ids
-                                .clone()
-                                .map(|i| json!({"url": target, "countdown": delay, "params": {"i": i.to_string()}}))
-                                .collect();
-                            (Bytes::from(Value::Array(items).to_string()), "application/json")
+                            let items: Vec<Value> =
+                                ids.clone().map(|i| due.json(&target, i)).collect();
+                            (
+                                Bytes::from(Value::Array(items).to_string()),
+                                "application/json",
+                            )
                         } else {
-                            body_for(Format::Form, &target, first, delay)
+                            body_for(Format::Form, &target, first, due)
                         };
                         let Ok(req) = hyper::Request::post(&endpoint)
                             .header("content-type", ct)
@@ -717,7 +765,8 @@ async fn end_to_end(
             let (_, times) = tokio::task::spawn_blocking(move || {
                 zmq_enqueue("end-to-end enqueue", &broker, tasks, 64, |i| TaskSpec {
                     url: "zmq://bench".into(),
-                    countdown: Some(delay),
+                    countdown: due.eta.is_none().then_some(delay),
+                    eta: due.eta,
                     params: vec![("i".into(), i.to_string())],
                     ..Default::default()
                 })
@@ -727,6 +776,10 @@ async fn end_to_end(
         }
     }
     let enqueue_seconds = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        due.eta.is_none() || enqueue_seconds < delay,
+        "the enqueue took {enqueue_seconds:.2} s, past the shared eta: raise --delay"
+    );
     let progress = Progress::start("end-to-end", tasks);
     let deadline = Instant::now() + Duration::from_secs_f64(timeout);
     loop {
@@ -751,7 +804,8 @@ async fn end_to_end(
     let delay_d = Duration::from_secs_f64(delay.max(0.0));
     for (i, at) in &seen {
         if let Some(t) = enqueued_at.get(*i as usize) {
-            let due = *t + delay_d;
+            // A shared eta: every task was due at the start plus the delay.
+            let due = if due.eta.is_some() { start } else { *t } + delay_d;
             let _ = latency.record(at.saturating_duration_since(due).as_micros().max(1) as u64);
         }
     }
@@ -764,7 +818,7 @@ async fn end_to_end(
         errors: 0,
         seconds,
         latency,
-        extra: json!({"via": format!("{via:?}").to_lowercase(), "delay": delay, "seconds_total": total, "enqueue_seconds": enqueue_seconds, "concurrency": concurrency, "batch": batch}),
+        extra: json!({"via": format!("{via:?}").to_lowercase(), "delay": delay, "same_eta": due.eta.is_some(), "seconds_total": total, "enqueue_seconds": enqueue_seconds, "concurrency": concurrency, "batch": batch}),
     })
 }
 

@@ -112,6 +112,36 @@ fn every_bench_scenario_runs_on_a_small_count() {
             e2e["extra"]["seconds_total"].as_f64().unwrap() >= 1.0,
             "the delay was not honoured: {e2e}"
         );
+        // Delivery alone: every task due at one eta, a second after the start.
+        let e2e = bench(&[
+            "end-to-end",
+            "--url",
+            &url,
+            "--tasks",
+            "200",
+            "--batch",
+            "100",
+            "--delay",
+            "1",
+            "--same-eta",
+        ]);
+        check(&e2e, "end-to-end", 200);
+        assert_eq!(e2e["extra"]["same_eta"], true, "{e2e}");
+        assert!(
+            e2e["extra"]["seconds_total"].as_f64().unwrap() >= 1.0,
+            "the eta was not honoured: {e2e}"
+        );
+        // A shared eta the enqueue cannot beat is refused, not measured.
+        let out = Command::new(bin())
+            .args(["bench", "end-to-end", "--url", &url, "--tasks", "50"])
+            .args(["--delay", "0", "--same-eta", "--json"])
+            .output()
+            .expect("miyamoto bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("raise --delay"),
+            "{stderr}"
+        );
         check(
             &bench(&["dispatch-ceiling", "--tasks", "200"]),
             "dispatch-ceiling",
