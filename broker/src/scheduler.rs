@@ -520,7 +520,7 @@ impl Store {
     fn request(
         &mut self,
         identity: &[u8],
-        req: ClientRequest,
+        mut req: ClientRequest,
         now_us: u64,
         out: &mut Vec<Event>,
     ) -> Option<ClientReply> {
@@ -562,36 +562,37 @@ impl Store {
         }
         let mut deferred = false;
         if self.cluster.is_clustered() {
-            match &req.command {
+            let stores = match &req.command {
+                ClientCommand::Enqueue { .. } => true,
+                ClientCommand::EnqueueBatch { tasks, .. } => tasks.len() <= MAX_BATCH,
+                _ => false,
+            };
+            // A resend while the first copies still wait for their holders:
+            // the first one's answer will do.
+            if stores && self.store_pending_for(&request_id) {
+                self.stats.duplicate_requests += 1;
+                return None;
+            }
+            match req.command {
                 ClientCommand::Enqueue { queue, task, wait } => {
-                    // A resend while the first copy still waits for its
-                    // holders: the first one's answer will do.
-                    if self.store_pending_for(&request_id) {
-                        self.stats.duplicate_requests += 1;
-                        return None;
-                    }
                     let r = self.enqueue_replicated(
                         identity,
                         &request_id,
-                        queue,
-                        task.clone(),
-                        *wait,
+                        &queue,
+                        task,
+                        wait,
                         None,
                         now_us,
                     );
                     return r.map(|body| ClientReply { request_id, body });
                 }
-                ClientCommand::EnqueueBatch { tasks, .. } if tasks.len() <= MAX_BATCH => {
-                    if self.store_pending_for(&request_id) {
-                        self.stats.duplicate_requests += 1;
-                        return None;
-                    }
-                    let ClientCommand::EnqueueBatch { queue, tasks } = req.command else {
-                        unreachable!("matched above")
-                    };
+                ClientCommand::EnqueueBatch { queue, tasks } if tasks.len() <= MAX_BATCH => {
                     self.enqueue_batch_replicated(identity, &request_id, &queue, tasks, now_us);
                     return None;
                 }
+                command => req.command = command,
+            }
+            match &req.command {
                 ClientCommand::Get { queue, id }
                 | ClientCommand::Cancel { queue, id }
                 | ClientCommand::Run { queue, id }

@@ -257,6 +257,13 @@ enum Waiting {
 }
 
 impl Waiting {
+    fn callers(&self) -> usize {
+        match self {
+            Waiting::One(_) => 1,
+            Waiting::Coalesced(txs) => txs.len(),
+        }
+    }
+
     fn answer(self, body: Result<ReplyBody, LinkError>) {
         match (self, body) {
             (Waiting::One(tx), body) => {
@@ -374,14 +381,13 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                 break;
             }
             let mut n = 0;
-            let mut next = requests.try_recv().ok();
-            while let Some(r) = next.take() {
-                n += 1;
+            let mut next = None;
+            while let Some(r) = next.take().or_else(|| requests.try_recv().ok()) {
                 let deadline = now + config.request_timeout + r.extra;
                 let (command, waiting, after) = gather(r, &requests);
                 next = after;
+                n += waiting.callers();
                 if let Waiting::Coalesced(txs) = &waiting {
-                    n += txs.len() - 1;
                     coalesced.fetch_add(txs.len() as u64, Ordering::Relaxed);
                 }
                 let request_id = uuid::Uuid::new_v4().to_string();
@@ -400,9 +406,6 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                         );
                     }
                     Err(_) => waiting.answer(Err(LinkError::NotConnected)),
-                }
-                if next.is_none() {
-                    next = requests.try_recv().ok();
                 }
             }
             while let Ok((broker, result)) = results.try_recv() {
