@@ -737,7 +737,8 @@ async fn end_to_end(
             for _ in 0..workers.max(1) {
                 let (seen, stop, ep) = (seen.clone(), stop.clone(), worker_ep.clone());
                 std::thread::spawn(move || {
-                    let Ok(mut w) = broker::client::Worker::connect(&ep, &["bench"], 256) else {
+                    let Ok(mut w) = broker::client::Worker::connect_batched(&ep, &["bench"], 256)
+                    else {
                         return;
                     };
                     while !stop.load(Ordering::Relaxed) {

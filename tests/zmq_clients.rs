@@ -247,3 +247,183 @@ fn rmp_like_map() -> Vec<u8> {
     v.extend_from_slice(b"enqueue");
     v
 }
+
+/// The next message from the broker other than a heartbeat.
+fn next_from_broker(s: &zmq::Socket) -> protocol::BrokerMessage {
+    loop {
+        let parts = s.recv_multipart(0).expect("a message from the broker");
+        let msg: protocol::BrokerMessage = protocol::decode(&parts).unwrap();
+        if msg != protocol::BrokerMessage::Heartbeat {
+            return msg;
+        }
+    }
+}
+
+fn send_worker(s: &zmq::Socket, msg: &protocol::WorkerMessage) {
+    s.send_multipart(protocol::encode(msg), 0).unwrap();
+}
+
+#[test]
+fn a_batching_worker_gets_tasks_and_answers_several_at_once() {
+    use protocol::{BrokerMessage, DeliveryResult, Outcome, WorkerMessage};
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let mut p = Producer::connect(&node.client_endpoint()).unwrap();
+        let ids: Vec<String> = (0..20)
+            .map(|i| {
+                let n = i.to_string();
+                p.enqueue("batched", zmq_task("batch", &[("n", &n)]))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        // With no worker yet, all of them wait in the pool, running.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ids
+            .iter()
+            .all(|id| p.get("batched", id).unwrap().state == TaskState::Running)
+        {
+            assert!(Instant::now() < deadline, "tasks never became due");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ctx = zmq::Context::new();
+        let w = ctx.socket(zmq::DEALER).unwrap();
+        w.set_linger(0).unwrap();
+        w.set_rcvtimeo(10_000).unwrap();
+        w.connect(&node.worker_endpoint()).unwrap();
+        send_worker(
+            &w,
+            &WorkerMessage::Ready {
+                pools: vec!["batch".into()],
+                credit: 15,
+                name: Some("raw-batcher".into()),
+                batch: true,
+            },
+        );
+        // The whole credit's worth arrives as one `tasks` message.
+        let BrokerMessage::Tasks { tasks: first } = next_from_broker(&w) else {
+            panic!("expected a tasks message");
+        };
+        assert_eq!(first.len(), 15);
+        let result = |d: &protocol::Dispatched, outcome| DeliveryResult {
+            delivery: d.delivery,
+            task_id: d.task.id.clone(),
+            outcome,
+            status: None,
+            reason: Some("no".into()),
+            retry_after: None,
+            responded: true,
+            body: None,
+            no_retry: true,
+        };
+        // One failure (not to be retried) among fourteen successes, in one
+        // message: the five left are then sent together.
+        let mut results: Vec<DeliveryResult> =
+            first.iter().map(|d| result(d, Outcome::Success)).collect();
+        results[3].outcome = Outcome::Failure;
+        let failed = first[3].task.id.clone();
+        send_worker(&w, &WorkerMessage::Results { results });
+        let BrokerMessage::Tasks { tasks: rest } = next_from_broker(&w) else {
+            panic!("expected a tasks message");
+        };
+        assert_eq!(rest.len(), 5);
+        let mut seen: Vec<String> = first
+            .iter()
+            .chain(&rest)
+            .map(|d| d.task.id.clone())
+            .collect();
+        seen.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(seen, want);
+        // A malformed `results` is refused whole, and the worker stays
+        // registered: the last five results still settle their tasks.
+        let mut junk = protocol::encode(&WorkerMessage::Heartbeat);
+        junk[2] = {
+            let mut v = vec![0x82, 0xa4];
+            v.extend_from_slice(b"type");
+            v.push(0xa7);
+            v.extend_from_slice(b"results");
+            v.push(0xa7);
+            v.extend_from_slice(b"results");
+            v.push(0xa1);
+            v.push(b'x');
+            v
+        };
+        w.send_multipart(junk, 0).unwrap();
+        assert!(matches!(
+            next_from_broker(&w),
+            BrokerMessage::Error {
+                code: protocol::ErrorCode::Malformed,
+                ..
+            }
+        ));
+        let results = rest.iter().map(|d| result(d, Outcome::Success)).collect();
+        send_worker(&w, &WorkerMessage::Results { results });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for id in &ids {
+            let want = if *id == failed {
+                TaskState::Failed
+            } else {
+                TaskState::Succeeded
+            };
+            loop {
+                let t = p.get("batched", id).unwrap();
+                if t.state == want {
+                    assert_eq!(t.attempts, 1);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{id} stuck in {:?}", t.state);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    });
+}
+
+#[test]
+fn the_batched_client_worker_serves_a_crowd_of_tasks() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let mut p = Producer::connect(&node.client_endpoint()).unwrap();
+        let n = 600;
+        let ids: Vec<String> = (0..n)
+            .map(|i| {
+                let n = i.to_string();
+                p.enqueue("crowd", zmq_task("crowd", &[("n", &n)]))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        // Connected after the enqueues: the tasks waiting in the pool come
+        // a credit's worth at a time.
+        let mut w = Worker::connect_batched(&node.worker_endpoint(), &["crowd"], 64).unwrap();
+        let mut got = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} tasks arrived",
+                got.len()
+            );
+            let Some(job) = w.next(Duration::from_millis(200)).unwrap() else {
+                continue;
+            };
+            assert!(got.insert(job.task.id.clone()), "{} twice", job.task.id);
+            w.report(&job, protocol::Outcome::Success, None).unwrap();
+        }
+        // The last results leave with the next call that runs out of jobs.
+        assert!(w.next(Duration::from_millis(50)).unwrap().is_none());
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let t = p.get("crowd", id).unwrap();
+                if t.state == TaskState::Succeeded {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{id} stuck in {:?}", t.state);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert_eq!(w.reconnects, 0);
+    });
+}

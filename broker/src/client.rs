@@ -2,11 +2,13 @@
 //! [`Producer`] (enqueue, cancel, get over the base port) and a pulling
 //! [`Worker`] (base port + 1). Each owns its socket: use one per thread.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use protocol::{
     BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
-    ErrorCode, Outcome, ReplyBody, TaskInfo, TaskSpec, WorkerMessage,
+    ErrorCode, Outcome, ReplyBody, TaskInfo, TaskSpec, WorkerMessage, MAX_BATCHED,
+    MAX_BATCHED_BYTES,
 };
 
 use crate::sockets;
@@ -159,6 +161,12 @@ pub struct Job {
 /// A pulling worker: a DEALER connected out to a broker's worker port,
 /// following the Paranoid Pirate pattern. Call [`Worker::next`] at least
 /// once per heartbeat interval, even while busy, so both sides stay alive.
+///
+/// A worker made by [`Worker::connect_batched`] takes its tasks several
+/// at a time (`tasks` messages; [`Worker::next`] still hands out one job
+/// per call) and keeps the results it is given until [`Worker::next`]
+/// runs out of jobs in hand (or has kept one for 5 ms, or
+/// [`Worker::flush`] is called), then sends them as one `results` message.
 pub struct Worker {
     ctx: zmq::Context,
     socket: zmq::Socket,
@@ -173,12 +181,46 @@ pub struct Worker {
     last_sent: Instant,
     /// Times the worker re-registered (disconnect or silent broker).
     pub reconnects: u64,
+    batch: bool,
+    /// The broker sent `tasks` on this connection, so it takes `results`.
+    batches: bool,
+    /// Jobs received and not yet handed out.
+    inbox: VecDeque<Job>,
+    /// Results not yet sent, and a bound on their encoded size.
+    outbox: Vec<DeliveryResult>,
+    outbox_bytes: usize,
+    /// When the oldest kept result was given.
+    outbox_since: Instant,
 }
+
+/// How long a batched worker that still has jobs in hand may keep a result
+/// before sending it.
+const RESULT_HOLD: Duration = Duration::from_millis(5);
 
 impl Worker {
     /// Connects to `endpoint` (e.g. `tcp://127.0.0.1:7001`), serving
     /// `pools` with up to `credit` tasks in flight.
     pub fn connect(endpoint: &str, pools: &[&str], credit: u32) -> Result<Worker, ClientError> {
+        Worker::start(endpoint, pools, credit, false)
+    }
+
+    /// Like [`Worker::connect`], taking tasks and sending results several
+    /// at a time (see [`Worker`]): fewer messages when tasks are many and
+    /// short.
+    pub fn connect_batched(
+        endpoint: &str,
+        pools: &[&str],
+        credit: u32,
+    ) -> Result<Worker, ClientError> {
+        Worker::start(endpoint, pools, credit, true)
+    }
+
+    fn start(
+        endpoint: &str,
+        pools: &[&str],
+        credit: u32,
+        batch: bool,
+    ) -> Result<Worker, ClientError> {
         let ctx = zmq::Context::new();
         let socket = sockets::dealer(&ctx, false)?;
         socket.connect(endpoint)?;
@@ -195,6 +237,12 @@ impl Worker {
             last_heard: now,
             last_sent: now,
             reconnects: 0,
+            batch,
+            batches: false,
+            inbox: VecDeque::new(),
+            outbox: Vec::new(),
+            outbox_bytes: 0,
+            outbox_since: now,
         };
         w.ready()?;
         Ok(w)
@@ -212,11 +260,23 @@ impl Worker {
             pools: self.pools.clone(),
             credit: self.credit,
             name: Some(self.name.clone()),
+            batch: self.batch,
         };
         self.send(&msg)
     }
 
+    /// Jobs and results of the old registration: the broker has given the
+    /// jobs back (or will, when it forgets this worker), and ignores
+    /// results for them.
+    fn forget(&mut self) {
+        self.batches = false;
+        self.inbox.clear();
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+    }
+
     fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.forget();
         self.socket = sockets::dealer(&self.ctx, false)?;
         self.socket.connect(&self.endpoint)?;
         self.reconnects += 1;
@@ -228,50 +288,75 @@ impl Worker {
     pub fn next(&mut self, wait: Duration) -> Result<Option<Job>, ClientError> {
         let deadline = Instant::now() + wait;
         loop {
+            // What has arrived, without waiting: a busy batched worker that
+            // has jobs in hand still hears the broker's heartbeats.
+            while let Some(parts) = sockets::try_recv(&self.socket) {
+                self.receive(&parts)?;
+            }
             let now = Instant::now();
+            if !self.outbox.is_empty()
+                && (self.inbox.is_empty() || now.duration_since(self.outbox_since) >= RESULT_HOLD)
+            {
+                self.flush()?;
+            }
             if now.duration_since(self.last_sent) >= self.heartbeat_interval {
                 self.send(&WorkerMessage::Heartbeat)?;
             }
+            if let Some(job) = self.inbox.pop_front() {
+                return Ok(Some(job));
+            }
             if now.duration_since(self.last_heard) >= self.broker_expiry {
                 self.reconnect()?;
+            }
+            if now >= deadline {
+                return Ok(None);
             }
             let until_beat = self
                 .heartbeat_interval
                 .saturating_sub(now.duration_since(self.last_sent));
             let left = deadline.saturating_duration_since(now);
             let slice = until_beat.min(left).max(Duration::from_millis(1));
-            if self.socket.poll(zmq::POLLIN, slice.as_millis() as i64)? > 0 {
-                let parts = self.socket.recv_multipart(0)?;
-                self.last_heard = Instant::now();
-                match protocol::decode_hot::<BrokerMessage, _>(&parts) {
-                    Ok(BrokerMessage::Task { delivery, task }) => {
-                        return Ok(Some(Job { delivery, task }))
-                    }
-                    Ok(BrokerMessage::Disconnect { .. }) => {
-                        self.reconnects += 1;
-                        self.ready()?;
-                    }
-                    Ok(BrokerMessage::Heartbeat) => {}
-                    Ok(BrokerMessage::Error { reason, .. }) => {
-                        tracing::warn!(%reason, "broker reported an error");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "undecodable message from broker"),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
+            self.socket.poll(zmq::POLLIN, slice.as_millis() as i64)?;
         }
     }
 
-    /// Reports a delivery's outcome (returns one credit).
+    /// One message from the broker.
+    fn receive(&mut self, parts: &[Vec<u8>]) -> Result<(), ClientError> {
+        self.last_heard = Instant::now();
+        match protocol::decode_hot::<BrokerMessage, _>(parts) {
+            Ok(BrokerMessage::Task { delivery, task }) => {
+                self.inbox.push_back(Job { delivery, task });
+            }
+            Ok(BrokerMessage::Tasks { tasks }) => {
+                self.batches = true;
+                self.inbox.extend(tasks.into_iter().map(|d| Job {
+                    delivery: d.delivery,
+                    task: d.task,
+                }));
+            }
+            Ok(BrokerMessage::Disconnect { .. }) => {
+                self.forget();
+                self.reconnects += 1;
+                self.ready()?;
+            }
+            Ok(BrokerMessage::Heartbeat) => {}
+            Ok(BrokerMessage::Error { reason, .. }) => {
+                tracing::warn!(%reason, "broker reported an error");
+            }
+            Err(e) => tracing::warn!(error = %e, "undecodable message from broker"),
+        }
+        Ok(())
+    }
+
+    /// Reports a delivery's outcome (returns one credit). A batched worker
+    /// may keep it for the next `results` message (see [`Worker`]).
     pub fn report(
         &mut self,
         job: &Job,
         outcome: Outcome,
         reason: Option<String>,
     ) -> Result<(), ClientError> {
-        self.send(&WorkerMessage::Result(DeliveryResult {
+        let result = DeliveryResult {
             delivery: job.delivery,
             task_id: job.task.id.clone(),
             outcome,
@@ -281,11 +366,44 @@ impl Worker {
             responded: true,
             body: None,
             no_retry: false,
-        }))
+        };
+        if !self.batches {
+            return self.send(&WorkerMessage::Result(result));
+        }
+        let size = result.encoded_size_bound() + 10;
+        if !self.outbox.is_empty()
+            && (self.outbox.len() == MAX_BATCHED || self.outbox_bytes + size > MAX_BATCHED_BYTES)
+        {
+            self.flush()?;
+        }
+        if self.outbox.is_empty() {
+            self.outbox_since = Instant::now();
+        }
+        self.outbox_bytes += size;
+        self.outbox.push(result);
+        Ok(())
     }
 
-    /// Leaves cleanly; in-flight tasks go back to the schedule.
+    /// Sends the results a batched worker keeps (see [`Worker`]).
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.outbox_bytes = 0;
+        match self.outbox.len() {
+            0 => Ok(()),
+            1 => match self.outbox.pop() {
+                Some(r) => self.send(&WorkerMessage::Result(r)),
+                None => Ok(()),
+            },
+            _ => {
+                let results = std::mem::take(&mut self.outbox);
+                self.send(&WorkerMessage::Results { results })
+            }
+        }
+    }
+
+    /// Leaves cleanly, after sending the results it keeps; in-flight tasks
+    /// go back to the schedule.
     pub fn disconnect(mut self) -> Result<(), ClientError> {
+        self.flush()?;
         self.send(&WorkerMessage::Disconnect)
     }
 }

@@ -5,12 +5,21 @@
 //! time it is, and answers with [`Out`] actions that the loop carries out.
 //! It never changes task state itself; lost or timed-out deliveries become
 //! [`Command::Lost`] for the scheduler.
+//!
+//! A worker that registered with `batch` gets its deliveries in `tasks`
+//! messages: what is assigned to it waits in its outbox until
+//! [`Dispatcher::flush`], which the loop calls before carrying out the
+//! actions of a whole pass, so the tasks freed by a pass's results travel
+//! together.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocol::{BrokerMessage, DeliveredTask, ErrorCode, WorkerMessage};
+use protocol::{
+    BrokerMessage, DeliveredTask, DeliveryResult, Dispatched, ErrorCode, WorkerMessage,
+    MAX_BATCHED, MAX_BATCHED_BYTES,
+};
 
 use crate::scheduler::Command;
 
@@ -39,8 +48,8 @@ impl Default for DispatchConfig {
 /// An action for the I/O loop.
 #[derive(Debug)]
 pub enum Out {
-    /// Send to the worker with this identity. For a `Task`, report a failed
-    /// send with [`Dispatcher::unsent`].
+    /// Send to the worker with this identity. For a `Task` or `Tasks`,
+    /// report a failed send with [`Dispatcher::unsent`].
     Send(Vec<u8>, BrokerMessage),
     Schedule(Command),
 }
@@ -66,6 +75,10 @@ struct Worker {
     in_flight: HashMap<u64, InFlight>,
     last_heard: Instant,
     last_sent: Instant,
+    /// Takes `tasks` messages.
+    batch: bool,
+    /// Assigned (and counted in flight), not yet handed to the loop.
+    outbox: Vec<Dispatched>,
 }
 
 struct Pool {
@@ -102,6 +115,8 @@ pub struct Dispatcher {
     config: DispatchConfig,
     workers: HashMap<Vec<u8>, Worker>,
     pools: HashMap<String, Pool>,
+    /// Workers whose outbox is not empty.
+    filled: Vec<Vec<u8>>,
     pub stats: DispatchStats,
 }
 
@@ -111,6 +126,7 @@ impl Dispatcher {
             config,
             workers: HashMap::new(),
             pools: HashMap::new(),
+            filled: Vec::new(),
             stats: DispatchStats::default(),
         }
     }
@@ -153,9 +169,10 @@ impl Dispatcher {
             pools,
             credit,
             name,
+            batch,
         } = msg
         {
-            self.register(identity, pools, credit, name, now, out);
+            self.register(identity, pools, credit, name, batch, now, out);
             return;
         }
         let Some(w) = self.workers.get_mut(identity) else {
@@ -177,51 +194,101 @@ impl Dispatcher {
                 let pools = w.pools.clone();
                 self.assign_pools(&pools, now, out);
             }
-            WorkerMessage::Result(r) => match w.in_flight.remove(&r.delivery) {
-                Some(f) if f.task_id == r.task_id => {
-                    let pool = f.pool;
-                    out.push(Out::Schedule(Command::Result(r)));
+            WorkerMessage::Result(r) => {
+                if let Some(pool) = self.settle(identity, r, out) {
                     self.assign(&pool, now, out);
                 }
-                Some(f) => {
-                    // Wrong task id for the delivery: keep the delivery.
-                    w.in_flight.insert(r.delivery, f);
-                    self.stats.unknown_results += 1;
-                    out.push(Out::Send(
-                        identity.to_vec(),
-                        BrokerMessage::Error {
-                            code: ErrorCode::BadRequest,
-                            reason: format!("delivery {} is not task {}", r.delivery, r.task_id),
-                        },
-                    ));
+            }
+            WorkerMessage::Results { results } => {
+                let mut freed: Vec<Arc<str>> = Vec::new();
+                for r in results {
+                    if let Some(pool) = self.settle(identity, r, out) {
+                        if !freed.contains(&pool) {
+                            freed.push(pool);
+                        }
+                    }
                 }
-                None => self.stats.unknown_results += 1,
-            },
+                for pool in freed {
+                    self.assign(&pool, now, out);
+                }
+            }
             WorkerMessage::Disconnect => self.remove(identity, "worker disconnected", out),
         }
     }
 
+    /// A result from a registered worker: the pool of the delivery it
+    /// settles, or `None` when it matches none.
+    fn settle(
+        &mut self,
+        identity: &[u8],
+        r: DeliveryResult,
+        out: &mut Vec<Out>,
+    ) -> Option<Arc<str>> {
+        let w = self.workers.get_mut(identity)?;
+        match w.in_flight.remove(&r.delivery) {
+            Some(f) if f.task_id == r.task_id => {
+                out.push(Out::Schedule(Command::Result(r)));
+                Some(f.pool)
+            }
+            Some(f) => {
+                // Wrong task id for the delivery: keep the delivery.
+                w.in_flight.insert(r.delivery, f);
+                self.stats.unknown_results += 1;
+                out.push(Out::Send(
+                    identity.to_vec(),
+                    BrokerMessage::Error {
+                        code: ErrorCode::BadRequest,
+                        reason: format!("delivery {} is not task {}", r.delivery, r.task_id),
+                    },
+                ));
+                None
+            }
+            None => {
+                self.stats.unknown_results += 1;
+                None
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         identity: &[u8],
         pools: Vec<String>,
         credit: u32,
         name: Option<String>,
+        batch: bool,
         now: Instant,
         out: &mut Vec<Out>,
     ) {
         let name = name.unwrap_or_else(|| hex(identity));
-        let in_flight = match self.workers.remove(identity) {
+        let (in_flight, outbox) = match self.workers.remove(identity) {
             Some(old) => {
                 self.leave_pools(identity, &old.pools);
-                old.in_flight
+                (old.in_flight, old.outbox)
             }
             None => {
                 self.stats.workers_registered += 1;
-                HashMap::new()
+                (HashMap::new(), Vec::new())
             }
         };
-        tracing::info!(worker = %name, ?pools, credit, "worker ready");
+        // Assigned before the new `ready` but not sent yet: it goes out in
+        // whichever form the worker now asked for.
+        let outbox = if batch {
+            outbox
+        } else {
+            for d in outbox {
+                out.push(Out::Send(
+                    identity.to_vec(),
+                    BrokerMessage::Task {
+                        delivery: d.delivery,
+                        task: d.task,
+                    },
+                ));
+            }
+            Vec::new()
+        };
+        tracing::info!(worker = %name, ?pools, credit, batch, "worker ready");
         for p in &pools {
             self.pools
                 .entry(p.clone())
@@ -238,6 +305,8 @@ impl Dispatcher {
                 in_flight,
                 last_heard: now,
                 last_sent: now,
+                batch,
+                outbox,
             },
         );
         self.assign_pools(&pools, now, out);
@@ -253,11 +322,17 @@ impl Dispatcher {
 
     /// Forgets a worker; its deliveries become failed attempts.
     fn remove(&mut self, identity: &[u8], reason: &str, out: &mut Vec<Out>) {
-        let Some(w) = self.workers.remove(identity) else {
+        let Some(mut w) = self.workers.remove(identity) else {
             return;
         };
         tracing::warn!(worker = %w.name, in_flight = w.in_flight.len(), reason, "worker gone");
         self.leave_pools(identity, &w.pools);
+        // What never left the outbox waits for another worker.
+        for d in w.outbox.drain(..).rev() {
+            if let Some(f) = w.in_flight.remove(&d.delivery) {
+                self.give_back(f, d);
+            }
+        }
         for (delivery, f) in w.in_flight {
             out.push(Out::Schedule(Command::Lost {
                 delivery,
@@ -300,31 +375,43 @@ impl Dispatcher {
         }
     }
 
-    /// A `Task` message could not be sent: put it back in front of its
-    /// pool. An unreachable worker is forgotten.
+    /// Puts a delivery that never reached its worker back in front of its
+    /// pool.
+    fn give_back(&mut self, f: InFlight, d: Dispatched) {
+        self.pools
+            .entry(f.pool.to_string())
+            .or_insert_with(|| Pool::new(&f.pool))
+            .waiting
+            .push_front(Waiting {
+                delivery: d.delivery,
+                timeout: f.timeout,
+                task: d.task,
+            });
+    }
+
+    /// A `Task` or `Tasks` message could not be sent: put its tasks back in
+    /// front of their pools, in their order. An unreachable worker is
+    /// forgotten.
     pub fn unsent(
         &mut self,
         identity: &[u8],
-        delivery: u64,
-        task: DeliveredTask,
+        tasks: Vec<Dispatched>,
         unreachable: bool,
         out: &mut Vec<Out>,
     ) {
         if let Some(w) = self.workers.get_mut(identity) {
-            if let Some(f) = w.in_flight.remove(&delivery) {
-                self.pools
-                    .entry(f.pool.to_string())
-                    .or_insert_with(|| Pool::new(&f.pool))
-                    .waiting
-                    .push_front(Waiting {
-                        delivery,
-                        timeout: f.timeout,
-                        task,
-                    });
+            let mut back = Vec::new();
+            for d in tasks {
+                if let Some(f) = w.in_flight.remove(&d.delivery) {
+                    back.push((f, d));
+                }
+            }
+            for (f, d) in back.into_iter().rev() {
+                self.give_back(f, d);
             }
             if unreachable {
                 self.remove(identity, "unreachable", out);
-            } else {
+            } else if let Some(w) = self.workers.get_mut(identity) {
                 // Its pipe is full: send it nothing more until it answers.
                 w.window = w.in_flight.len() as u32;
             }
@@ -385,12 +472,53 @@ impl Dispatcher {
             );
             // The task itself travels in the message; a failed send hands
             // it back through `unsent`.
-            let msg = BrokerMessage::Task {
-                delivery: waiting.delivery,
-                task: waiting.task,
-            };
             self.stats.deliveries_sent += 1;
-            out.push(Out::Send(identity, msg));
+            if w.batch {
+                if w.outbox.is_empty() {
+                    self.filled.push(identity);
+                }
+                w.outbox.push(Dispatched {
+                    delivery: waiting.delivery,
+                    task: waiting.task,
+                });
+            } else {
+                let msg = BrokerMessage::Task {
+                    delivery: waiting.delivery,
+                    task: waiting.task,
+                };
+                out.push(Out::Send(identity, msg));
+            }
+        }
+    }
+
+    /// Hands the loop what waits in outboxes, as `tasks` messages of at
+    /// most [`MAX_BATCHED`] tasks and about [`MAX_BATCHED_BYTES`].
+    pub fn flush(&mut self, out: &mut Vec<Out>) {
+        for identity in self.filled.drain(..) {
+            let Some(w) = self.workers.get_mut(&identity) else {
+                continue;
+            };
+            let mut tasks = Vec::new();
+            let mut bytes = 0;
+            for d in w.outbox.drain(..) {
+                let size = d.task.encoded_size_bound() + 10;
+                if !tasks.is_empty()
+                    && (tasks.len() == MAX_BATCHED || bytes + size > MAX_BATCHED_BYTES)
+                {
+                    out.push(Out::Send(
+                        identity.clone(),
+                        BrokerMessage::Tasks {
+                            tasks: std::mem::take(&mut tasks),
+                        },
+                    ));
+                    bytes = 0;
+                }
+                bytes += size;
+                tasks.push(d);
+            }
+            if !tasks.is_empty() {
+                out.push(Out::Send(identity, BrokerMessage::Tasks { tasks }));
+            }
         }
     }
 
@@ -481,6 +609,7 @@ mod tests {
                     pools: vec!["p".into()],
                     credit: 1,
                     name: None,
+                    batch: false,
                 }),
                 now,
                 &mut out,
@@ -526,6 +655,7 @@ mod tests {
                 pools: vec!["p".into()],
                 credit: 5,
                 name: None,
+                batch: false,
             }),
             now,
             &mut out,
@@ -543,5 +673,205 @@ mod tests {
             out[0],
             Out::Send(_, BrokerMessage::Disconnect { .. })
         ));
+    }
+
+    fn ready(d: &mut Dispatcher, who: &[u8], credit: u32, batch: bool, out: &mut Vec<Out>) {
+        let msg = WorkerMessage::Ready {
+            pools: vec!["p".into()],
+            credit,
+            name: None,
+            batch,
+        };
+        d.on_message(who, Ok(msg), Instant::now(), out);
+    }
+
+    fn success(delivery: u64, task_id: &str) -> DeliveryResult {
+        DeliveryResult {
+            delivery,
+            task_id: task_id.into(),
+            outcome: Outcome::Success,
+            status: None,
+            reason: None,
+            retry_after: None,
+            responded: true,
+            body: None,
+            no_retry: false,
+        }
+    }
+
+    /// The deliveries of each `tasks` message in `out`, by message.
+    fn batches(out: &[Out]) -> Vec<Vec<u64>> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Send(_, BrokerMessage::Tasks { tasks }) => {
+                    Some(tasks.iter().map(|d| d.delivery).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batching_worker_gets_a_pass_worth_of_tasks_in_one_message() {
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        ready(&mut d, b"w", 3, true, &mut out);
+        for i in 0..5 {
+            d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
+        }
+        // Nothing leaves before the flush; the credit still holds.
+        assert!(out.is_empty());
+        assert_eq!(d.waiting(), 2);
+        d.flush(&mut out);
+        assert_eq!(batches(&out), vec![vec![0, 1, 2]]);
+        out.clear();
+        // Two results in one message free two credits: one message again.
+        let results = vec![success(0, "t0"), success(2, "t2")];
+        d.on_message(b"w", Ok(WorkerMessage::Results { results }), now, &mut out);
+        let settled: Vec<u64> = out
+            .iter()
+            .filter_map(|o| match o {
+                Out::Schedule(Command::Result(r)) => Some(r.delivery),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(settled, vec![0, 2]);
+        out.clear();
+        d.flush(&mut out);
+        assert_eq!(batches(&out), vec![vec![3, 4]]);
+        // A worker without `batch` still gets one `task` per delivery.
+        out.clear();
+        ready(&mut d, b"v", 2, false, &mut out);
+        d.on_dispatch("p".into(), 9, 1.0, task("t9"), now, &mut out);
+        d.flush(&mut out);
+        assert_eq!(sent_tasks(&out), vec![(b"v".to_vec(), 9)]);
+        assert!(batches(&out).is_empty());
+    }
+
+    #[test]
+    fn a_result_in_a_batch_for_the_wrong_task_is_refused_alone() {
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        ready(&mut d, b"w", 2, true, &mut out);
+        d.on_dispatch("p".into(), 1, 1.0, task("t1"), now, &mut out);
+        d.on_dispatch("p".into(), 2, 1.0, task("t2"), now, &mut out);
+        d.flush(&mut out);
+        out.clear();
+        let results = vec![success(1, "other"), success(2, "t2"), success(77, "t77")];
+        d.on_message(b"w", Ok(WorkerMessage::Results { results }), now, &mut out);
+        assert!(matches!(
+            &out[0],
+            Out::Send(
+                _,
+                BrokerMessage::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            )
+        ));
+        assert!(matches!(&out[1], Out::Schedule(Command::Result(r)) if r.delivery == 2));
+        assert_eq!(out.len(), 2);
+        assert_eq!(d.stats.unknown_results, 2);
+        // Delivery 1 is still out: its right result settles it.
+        out.clear();
+        d.on_message(
+            b"w",
+            Ok(WorkerMessage::Result(success(1, "t1"))),
+            now,
+            &mut out,
+        );
+        assert!(matches!(&out[0], Out::Schedule(Command::Result(r)) if r.delivery == 1));
+    }
+
+    #[test]
+    fn batches_are_cut_by_count_and_by_size() {
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        ready(&mut d, b"w", 10_000, true, &mut out);
+        let n = MAX_BATCHED as u64 + 44;
+        for i in 0..n {
+            d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
+        }
+        d.flush(&mut out);
+        let sizes: Vec<usize> = batches(&out).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![MAX_BATCHED, 44]);
+        let all: Vec<u64> = batches(&out).concat();
+        assert_eq!(all, (0..n).collect::<Vec<u64>>());
+        // Tasks with the largest bodies: every message stays under the
+        // message limit, and a broker-side decoder takes it.
+        out.clear();
+        for i in 0..5 {
+            let mut t = task(&format!("big{i}"));
+            t.body = Some(serde_bytes::ByteBuf::from(
+                vec![b'x'; protocol::MAX_TASK_BODY_BYTES],
+            ));
+            d.on_dispatch("p".into(), 1000 + i, 1.0, t, now, &mut out);
+        }
+        d.flush(&mut out);
+        assert_eq!(batches(&out).concat(), (1000..1005).collect::<Vec<u64>>());
+        for o in &out {
+            if let Out::Send(_, m) = o {
+                let frames = protocol::encode(m);
+                assert!(frames[2].len() <= protocol::frames::MAX_BODY_BYTES);
+                let back: BrokerMessage = protocol::decode_hot(&frames).unwrap();
+                assert_eq!(&back, m);
+            }
+        }
+    }
+
+    #[test]
+    fn unsent_and_unflushed_tasks_go_back_in_order() {
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        ready(&mut d, b"w", 3, true, &mut out);
+        for i in 0..4 {
+            d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
+        }
+        d.flush(&mut out);
+        let Some(Out::Send(who, BrokerMessage::Tasks { tasks })) = out.pop() else {
+            panic!("no tasks message: {out:?}");
+        };
+        // The pipe was full: all three come back before the fourth, and the
+        // worker gets nothing more until it answers.
+        d.unsent(&who, tasks, false, &mut out);
+        assert_eq!(d.waiting(), 4);
+        ready(&mut d, b"v", 10, true, &mut out);
+        d.flush(&mut out);
+        assert_eq!(batches(&out), vec![vec![0, 1, 2, 3]]);
+        // A worker that leaves with tasks still in its outbox: they wait for
+        // another worker, as failed attempts of nobody.
+        out.clear();
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        ready(&mut d, b"w", 3, true, &mut out);
+        for i in 0..2 {
+            d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
+        }
+        d.on_message(b"w", Ok(WorkerMessage::Disconnect), now, &mut out);
+        assert!(!out
+            .iter()
+            .any(|o| matches!(o, Out::Schedule(Command::Lost { .. }))));
+        assert_eq!(d.waiting(), 2);
+        d.flush(&mut out);
+        assert!(batches(&out).is_empty());
+        // The same worker asking again without `batch` gets them one by one.
+        ready(&mut d, b"w", 3, false, &mut out);
+        assert_eq!(
+            sent_tasks(&out),
+            vec![(b"w".to_vec(), 0), (b"w".to_vec(), 1)]
+        );
+        // A registered worker that drops `batch` before its outbox is
+        // flushed gets what was in it as single tasks.
+        out.clear();
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        ready(&mut d, b"u", 3, true, &mut out);
+        d.on_dispatch("p".into(), 5, 1.0, task("t5"), now, &mut out);
+        ready(&mut d, b"u", 3, false, &mut out);
+        d.flush(&mut out);
+        assert_eq!(sent_tasks(&out), vec![(b"u".to_vec(), 5)]);
+        assert!(batches(&out).is_empty());
     }
 }

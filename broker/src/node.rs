@@ -494,6 +494,10 @@ impl IoLoop {
             };
             let msg = protocol::decode_hot::<WorkerMessage, _>(rest);
             self.dispatcher.on_message(identity, msg, now, out);
+        }
+        // Once for the whole read: the tasks freed by these results go out
+        // together to workers that take batches.
+        if n > 0 {
             self.carry_out(out, now);
         }
         n
@@ -516,12 +520,14 @@ impl IoLoop {
                 } => {
                     self.dispatcher
                         .on_dispatch(pool, delivery, timeout, task, now, out);
-                    self.carry_out(out, now);
                 }
                 Event::Revoke { delivery } => self.dispatcher.on_revoke(delivery),
                 Event::ToPeer { to, msg } => self.send_peer(to, &msg),
                 Event::Publish(body) => self.publish(body),
             }
+        }
+        if n > 0 {
+            self.carry_out(out, now);
         }
         n
     }
@@ -869,6 +875,7 @@ impl IoLoop {
     }
 
     fn carry_out(&mut self, out: &mut Vec<Out>, now: Instant) {
+        self.dispatcher.flush(out);
         let mut i = 0;
         while i < out.len() {
             // `unsent` may push more actions; handle them in order.
@@ -884,16 +891,18 @@ impl IoLoop {
                         Ok(()) => self.dispatcher.sent(&identity, now),
                         Err(e) => {
                             self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
-                            if let protocol::BrokerMessage::Task { delivery, task } = msg {
+                            let tasks = match msg {
+                                protocol::BrokerMessage::Task { delivery, task } => {
+                                    vec![protocol::Dispatched { delivery, task }]
+                                }
+                                protocol::BrokerMessage::Tasks { tasks } => tasks,
+                                _ => Vec::new(),
+                            };
+                            if !tasks.is_empty() {
                                 let unreachable = e == zmq::Error::EHOSTUNREACH;
                                 let mut more = Vec::new();
-                                self.dispatcher.unsent(
-                                    &identity,
-                                    delivery,
-                                    task,
-                                    unreachable,
-                                    &mut more,
-                                );
+                                self.dispatcher
+                                    .unsent(&identity, tasks, unreachable, &mut more);
                                 out.extend(more);
                             }
                         }

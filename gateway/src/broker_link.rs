@@ -11,8 +11,11 @@
 //!   single enqueue, so only the per-request costs change. `ZMQ_IMMEDIATE` makes a send fail at once while no broker
 //!   is connected, so the caller gets a 503 rather than a late enqueue.
 //! * Webhook work: the thread registers on the broker's worker port for
-//!   the `*http` pool with the dispatcher's concurrency as credit, passes
-//!   each task to tokio, and sends back the results webhooks report.
+//!   the `*http` pool with the dispatcher's concurrency as credit and
+//!   `batch` set, passes each task to tokio, and sends back the results
+//!   webhooks report: the results found waiting together go as one
+//!   `results` message once the broker has shown it batches (it sent
+//!   `tasks`).
 //!
 //! The doorbell wakes the thread from `zmq::poll` when a channel has work.
 
@@ -26,7 +29,7 @@ use broker::sockets::{self, Bell, Doorbell};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use protocol::{
     BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
-    ReplyBody, WorkerMessage, HTTP_POOL,
+    ReplyBody, WorkerMessage, HTTP_POOL, MAX_BATCHED, MAX_BATCHED_BYTES,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -411,8 +414,11 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
             while let Ok((broker, result)) = results.try_recv() {
                 n += 1;
                 if let Some(reg) = workers.get_mut(broker.0) {
-                    reg.send(&WorkerMessage::Result(result));
+                    reg.report(result);
                 }
+            }
+            for reg in workers.iter_mut() {
+                reg.flush_results();
             }
             if c || pass > 0 {
                 while let Some(parts) = sockets::try_recv(&client) {
@@ -455,6 +461,16 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                                 delivery,
                                 task,
                             });
+                        }
+                        Ok(BrokerMessage::Tasks { tasks }) => {
+                            reg.batches = true;
+                            for d in tasks {
+                                let _ = jobs.send(Delivery {
+                                    broker: BrokerId(i),
+                                    delivery: d.delivery,
+                                    task: d.task,
+                                });
+                            }
                         }
                         Ok(BrokerMessage::Heartbeat) => {}
                         Ok(BrokerMessage::Disconnect { reason }) => {
@@ -581,6 +597,11 @@ struct Registration {
     last_heard: Instant,
     last_sent: Instant,
     concurrency: u32,
+    /// The broker sent `tasks` on this connection, so it takes `results`.
+    batches: bool,
+    /// Results waiting to go as one `results` message.
+    results: Vec<DeliveryResult>,
+    results_bytes: usize,
 }
 
 impl Registration {
@@ -598,6 +619,9 @@ impl Registration {
             last_heard: now,
             last_sent: now,
             concurrency: config.concurrency,
+            batches: false,
+            results: Vec::new(),
+            results_bytes: 0,
         };
         r.ready();
         Ok(r)
@@ -617,7 +641,42 @@ impl Registration {
             pools: vec![HTTP_POOL.to_string()],
             credit: self.concurrency,
             name: Some(format!("gateway-{}", std::process::id())),
+            batch: true,
         });
+    }
+
+    /// Sends a webhook's result, or keeps it for the next `results`
+    /// message when the broker takes them.
+    fn report(&mut self, result: DeliveryResult) {
+        if !self.batches {
+            self.send(&WorkerMessage::Result(result));
+            return;
+        }
+        let size = result.encoded_size_bound() + 10;
+        if !self.results.is_empty()
+            && (self.results.len() == MAX_BATCHED || self.results_bytes + size > MAX_BATCHED_BYTES)
+        {
+            self.flush_results();
+        }
+        self.results_bytes += size;
+        self.results.push(result);
+    }
+
+    /// Sends the results kept by [`Registration::report`].
+    fn flush_results(&mut self) {
+        self.results_bytes = 0;
+        match self.results.len() {
+            0 => {}
+            1 => {
+                if let Some(r) = self.results.pop() {
+                    self.send(&WorkerMessage::Result(r));
+                }
+            }
+            _ => {
+                let results = std::mem::take(&mut self.results);
+                self.send(&WorkerMessage::Results { results });
+            }
+        }
     }
 
     fn keep_alive(&mut self, ctx: &zmq::Context, config: &LinkConfig) -> Result<(), zmq::Error> {

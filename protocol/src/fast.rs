@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::messages::{default_queue, one};
 use crate::{
     AttemptResult, BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask,
-    DeliveryResult, ReplyBody, TaskSpec, WorkerMessage,
+    DeliveryResult, Dispatched, ReplyBody, TaskSpec, WorkerMessage,
 };
 
 /// A message with a fast decoding path for its hot variant.
@@ -94,6 +94,18 @@ struct TaskFields {
     task: DeliveredTask,
 }
 
+/// The fields of [`BrokerMessage::Tasks`].
+#[derive(Deserialize)]
+struct TasksFields {
+    tasks: Vec<Dispatched>,
+}
+
+/// The fields of [`WorkerMessage::Results`].
+#[derive(Deserialize)]
+struct ResultsFields {
+    results: Vec<DeliveryResult>,
+}
+
 /// The fields of [`ClientCommand::Enqueue`], with its defaults.
 #[derive(Deserialize)]
 struct EnqueueFields {
@@ -156,24 +168,36 @@ struct EnqueuedFields {
 
 impl Variants for BrokerMessage {
     fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
-        if tag != "task" {
-            return Ok(None);
+        match tag {
+            "task" => {
+                let f = TaskFields::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(Some(BrokerMessage::Task {
+                    delivery: f.delivery,
+                    task: f.task,
+                }))
+            }
+            "tasks" => {
+                let f = TasksFields::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(Some(BrokerMessage::Tasks { tasks: f.tasks }))
+            }
+            _ => Ok(None),
         }
-        let f = TaskFields::deserialize(MapAccessDeserializer::new(map))?;
-        Ok(Some(BrokerMessage::Task {
-            delivery: f.delivery,
-            task: f.task,
-        }))
     }
 }
 
 impl Variants for WorkerMessage {
     fn fields<'de, A: MapAccess<'de>>(tag: &str, map: A) -> Result<Option<Self>, A::Error> {
-        if tag != "result" {
-            return Ok(None);
+        match tag {
+            "result" => {
+                let r = DeliveryResult::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(Some(WorkerMessage::Result(r)))
+            }
+            "results" => {
+                let f = ResultsFields::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(Some(WorkerMessage::Results { results: f.results }))
+            }
+            _ => Ok(None),
         }
-        let r = DeliveryResult::deserialize(MapAccessDeserializer::new(map))?;
-        Ok(Some(WorkerMessage::Result(r)))
     }
 }
 
@@ -385,19 +409,51 @@ mod tests {
             },
             true,
         );
-        both(BrokerMessage::Heartbeat, false);
         both(
-            WorkerMessage::Result(DeliveryResult {
-                delivery: 3,
-                task_id: "t".into(),
-                outcome: Outcome::Failure,
-                status: Some(503),
-                reason: Some("busy".into()),
-                retry_after: Some(2.0),
-                responded: true,
-                body: Some(serde_bytes::ByteBuf::from(vec![1, 2])),
-                no_retry: false,
-            }),
+            BrokerMessage::Tasks {
+                tasks: vec![
+                    Dispatched {
+                        delivery: 7,
+                        task: task(),
+                    },
+                    Dispatched {
+                        delivery: u64::MAX,
+                        task: DeliveredTask {
+                            id: "u".into(),
+                            signing_secrets: vec!["whsec_AA==".into()],
+                            ..task()
+                        },
+                    },
+                ],
+            },
+            true,
+        );
+        both(BrokerMessage::Heartbeat, false);
+        let result = DeliveryResult {
+            delivery: 3,
+            task_id: "t".into(),
+            outcome: Outcome::Failure,
+            status: Some(503),
+            reason: Some("busy".into()),
+            retry_after: Some(2.0),
+            responded: true,
+            body: Some(serde_bytes::ByteBuf::from(vec![1, 2])),
+            no_retry: false,
+        };
+        both(WorkerMessage::Result(result.clone()), true);
+        both(
+            WorkerMessage::Results {
+                results: vec![
+                    result.clone(),
+                    DeliveryResult {
+                        delivery: 4,
+                        outcome: Outcome::Success,
+                        status: None,
+                        body: None,
+                        ..result
+                    },
+                ],
+            },
             true,
         );
         both(WorkerMessage::Heartbeat, false);

@@ -510,6 +510,10 @@ pub enum WorkerMessage {
         /// A name for the operator's logs.
         #[serde(default)]
         name: Option<String>,
+        /// The worker takes its deliveries in `tasks` messages, several at
+        /// once (and may then answer with `results`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Grant more credit.
     Credit { credit: u32 },
@@ -517,6 +521,9 @@ pub enum WorkerMessage {
     Heartbeat,
     /// The outcome of one delivery; returns one credit.
     Result(DeliveryResult),
+    /// The outcomes of several deliveries, each as a `result`. Sent only
+    /// on a connection that has received [`BrokerMessage::Tasks`].
+    Results { results: Vec<DeliveryResult> },
     /// The worker leaves; its in-flight tasks go back to the schedule.
     Disconnect,
 }
@@ -567,6 +574,9 @@ pub enum Outcome {
 pub enum BrokerMessage {
     /// One delivery; answer with [`WorkerMessage::Result`] quoting `delivery`.
     Task { delivery: u64, task: DeliveredTask },
+    /// One or more deliveries, to a worker whose `ready` set `batch`; each
+    /// is answered as a `task` is.
+    Tasks { tasks: Vec<Dispatched> },
     /// Sent when the broker has sent nothing else for a heartbeat interval.
     Heartbeat,
     /// The broker does not know this worker (e.g. it restarted): send
@@ -575,6 +585,23 @@ pub enum BrokerMessage {
     /// A message could not be accepted; the connection stays up.
     Error { code: ErrorCode, reason: String },
 }
+
+/// One delivery inside [`BrokerMessage::Tasks`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Dispatched {
+    pub delivery: u64,
+    pub task: DeliveredTask,
+}
+
+/// How many deliveries a broker puts in one `tasks` message, and how many
+/// results a worker puts in one `results` message, at most.
+pub const MAX_BATCHED: usize = 256;
+
+/// Beyond this many bytes (by [`DeliveredTask::encoded_size_bound`] or
+/// [`DeliveryResult::encoded_size_bound`]), a `tasks` or `results` message
+/// takes nothing more: with any one task or result well under the 2 MiB
+/// message limit, so is the message.
+pub const MAX_BATCHED_BYTES: usize = 1024 * 1024;
 
 /// A task as a worker receives it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -605,6 +632,46 @@ pub struct DeliveredTask {
     /// them; gateways only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signing_secrets: Vec<String>,
+}
+
+impl DeliveredTask {
+    /// At least the size of this task's MessagePack encoding, in bytes.
+    pub fn encoded_size_bound(&self) -> usize {
+        let pairs = |p: &[(String, String)]| -> usize {
+            p.iter().map(|(k, v)| 11 + k.len() + v.len()).sum()
+        };
+        // 14 keys of at most 21 bytes, each with a value header or a
+        // number of at most 9 bytes, and the map's header.
+        let fixed = 14 * 30 + 5;
+        fixed
+            + self.id.len()
+            + self.queue.len()
+            + self.name.as_ref().map_or(0, String::len)
+            + self.url.len()
+            + self.method.len()
+            + pairs(&self.params)
+            + self.body.as_ref().map_or(0, |b| b.len())
+            + self.content_type.as_ref().map_or(0, String::len)
+            + pairs(&self.headers)
+            + self
+                .signing_secrets
+                .iter()
+                .map(|s| 5 + s.len())
+                .sum::<usize>()
+    }
+}
+
+impl DeliveryResult {
+    /// At least the size of this result's MessagePack encoding, in bytes.
+    pub fn encoded_size_bound(&self) -> usize {
+        // 9 keys of at most 13 bytes, each with a value header or a number
+        // of at most 9 bytes, and the map's header.
+        let fixed = 9 * 22 + 5;
+        fixed
+            + self.task_id.len()
+            + self.reason.as_ref().map_or(0, String::len)
+            + self.body.as_ref().map_or(0, |b| b.len())
+    }
 }
 
 /// `[A-Za-z0-9-]{1,100}`.
@@ -680,6 +747,57 @@ mod tests {
         }
     }
 
+    /// The bounds of a delivered task and of a result, with every field
+    /// long enough for the largest MessagePack headers.
+    #[test]
+    fn delivery_size_bounds_hold_for_long_fields() {
+        for n in [0, 31, 32, 255, 256, 65_535, 65_536, 70_000] {
+            let s = "é".repeat(n / 2) + &"x".repeat(n % 2);
+            let pairs = vec![(s.clone(), s.clone()); 3];
+            let task = DeliveredTask {
+                id: s.clone(),
+                queue: s.clone(),
+                name: Some(s.clone()),
+                url: s.clone(),
+                method: s.clone(),
+                params: pairs.clone(),
+                body: Some(ByteBuf::from(vec![7u8; n])),
+                content_type: Some(s.clone()),
+                headers: pairs,
+                eta: 1.8e9,
+                timeout: 30.5,
+                retry_count: u32::MAX,
+                execution_count: u32::MAX,
+                signing_secrets: vec![s.clone(); 3],
+            };
+            let encoded = rmp_serde::to_vec_named(&task).unwrap();
+            assert!(
+                task.encoded_size_bound() >= encoded.len(),
+                "{n}: {} < {}",
+                task.encoded_size_bound(),
+                encoded.len()
+            );
+            let result = DeliveryResult {
+                delivery: u64::MAX,
+                task_id: s.clone(),
+                outcome: Outcome::Failure,
+                status: Some(u16::MAX),
+                reason: Some(s),
+                retry_after: Some(1.5),
+                responded: true,
+                body: Some(ByteBuf::from(vec![7u8; n])),
+                no_retry: true,
+            };
+            let encoded = rmp_serde::to_vec_named(&result).unwrap();
+            assert!(
+                result.encoded_size_bound() >= encoded.len(),
+                "{n}: {} < {}",
+                result.encoded_size_bound(),
+                encoded.len()
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn size_bound_holds(task in spec(), cb in proptest::option::of(".{0,40}"), key in proptest::option::of(".{0,40}")) {
@@ -714,14 +832,17 @@ mod tests {
         #[test]
         fn worker_messages_round_trip(delivery in any::<u64>(), status in proptest::option::of(any::<u16>()),
                                       reason in proptest::option::of(".{0,20}"), task in spec()) {
+            let result = DeliveryResult { delivery, task_id: "t".into(), outcome: Outcome::Failure,
+                status, reason: reason.clone(), retry_after: Some(1.5), responded: true,
+                body: Some(ByteBuf::from(vec![1, 2, 3])), no_retry: true };
             let msgs = vec![
-                WorkerMessage::Ready { pools: vec!["a".into(), HTTP_POOL.into()], credit: 7, name: Some("w".into()) },
+                WorkerMessage::Ready { pools: vec!["a".into(), HTTP_POOL.into()], credit: 7, name: Some("w".into()), batch: false },
+                WorkerMessage::Ready { pools: vec![HTTP_POOL.into()], credit: 0, name: None, batch: true },
                 WorkerMessage::Credit { credit: 3 },
                 WorkerMessage::Heartbeat,
                 WorkerMessage::Disconnect,
-                WorkerMessage::Result(DeliveryResult { delivery, task_id: "t".into(), outcome: Outcome::Failure,
-                    status, reason: reason.clone(), retry_after: Some(1.5), responded: true,
-                    body: Some(ByteBuf::from(vec![1, 2, 3])), no_retry: true }),
+                WorkerMessage::Result(result.clone()),
+                WorkerMessage::Results { results: vec![result.clone(), DeliveryResult { delivery: 1, outcome: Outcome::Success, ..result }] },
             ];
             for m in msgs {
                 let back: WorkerMessage = decode(&encode(&m)).unwrap();
@@ -733,7 +854,33 @@ mod tests {
                 eta: 1.0, timeout: 30.0, retry_count: 2, execution_count: 1,
                 signing_secrets: vec!["whsec_AA==".into()] } };
             let back: BrokerMessage = decode(&encode(&t)).unwrap();
-            prop_assert_eq!(back, t);
+            prop_assert_eq!(&back, &t);
+            let BrokerMessage::Task { task, .. } = t else { unreachable!() };
+            let many = BrokerMessage::Tasks { tasks: vec![
+                Dispatched { delivery, task: task.clone() },
+                Dispatched { delivery: 3, task: DeliveredTask { signing_secrets: vec![], ..task } },
+            ] };
+            let back: BrokerMessage = decode(&encode(&many)).unwrap();
+            prop_assert_eq!(back, many);
+        }
+
+        #[test]
+        fn delivered_task_and_result_size_bounds_hold(task in spec(), delivery in any::<u64>(),
+                                                      reason in proptest::option::of(".{0,40}"),
+                                                      secrets in proptest::collection::vec(".{0,30}", 0..3)) {
+            let t = DeliveredTask {
+                id: "0b7e2c".into(), queue: "q".into(), name: task.name, url: task.url,
+                method: task.method.unwrap_or_default(), params: task.params, body: task.body,
+                content_type: reason.clone(), headers: task.headers, eta: 1.7e9, timeout: 30.0,
+                retry_count: u32::MAX, execution_count: u32::MAX, signing_secrets: secrets,
+            };
+            let encoded = rmp_serde::to_vec_named(&t).unwrap();
+            prop_assert!(t.encoded_size_bound() >= encoded.len(), "{} < {}", t.encoded_size_bound(), encoded.len());
+            let r = DeliveryResult { delivery, task_id: t.id.clone(), outcome: Outcome::Failure,
+                status: Some(u16::MAX), reason, retry_after: Some(0.1), responded: true,
+                body: t.body.clone(), no_retry: true };
+            let encoded = rmp_serde::to_vec_named(&r).unwrap();
+            prop_assert!(r.encoded_size_bound() >= encoded.len(), "{} < {}", r.encoded_size_bound(), encoded.len());
         }
 
         #[test]
