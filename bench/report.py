@@ -43,7 +43,7 @@ def fmt(x):
 print("| measurement | median /s | min–max /s | runs |")
 print("|---|---:|---:|---:|")
 for key in sorted(rows):
-    if key.startswith("timers"):
+    if key.startswith("timers") or key.startswith("enqueue-pending"):
         continue
     v = rows[key]
     print(f"| {key} | {fmt(statistics.median(v))} | {fmt(min(v))}–{fmt(max(v))} | {len(v)} |")
@@ -105,3 +105,12 @@ for r in timer_runs:
         print(f"* broker memory: {e['rss_bytes_per_pending_task']:.0f} bytes of RSS per pending task, "
               f"{e['rss_bytes_per_pending_task'] - payload:.0f} beyond its {payload:.1f}-byte payload "
               f"({e['rss_before'] / 2**20:.1f} MiB before, {e['rss_after'] / 2**20:.1f} MiB after)")
+
+for r in extra.get("enqueue-pending pending", []):
+    e = r["extra"]
+    rs = e["ratios"]
+    print()
+    print(f"Enqueue with {e['pending']:,} pending beside an empty broker (both running, "
+          f"{len(rs)} alternating probes of {e['probe']:,} enqueues, window {e['window']}): "
+          f"full {e['full_per_sec_median']:,.0f}/s, empty {e['empty_per_sec_median']:,.0f}/s (medians); "
+          f"ratio per probe pair median {e['ratio_median']:.2f} (min–max {min(rs):.2f}–{max(rs):.2f}; target ≥ 0.8).")

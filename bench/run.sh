@@ -141,4 +141,16 @@ for run in $(seq 1 "$TIMER_RUNS"); do
     stop_all
 done
 
+# Enqueue rate with a million pending beside an empty broker: both brokers
+# run at once and probes of $N_PROBE enqueues alternate between them.
+N_PROBE=${N_PROBE:-100000}
+[ -n "${SMALL:-}" ] && N_PROBE=5000
+"$BIN" broker --port 7500 >"$OUT/pending-full.log" 2>&1 &
+PIDS+=($!)
+"$BIN" broker --port 7510 >"$OUT/pending-empty.log" 2>&1 &
+PIDS+=($!)
+sleep 1
+bench pending enqueue-pending --broker $Z --empty-broker tcp://127.0.0.1:7510 --pending "$N_TIMERS" --probe "$N_PROBE" --rounds 5 --window 256
+stop_all
+
 python3 bench/report.py "$OUT/results.jsonl" | tee "$OUT/report.md"

@@ -121,6 +121,30 @@ enum Scenario {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// The enqueue rate into a broker holding many pending tasks beside the
+    /// rate into an empty one: both brokers run at once, and short probes
+    /// alternate between them.
+    EnqueuePending {
+        /// The broker to fill (base endpoint).
+        #[arg(long, default_value = "tcp://127.0.0.1:7000")]
+        broker: String,
+        /// A second broker, left empty (base endpoint).
+        #[arg(long)]
+        empty_broker: String,
+        /// Tasks to leave pending in `--broker` (etas a week ahead).
+        #[arg(long, default_value_t = 1_000_000)]
+        pending: u64,
+        /// Enqueues per probe.
+        #[arg(long, default_value_t = 50_000)]
+        probe: u64,
+        /// Probe pairs (one probe of each broker per round, the order
+        /// alternating).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+    },
     /// M tasks with etas spread over a window: firing lateness, and the
     /// broker's memory per pending task.
     Timers {
@@ -330,6 +354,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::DispatchCeiling { tasks, concurrency } => {
             rt.block_on(dispatch_ceiling(*tasks, *concurrency))?
         }
+        Scenario::EnqueuePending {
+            broker,
+            empty_broker,
+            pending,
+            probe,
+            rounds,
+            window,
+        } => enqueue_pending(broker, empty_broker, *pending, *probe, *rounds, *window)?,
         Scenario::Timers {
             broker,
             tasks,
@@ -568,11 +600,13 @@ fn zmq_load(
     requests: u64,
     window: usize,
 ) -> anyhow::Result<Report> {
-    zmq_enqueue(scenario, endpoint, requests, window, |i| TaskSpec {
-        url: "http://127.0.0.1:9/never".into(),
-        countdown: Some(3600.0),
-        params: vec![("i".into(), i.to_string())],
-        ..Default::default()
+    zmq_enqueue(scenario, endpoint, "bench", requests, window, |i| {
+        TaskSpec {
+            url: "http://127.0.0.1:9/never".into(),
+            countdown: Some(3600.0),
+            params: vec![("i".into(), i.to_string())],
+            ..Default::default()
+        }
     })
     .map(|(r, _)| r)
 }
@@ -582,6 +616,7 @@ fn zmq_load(
 fn zmq_enqueue(
     scenario: &'static str,
     endpoint: &str,
+    queue: &str,
     requests: u64,
     window: usize,
     task: impl Fn(u64) -> TaskSpec,
@@ -603,7 +638,7 @@ fn zmq_enqueue(
             let req = ClientRequest {
                 request_id: format!("{run}-{sent}"),
                 command: ClientCommand::Enqueue {
-                    queue: "bench".into(),
+                    queue: queue.into(),
                     task: task(sent),
                     wait: None,
                 },
@@ -764,12 +799,14 @@ async fn end_to_end(
             stop_workers = Some(stop);
             let broker = broker.to_string();
             let (_, times) = tokio::task::spawn_blocking(move || {
-                zmq_enqueue("end-to-end enqueue", &broker, tasks, 64, |i| TaskSpec {
-                    url: "zmq://bench".into(),
-                    countdown: due.eta.is_none().then_some(delay),
-                    eta: due.eta,
-                    params: vec![("i".into(), i.to_string())],
-                    ..Default::default()
+                zmq_enqueue("end-to-end enqueue", &broker, "bench", tasks, 64, |i| {
+                    TaskSpec {
+                        url: "zmq://bench".into(),
+                        countdown: due.eta.is_none().then_some(delay),
+                        eta: due.eta,
+                        params: vec![("i".into(), i.to_string())],
+                        ..Default::default()
+                    }
                 })
             })
             .await??;
@@ -840,6 +877,83 @@ async fn dispatch_ceiling(tasks: u64, concurrency: usize) -> anyhow::Result<Repo
     Ok(r)
 }
 
+/// See [`Scenario::EnqueuePending`]. Probe tasks go to the queue `probe`,
+/// which is purged after each probe, so the empty broker stays empty and
+/// the full one keeps its `pending` tasks and nothing more.
+fn enqueue_pending(
+    full: &str,
+    empty: &str,
+    pending: u64,
+    probe: u64,
+    rounds: usize,
+    window: usize,
+) -> anyhow::Result<Report> {
+    let far = now_secs() + 7.0 * 86400.0;
+    let task = |pool: &str, i: u64| TaskSpec {
+        url: format!("zmq://{pool}"),
+        eta: Some(far),
+        params: vec![("i".into(), i.to_string())],
+        ..Default::default()
+    };
+    let (load, _) = zmq_enqueue("pending load", full, "pending", pending, window, |i| {
+        task("pending", i)
+    })?;
+    anyhow::ensure!(
+        load.errors == 0,
+        "{} enqueues of the load failed",
+        load.errors
+    );
+    let (mut empty_rates, mut full_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut latency = histogram();
+    let mut full_seconds = 0.0;
+    for round in 0..rounds.max(1) {
+        let mut rate = [0.0f64; 2];
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let endpoint = if which == 0 { empty } else { full };
+            let (r, _) = zmq_enqueue("pending probe", endpoint, "probe", probe, window, |i| {
+                task("probe", i)
+            })?;
+            anyhow::ensure!(r.errors == 0, "{} probe enqueues failed", r.errors);
+            rate[which] = probe as f64 / r.seconds.max(1e-9);
+            if which == 1 {
+                latency.add(&r.latency)?;
+                full_seconds += r.seconds;
+            }
+            broker::client::Producer::connect(endpoint)?.request(ClientCommand::PurgeQueue {
+                queue: "probe".into(),
+            })?;
+        }
+        empty_rates.push(rate[0]);
+        full_rates.push(rate[1]);
+        ratios.push(rate[1] / rate[0].max(1e-9));
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Report {
+        scenario: "enqueue-pending",
+        count: probe * rounds.max(1) as u64,
+        errors: 0,
+        seconds: full_seconds,
+        latency,
+        extra: json!({
+            "what": "throughput and latency are the probes of the full broker",
+            "pending": pending,
+            "probe": probe,
+            "window": window,
+            "empty_per_sec": empty_rates,
+            "full_per_sec": full_rates,
+            "ratios": ratios,
+            "ratio_median": median(&ratios),
+            "empty_per_sec_median": median(&empty_rates),
+            "full_per_sec_median": median(&full_rates),
+        }),
+    })
+}
+
 fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -888,14 +1002,19 @@ fn timers(
             })
         })
         .collect();
-    let (enqueue, sent_at) = zmq_enqueue("timers enqueue", broker, tasks, window_requests, |i| {
-        TaskSpec {
+    let (enqueue, sent_at) = zmq_enqueue(
+        "timers enqueue",
+        broker,
+        "bench",
+        tasks,
+        window_requests,
+        |i| TaskSpec {
             url: "zmq://timers".into(),
             eta: Some(t0 + window * i as f64 / tasks.max(1) as f64),
             params: vec![("i".into(), i.to_string())],
             ..Default::default()
-        }
-    })?;
+        },
+    )?;
     anyhow::ensure!(
         now_secs() < t0,
         "the enqueue took longer than --lead; raise it"

@@ -152,5 +152,47 @@ fn every_bench_scenario_runs_on_a_small_count() {
         ]);
         check(&t, "timers", 300);
         assert!(t["extra"]["enqueue_per_sec"].as_f64().unwrap() > 0.0);
+
+        // The pending-enqueue probes: a second broker stays empty, and the
+        // first keeps its load and nothing of the probes.
+        let empty_base = free_base();
+        h.broker(empty_base);
+        let empty = format!("tcp://127.0.0.1:{empty_base}");
+        let p = bench(&[
+            "enqueue-pending",
+            "--broker",
+            &broker,
+            "--empty-broker",
+            &empty,
+            "--pending",
+            "500",
+            "--probe",
+            "200",
+            "--rounds",
+            "2",
+        ]);
+        check(&p, "enqueue-pending", 400);
+        assert_eq!(
+            p["extra"]["ratios"].as_array().map(Vec::len),
+            Some(2),
+            "{p}"
+        );
+        assert!(p["extra"]["ratio_median"].as_f64().unwrap() > 0.0, "{p}");
+        let scheduled = |endpoint: &str, queue: &str| {
+            let mut producer = broker::client::Producer::connect(endpoint).unwrap();
+            match producer
+                .request(protocol::ClientCommand::GetQueue {
+                    queue: queue.into(),
+                })
+                .unwrap()
+            {
+                protocol::ReplyBody::Queue { queue } => queue.stats.scheduled,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(scheduled(&broker, "pending"), 500);
+        assert_eq!(scheduled(&broker, "probe"), 0);
+        assert_eq!(scheduled(&empty, "probe"), 0);
+        assert_eq!(scheduled(&empty, "pending"), 0);
     });
 }

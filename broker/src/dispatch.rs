@@ -603,17 +603,7 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         for w in [b"a", b"b"] {
-            d.on_message(
-                w,
-                Ok(WorkerMessage::Ready {
-                    pools: vec!["p".into()],
-                    credit: 1,
-                    name: None,
-                    batch: false,
-                }),
-                now,
-                &mut out,
-            );
+            ready(&mut d, w, 1, false, &mut out);
         }
         for i in 0..3 {
             d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
@@ -624,22 +614,8 @@ mod tests {
         assert_eq!(d.waiting(), 1);
         out.clear();
         let (who, delivery) = sent[0].clone();
-        d.on_message(
-            &who,
-            Ok(WorkerMessage::Result(DeliveryResult {
-                delivery,
-                task_id: format!("t{delivery}"),
-                outcome: Outcome::Success,
-                status: None,
-                reason: None,
-                retry_after: None,
-                responded: true,
-                body: None,
-                no_retry: false,
-            })),
-            now,
-            &mut out,
-        );
+        let result = success(delivery, &format!("t{delivery}"));
+        d.on_message(&who, Ok(WorkerMessage::Result(result)), now, &mut out);
         assert!(matches!(out[0], Out::Schedule(Command::Result(_))));
         assert_eq!(sent_tasks(&out), vec![(who, 2)]);
     }
@@ -649,17 +625,7 @@ mod tests {
         let mut d = Dispatcher::new(DispatchConfig::default());
         let now = Instant::now();
         let mut out = Vec::new();
-        d.on_message(
-            b"w",
-            Ok(WorkerMessage::Ready {
-                pools: vec!["p".into()],
-                credit: 5,
-                name: None,
-                batch: false,
-            }),
-            now,
-            &mut out,
-        );
+        ready(&mut d, b"w", 5, false, &mut out);
         d.on_dispatch("p".into(), 7, 60.0, task("t"), now, &mut out);
         out.clear();
         d.tick(now + Duration::from_secs(6), &mut out);

@@ -68,13 +68,15 @@ pub async fn run(
         let client = client.clone();
         let link = link.clone();
         let config = config.clone();
-        tokio::spawn(async move {
+        // Boxed: the future is about 2 KiB, which the task would otherwise
+        // copy when spawned and again when it completes.
+        tokio::spawn(Box::pin(async move {
             if job.task.signing_secrets.is_empty() {
                 job.task.signing_secrets = config.signing_secrets.clone();
             }
             let result = deliver(&client, job.delivery, job.task).await;
             link.report(job.broker, result);
-        });
+        }));
     }
 }
 
