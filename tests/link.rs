@@ -131,3 +131,175 @@ fn enqueues_issued_together_share_batches_and_keep_their_own_answers() {
         node.shutdown();
     });
 }
+
+/// The link against a stand-in broker (bare ROUTER sockets): it asks for
+/// batches, answers a `tasks` message's deliveries together when they
+/// finish together, and stops sending `results` once the broker sends a
+/// plain `task` or a `disconnect` (an older broker on the same endpoint).
+#[test]
+fn the_link_sends_results_together_only_to_a_broker_that_batches() {
+    use protocol::{
+        BrokerMessage, DeliveredTask, DeliveryResult, Dispatched, Outcome, WorkerMessage,
+    };
+    run(LIMIT, |_h| {
+        let base = free_base();
+        let ctx = zmq::Context::new();
+        // The client port only takes the link's roster requests.
+        let clients = ctx.socket(zmq::ROUTER).unwrap();
+        clients.set_linger(0).unwrap();
+        clients.bind(&format!("tcp://127.0.0.1:{base}")).unwrap();
+        let workers = ctx.socket(zmq::ROUTER).unwrap();
+        workers.set_linger(0).unwrap();
+        workers.set_rcvtimeo(10_000).unwrap();
+        workers
+            .bind(&format!("tcp://127.0.0.1:{}", base + 1))
+            .unwrap();
+        let config = LinkConfig::for_broker(&format!("tcp://127.0.0.1:{base}"), 8).unwrap();
+        let (link, mut jobs) = BrokerLink::start(config).expect("link");
+
+        // What the link sends on the worker port, heartbeats left out.
+        let next = || loop {
+            let mut parts = workers.recv_multipart(0).expect("a message from the link");
+            let identity = parts.remove(0);
+            let msg: WorkerMessage = protocol::decode(&parts).unwrap();
+            if msg != WorkerMessage::Heartbeat {
+                return (identity, msg);
+            }
+        };
+        let (who, ready) = next();
+        assert!(
+            matches!(
+                &ready,
+                WorkerMessage::Ready {
+                    batch: true,
+                    credit: 8,
+                    ..
+                }
+            ),
+            "{ready:?}"
+        );
+        let send = |msg: &BrokerMessage| {
+            let mut frames = vec![who.clone()];
+            frames.extend(protocol::encode(msg));
+            workers.send_multipart(frames, 0).unwrap();
+        };
+        let task = |id: &str| DeliveredTask {
+            id: id.into(),
+            queue: "q".into(),
+            name: None,
+            url: "http://127.0.0.1:9/".into(),
+            method: "POST".into(),
+            params: vec![],
+            body: None,
+            content_type: None,
+            headers: vec![],
+            eta: 1.0,
+            timeout: 30.0,
+            retry_count: 0,
+            execution_count: 0,
+            signing_secrets: vec![],
+        };
+        let success = |delivery: u64, task_id: String| DeliveryResult {
+            delivery,
+            task_id,
+            outcome: Outcome::Success,
+            status: Some(200),
+            reason: None,
+            retry_after: None,
+            responded: true,
+            body: None,
+            no_retry: false,
+        };
+        // Takes the deliveries the link hands to tokio and reports each one
+        // at once, as webhooks finishing together would; returns the
+        // delivery numbers of each message that came back.
+        let mut settle = |n: usize| -> Vec<Vec<u64>> {
+            let mut handed = Vec::new();
+            for _ in 0..n {
+                handed.push(jobs.blocking_recv().expect("a delivery"));
+            }
+            for d in handed {
+                link.report(d.broker, success(d.delivery, d.task.id));
+            }
+            let mut messages = Vec::new();
+            let mut answered = 0;
+            while answered < n {
+                match next().1 {
+                    WorkerMessage::Result(r) => messages.push(vec![r.delivery]),
+                    WorkerMessage::Results { results } => {
+                        messages.push(results.iter().map(|r| r.delivery).collect())
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+                answered = messages.iter().map(Vec::len).sum();
+            }
+            messages
+        };
+        // A broker that batches: the results of deliveries finishing
+        // together come back together (the link gathers what it finds
+        // waiting, so give it a few tries).
+        let mut gathered = false;
+        for round in 0..20u64 {
+            let tasks = (0..4)
+                .map(|i| Dispatched {
+                    delivery: round * 10 + i,
+                    task: task(&format!("t{round}-{i}")),
+                })
+                .collect();
+            send(&BrokerMessage::Tasks { tasks });
+            let messages = settle(4);
+            let mut all: Vec<u64> = messages.concat();
+            all.sort();
+            assert_eq!(all, (round * 10..round * 10 + 4).collect::<Vec<u64>>());
+            if messages.iter().any(|m| m.len() > 1) {
+                gathered = true;
+                break;
+            }
+        }
+        assert!(gathered, "no results were ever sent together");
+        // The same endpoint now answers like a broker without batches: a
+        // plain `task`, then results one by one, however they finish.
+        send(&BrokerMessage::Task {
+            delivery: 500,
+            task: task("plain-a"),
+        });
+        send(&BrokerMessage::Task {
+            delivery: 501,
+            task: task("plain-b"),
+        });
+        let messages = settle(2);
+        assert!(messages.iter().all(|m| m.len() == 1), "{messages:?}");
+        // A `disconnect` too: deliveries handed out in a `tasks` message
+        // before it are answered one by one after it.
+        send(&BrokerMessage::Tasks {
+            tasks: vec![
+                Dispatched {
+                    delivery: 600,
+                    task: task("batched-a"),
+                },
+                Dispatched {
+                    delivery: 601,
+                    task: task("batched-b"),
+                },
+            ],
+        });
+        let mut handed = Vec::new();
+        for _ in 0..2 {
+            handed.push(jobs.blocking_recv().expect("a delivery"));
+        }
+        send(&BrokerMessage::Disconnect {
+            reason: "unknown worker".into(),
+        });
+        assert!(matches!(next().1, WorkerMessage::Ready { batch: true, .. }));
+        for d in handed {
+            link.report(d.broker, success(d.delivery, d.task.id));
+        }
+        for want in [600, 601] {
+            match next().1 {
+                WorkerMessage::Result(r) => assert_eq!(r.delivery, want),
+                other => panic!("expected a single result, got {other:?}"),
+            }
+        }
+        link.stop();
+    });
+}

@@ -263,29 +263,34 @@ fn send_worker(s: &zmq::Socket, msg: &protocol::WorkerMessage) {
     s.send_multipart(protocol::encode(msg), 0).unwrap();
 }
 
+/// Enqueues `n` tasks for pool `pool` in queue `queue` and waits until all
+/// of them wait in the pool (due, `running`, no worker yet); their ids.
+fn enqueue_waiting(p: &mut Producer, queue: &str, pool: &str, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n)
+        .map(|i| {
+            let n = i.to_string();
+            p.enqueue(queue, zmq_task(pool, &[("n", &n)])).unwrap().0
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ids
+        .iter()
+        .all(|id| p.get(queue, id).unwrap().state == TaskState::Running)
+    {
+        assert!(Instant::now() < deadline, "tasks never became due");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ids
+}
+
 #[test]
 fn a_batching_worker_gets_tasks_and_answers_several_at_once() {
     use protocol::{BrokerMessage, DeliveryResult, Outcome, WorkerMessage};
     run(LIMIT, |h| {
         let node = h.standalone();
         let mut p = Producer::connect(&node.client_endpoint()).unwrap();
-        let ids: Vec<String> = (0..20)
-            .map(|i| {
-                let n = i.to_string();
-                p.enqueue("batched", zmq_task("batch", &[("n", &n)]))
-                    .unwrap()
-                    .0
-            })
-            .collect();
         // With no worker yet, all of them wait in the pool, running.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ids
-            .iter()
-            .all(|id| p.get("batched", id).unwrap().state == TaskState::Running)
-        {
-            assert!(Instant::now() < deadline, "tasks never became due");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ids = enqueue_waiting(&mut p, "batched", "batch", 20);
         let ctx = zmq::Context::new();
         let w = ctx.socket(zmq::DEALER).unwrap();
         w.set_linger(0).unwrap();
@@ -336,9 +341,10 @@ fn a_batching_worker_gets_tasks_and_answers_several_at_once() {
         let mut want = ids.clone();
         want.sort();
         assert_eq!(seen, want);
-        // A malformed `results` is refused whole, and the worker stays
-        // registered: the last five results still settle their tasks.
-        let mut junk = protocol::encode(&WorkerMessage::Heartbeat);
+        // A malformed `results` is refused whole, even its valid first
+        // entry, and the worker stays registered: that delivery is still
+        // out, and the last five results settle their tasks.
+        let mut junk = protocol::encode(&result(&rest[0], Outcome::Success));
         junk[2] = {
             let mut v = vec![0x82, 0xa4];
             v.extend_from_slice(b"type");
@@ -346,8 +352,12 @@ fn a_batching_worker_gets_tasks_and_answers_several_at_once() {
             v.extend_from_slice(b"results");
             v.push(0xa7);
             v.extend_from_slice(b"results");
-            v.push(0xa1);
-            v.push(b'x');
+            v.push(0x92);
+            v.extend_from_slice(&junk[2]);
+            // {"delivery": "x"}: a wrongly typed second entry.
+            v.extend_from_slice(&[0x81, 0xa8]);
+            v.extend_from_slice(b"delivery");
+            v.extend_from_slice(&[0xa1, b'x']);
             v
         };
         w.send_multipart(junk, 0).unwrap();
@@ -358,6 +368,10 @@ fn a_batching_worker_gets_tasks_and_answers_several_at_once() {
                 ..
             }
         ));
+        assert_eq!(
+            p.get("batched", &rest[0].task.id).unwrap().state,
+            TaskState::Running
+        );
         let results = rest.iter().map(|d| result(d, Outcome::Success)).collect();
         send_worker(&w, &WorkerMessage::Results { results });
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -425,5 +439,55 @@ fn the_batched_client_worker_serves_a_crowd_of_tasks() {
             }
         }
         assert_eq!(w.reconnects, 0);
+        // Fewer messages than tasks went each way.
+        assert!(
+            (1..n as u64 / 2).contains(&w.tasks_messages),
+            "{} tasks messages",
+            w.tasks_messages
+        );
+        assert!(w.results_messages >= 1);
+    });
+}
+
+/// A batched worker keeps results only while its jobs are quick: after a
+/// slow job the result goes out before the next job is handed over.
+#[test]
+fn a_batched_worker_does_not_sit_on_the_result_of_a_slow_job() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let mut p = Producer::connect(&node.client_endpoint()).unwrap();
+        enqueue_waiting(&mut p, "slow", "slow", 2);
+        // Both arrive in one message (credit 8, so not the half-credit rule).
+        let mut w = Worker::connect_batched(&node.worker_endpoint(), &["slow"], 8).unwrap();
+        let first = w.next(Duration::from_secs(10)).unwrap().expect("first job");
+        assert_eq!(w.tasks_messages, 1);
+        // The job's own work, longer than the 5 ms hold.
+        std::thread::sleep(Duration::from_millis(50));
+        w.report(&first, protocol::Outcome::Success, None).unwrap();
+        let second = w
+            .next(Duration::from_secs(10))
+            .unwrap()
+            .expect("second job");
+        // The second job is in hand and unanswered; the first is settled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.get("slow", &first.task.id).unwrap().state != TaskState::Succeeded {
+            assert!(Instant::now() < deadline, "the first result was kept");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            p.get("slow", &second.task.id).unwrap().state,
+            TaskState::Running
+        );
+        // Dropping the worker sends what it keeps.
+        w.report(&second, protocol::Outcome::Success, None).unwrap();
+        drop(w);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.get("slow", &second.task.id).unwrap().state != TaskState::Succeeded {
+            assert!(
+                Instant::now() < deadline,
+                "the kept result was lost on drop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     });
 }

@@ -164,9 +164,14 @@ pub struct Job {
 ///
 /// A worker made by [`Worker::connect_batched`] takes its tasks several
 /// at a time (`tasks` messages; [`Worker::next`] still hands out one job
-/// per call) and keeps the results it is given until [`Worker::next`]
-/// runs out of jobs in hand (or has kept one for 5 ms, or
-/// [`Worker::flush`] is called), then sends them as one `results` message.
+/// per call) and may keep the results it is given for a while, to send
+/// them as one `results` message. [`Worker::next`] sends what it keeps
+/// before it waits for tasks, and before it hands out a job when the last
+/// job took 5 ms or more, when a result has been kept 5 ms, or when half
+/// the credit is in kept results. So a result waits at most until the
+/// next call to [`Worker::next`], and not at all when jobs are slow.
+/// [`Worker::flush`] sends them at once; [`Worker::disconnect`] and drop
+/// send them too.
 pub struct Worker {
     ctx: zmq::Context,
     socket: zmq::Socket,
@@ -191,10 +196,15 @@ pub struct Worker {
     outbox_bytes: usize,
     /// When the oldest kept result was given.
     outbox_since: Instant,
+    /// When [`Worker::next`] last handed out a job.
+    handed_out: Instant,
+    /// `tasks` messages received, and `results` messages sent.
+    pub tasks_messages: u64,
+    pub results_messages: u64,
 }
 
-/// How long a batched worker that still has jobs in hand may keep a result
-/// before sending it.
+/// How long a batched worker that still has jobs in hand may keep a
+/// result, and the job time from which it keeps none.
 const RESULT_HOLD: Duration = Duration::from_millis(5);
 
 impl Worker {
@@ -243,6 +253,9 @@ impl Worker {
             outbox: Vec::new(),
             outbox_bytes: 0,
             outbox_since: now,
+            handed_out: now,
+            tasks_messages: 0,
+            results_messages: 0,
         };
         w.ready()?;
         Ok(w)
@@ -295,7 +308,10 @@ impl Worker {
             }
             let now = Instant::now();
             if !self.outbox.is_empty()
-                && (self.inbox.is_empty() || now.duration_since(self.outbox_since) >= RESULT_HOLD)
+                && (self.inbox.is_empty()
+                    || now.duration_since(self.handed_out) >= RESULT_HOLD
+                    || now.duration_since(self.outbox_since) >= RESULT_HOLD
+                    || self.outbox.len() as u64 * 2 >= u64::from(self.credit))
             {
                 self.flush()?;
             }
@@ -303,6 +319,7 @@ impl Worker {
                 self.send(&WorkerMessage::Heartbeat)?;
             }
             if let Some(job) = self.inbox.pop_front() {
+                self.handed_out = now;
                 return Ok(Some(job));
             }
             if now.duration_since(self.last_heard) >= self.broker_expiry {
@@ -325,10 +342,14 @@ impl Worker {
         self.last_heard = Instant::now();
         match protocol::decode_hot::<BrokerMessage, _>(parts) {
             Ok(BrokerMessage::Task { delivery, task }) => {
+                // A broker that takes batches sends a batching worker
+                // `tasks` only: this one does not take `results`.
+                self.batches = false;
                 self.inbox.push_back(Job { delivery, task });
             }
             Ok(BrokerMessage::Tasks { tasks }) => {
                 self.batches = true;
+                self.tasks_messages += 1;
                 self.inbox.extend(tasks.into_iter().map(|d| Job {
                     delivery: d.delivery,
                     task: d.task,
@@ -387,17 +408,15 @@ impl Worker {
     /// Sends the results a batched worker keeps (see [`Worker`]).
     pub fn flush(&mut self) -> Result<(), ClientError> {
         self.outbox_bytes = 0;
-        match self.outbox.len() {
-            0 => Ok(()),
-            1 => match self.outbox.pop() {
-                Some(r) => self.send(&WorkerMessage::Result(r)),
-                None => Ok(()),
-            },
-            _ => {
-                let results = std::mem::take(&mut self.outbox);
-                self.send(&WorkerMessage::Results { results })
-            }
+        if self.outbox.len() > 1 && self.batches {
+            let results = std::mem::take(&mut self.outbox);
+            self.results_messages += 1;
+            return self.send(&WorkerMessage::Results { results });
         }
+        for r in std::mem::take(&mut self.outbox) {
+            self.send(&WorkerMessage::Result(r))?;
+        }
+        Ok(())
     }
 
     /// Leaves cleanly, after sending the results it keeps; in-flight tasks
@@ -405,5 +424,12 @@ impl Worker {
     pub fn disconnect(mut self) -> Result<(), ClientError> {
         self.flush()?;
         self.send(&WorkerMessage::Disconnect)
+    }
+}
+
+impl Drop for Worker {
+    /// Sends the results still kept, as far as the socket takes them.
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }

@@ -194,58 +194,66 @@ impl Dispatcher {
                 let pools = w.pools.clone();
                 self.assign_pools(&pools, now, out);
             }
-            WorkerMessage::Result(r) => {
-                if let Some(pool) = self.settle(identity, r, out) {
-                    self.assign(&pool, now, out);
-                }
-            }
+            WorkerMessage::Result(r) => match self.settle(identity, r, out) {
+                Settled::Freed(pool) => self.assign(&pool, now, out),
+                Settled::WrongTask(reason) => out.push(wrong_task(identity, reason)),
+                Settled::Unknown => {}
+            },
             WorkerMessage::Results { results } => {
                 let mut freed: Vec<Arc<str>> = Vec::new();
+                let (mut wrong, mut first) = (0, String::new());
                 for r in results {
-                    if let Some(pool) = self.settle(identity, r, out) {
-                        if !freed.contains(&pool) {
-                            freed.push(pool);
+                    match self.settle(identity, r, out) {
+                        Settled::Freed(pool) => {
+                            if !freed.contains(&pool) {
+                                freed.push(pool);
+                            }
                         }
+                        Settled::WrongTask(reason) => {
+                            wrong += 1;
+                            if first.is_empty() {
+                                first = reason;
+                            }
+                        }
+                        Settled::Unknown => {}
                     }
+                }
+                // One error for the whole message, however many entries
+                // were wrong.
+                if wrong == 1 {
+                    out.push(wrong_task(identity, first));
+                } else if wrong > 1 {
+                    let reason = format!("{wrong} results name the wrong task; the first: {first}");
+                    out.push(wrong_task(identity, reason));
                 }
                 for pool in freed {
                     self.assign(&pool, now, out);
                 }
             }
-            WorkerMessage::Disconnect => self.remove(identity, "worker disconnected", out),
+            WorkerMessage::Disconnect => self.remove(identity, "worker disconnected", now, out),
         }
     }
 
-    /// A result from a registered worker: the pool of the delivery it
-    /// settles, or `None` when it matches none.
-    fn settle(
-        &mut self,
-        identity: &[u8],
-        r: DeliveryResult,
-        out: &mut Vec<Out>,
-    ) -> Option<Arc<str>> {
-        let w = self.workers.get_mut(identity)?;
+    /// A result from a registered worker, settling its delivery when it
+    /// names it rightly.
+    fn settle(&mut self, identity: &[u8], r: DeliveryResult, out: &mut Vec<Out>) -> Settled {
+        let Some(w) = self.workers.get_mut(identity) else {
+            return Settled::Unknown;
+        };
         match w.in_flight.remove(&r.delivery) {
             Some(f) if f.task_id == r.task_id => {
                 out.push(Out::Schedule(Command::Result(r)));
-                Some(f.pool)
+                Settled::Freed(f.pool)
             }
             Some(f) => {
                 // Wrong task id for the delivery: keep the delivery.
                 w.in_flight.insert(r.delivery, f);
                 self.stats.unknown_results += 1;
-                out.push(Out::Send(
-                    identity.to_vec(),
-                    BrokerMessage::Error {
-                        code: ErrorCode::BadRequest,
-                        reason: format!("delivery {} is not task {}", r.delivery, r.task_id),
-                    },
-                ));
-                None
+                Settled::WrongTask(format!("delivery {} is not task {}", r.delivery, r.task_id))
             }
             None => {
                 self.stats.unknown_results += 1;
-                None
+                Settled::Unknown
             }
         }
     }
@@ -321,17 +329,24 @@ impl Dispatcher {
     }
 
     /// Forgets a worker; its deliveries become failed attempts.
-    fn remove(&mut self, identity: &[u8], reason: &str, out: &mut Vec<Out>) {
+    fn remove(&mut self, identity: &[u8], reason: &str, now: Instant, out: &mut Vec<Out>) {
         let Some(mut w) = self.workers.remove(identity) else {
             return;
         };
         tracing::warn!(worker = %w.name, in_flight = w.in_flight.len(), reason, "worker gone");
         self.leave_pools(identity, &w.pools);
-        // What never left the outbox waits for another worker.
+        // What never left the outbox goes to another worker.
+        let mut pools: Vec<Arc<str>> = Vec::new();
         for d in w.outbox.drain(..).rev() {
             if let Some(f) = w.in_flight.remove(&d.delivery) {
+                if !pools.contains(&f.pool) {
+                    pools.push(f.pool.clone());
+                }
                 self.give_back(f, d);
             }
+        }
+        for pool in pools {
+            self.assign(&pool, now, out);
         }
         for (delivery, f) in w.in_flight {
             out.push(Out::Schedule(Command::Lost {
@@ -390,13 +405,14 @@ impl Dispatcher {
     }
 
     /// A `Task` or `Tasks` message could not be sent: put its tasks back in
-    /// front of their pools, in their order. An unreachable worker is
-    /// forgotten.
+    /// front of their pools, in their order, and offer them to the other
+    /// workers. An unreachable worker is forgotten.
     pub fn unsent(
         &mut self,
         identity: &[u8],
         tasks: Vec<Dispatched>,
         unreachable: bool,
+        now: Instant,
         out: &mut Vec<Out>,
     ) {
         if let Some(w) = self.workers.get_mut(identity) {
@@ -406,14 +422,21 @@ impl Dispatcher {
                     back.push((f, d));
                 }
             }
+            let mut pools: Vec<Arc<str>> = Vec::new();
             for (f, d) in back.into_iter().rev() {
+                if !pools.contains(&f.pool) {
+                    pools.push(f.pool.clone());
+                }
                 self.give_back(f, d);
             }
             if unreachable {
-                self.remove(identity, "unreachable", out);
+                self.remove(identity, "unreachable", now, out);
             } else if let Some(w) = self.workers.get_mut(identity) {
                 // Its pipe is full: send it nothing more until it answers.
                 w.window = w.in_flight.len() as u32;
+            }
+            for pool in pools {
+                self.assign(&pool, now, out);
             }
         }
     }
@@ -551,11 +574,31 @@ impl Dispatcher {
         }
         for id in expired {
             self.stats.workers_expired += 1;
-            self.remove(&id, "silent past the heartbeat expiry", out);
+            self.remove(&id, "silent past the heartbeat expiry", now, out);
         }
         let pools: Vec<String> = self.pools.keys().cloned().collect();
         self.assign_pools(&pools, now, out);
     }
+}
+
+/// What a result did.
+enum Settled {
+    /// It settled a delivery of this pool.
+    Freed(Arc<str>),
+    /// It named a delivery out to the worker, but another task.
+    WrongTask(String),
+    /// It matched no delivery out (§8.6 rule 4): ignored.
+    Unknown,
+}
+
+fn wrong_task(identity: &[u8], reason: String) -> Out {
+    Out::Send(
+        identity.to_vec(),
+        BrokerMessage::Error {
+            code: ErrorCode::BadRequest,
+            reason,
+        },
+    )
 }
 
 fn hex(b: &[u8]) -> String {
@@ -725,21 +768,26 @@ mod tests {
         d.on_dispatch("p".into(), 2, 1.0, task("t2"), now, &mut out);
         d.flush(&mut out);
         out.clear();
-        let results = vec![success(1, "other"), success(2, "t2"), success(77, "t77")];
+        let results = vec![
+            success(1, "other"),
+            success(2, "t2"),
+            success(77, "t77"),
+            success(1, "another"),
+        ];
         d.on_message(b"w", Ok(WorkerMessage::Results { results }), now, &mut out);
-        assert!(matches!(
-            &out[0],
-            Out::Send(
-                _,
-                BrokerMessage::Error {
-                    code: ErrorCode::BadRequest,
-                    ..
-                }
-            )
-        ));
-        assert!(matches!(&out[1], Out::Schedule(Command::Result(r)) if r.delivery == 2));
+        assert!(matches!(&out[0], Out::Schedule(Command::Result(r)) if r.delivery == 2));
+        // One error for the message, counting the wrong entries.
+        let want = "2 results name the wrong task; the first: delivery 1 is not task other";
+        assert!(
+            matches!(
+                &out[1],
+                Out::Send(_, BrokerMessage::Error { code: ErrorCode::BadRequest, reason })
+                    if reason == want
+            ),
+            "{out:?}"
+        );
         assert_eq!(out.len(), 2);
-        assert_eq!(d.stats.unknown_results, 2);
+        assert_eq!(d.stats.unknown_results, 3);
         // Delivery 1 is still out: its right result settles it.
         out.clear();
         d.on_message(
@@ -789,6 +837,40 @@ mod tests {
     }
 
     #[test]
+    fn tasks_given_back_go_at_once_to_another_worker() {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        // Unsent: the pipe to `w` was full.
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        ready(&mut d, b"w", 2, true, &mut out);
+        for i in 0..2 {
+            d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
+        }
+        d.flush(&mut out);
+        let Some(Out::Send(who, BrokerMessage::Tasks { tasks })) = out.pop() else {
+            panic!("no tasks message: {out:?}");
+        };
+        ready(&mut d, b"v", 5, true, &mut out);
+        d.unsent(&who, tasks, false, now, &mut out);
+        d.flush(&mut out);
+        assert!(matches!(&out[0], Out::Send(id, _) if id == b"v"), "{out:?}");
+        assert_eq!(batches(&out), vec![vec![0, 1]]);
+        // Removed with a full outbox: `w` leaves before the flush.
+        out.clear();
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        ready(&mut d, b"w", 2, true, &mut out);
+        for i in 0..2 {
+            d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
+        }
+        ready(&mut d, b"v", 5, true, &mut out);
+        d.on_message(b"w", Ok(WorkerMessage::Disconnect), now, &mut out);
+        d.flush(&mut out);
+        assert!(matches!(&out[0], Out::Send(id, _) if id == b"v"), "{out:?}");
+        assert_eq!(batches(&out), vec![vec![0, 1]]);
+        assert_eq!(d.waiting(), 0);
+    }
+
+    #[test]
     fn unsent_and_unflushed_tasks_go_back_in_order() {
         let mut d = Dispatcher::new(DispatchConfig::default());
         let now = Instant::now();
@@ -803,7 +885,7 @@ mod tests {
         };
         // The pipe was full: all three come back before the fourth, and the
         // worker gets nothing more until it answers.
-        d.unsent(&who, tasks, false, &mut out);
+        d.unsent(&who, tasks, false, now, &mut out);
         assert_eq!(d.waiting(), 4);
         ready(&mut d, b"v", 10, true, &mut out);
         d.flush(&mut out);

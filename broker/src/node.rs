@@ -520,6 +520,11 @@ impl IoLoop {
                 } => {
                     self.dispatcher
                         .on_dispatch(pool, delivery, timeout, task, now, out);
+                    // A long burst of due tasks starts leaving before the
+                    // whole of it is read.
+                    if n % BATCH == 0 {
+                        self.carry_out(out, now);
+                    }
                 }
                 Event::Revoke { delivery } => self.dispatcher.on_revoke(delivery),
                 Event::ToPeer { to, msg } => self.send_peer(to, &msg),
@@ -901,8 +906,15 @@ impl IoLoop {
                             if !tasks.is_empty() {
                                 let unreachable = e == zmq::Error::EHOSTUNREACH;
                                 let mut more = Vec::new();
-                                self.dispatcher
-                                    .unsent(&identity, tasks, unreachable, &mut more);
+                                self.dispatcher.unsent(
+                                    &identity,
+                                    tasks,
+                                    unreachable,
+                                    now,
+                                    &mut more,
+                                );
+                                // What went to other workers that batch.
+                                self.dispatcher.flush(&mut more);
                                 out.extend(more);
                             }
                         }

@@ -456,6 +456,10 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                     reg.last_heard = Instant::now();
                     match protocol::decode_hot::<BrokerMessage, _>(&parts) {
                         Ok(BrokerMessage::Task { delivery, task }) => {
+                            // A broker that takes batches sends us `tasks`
+                            // only: this one (an older broker, perhaps
+                            // after a restart) does not take `results`.
+                            reg.batches = false;
                             let _ = jobs.send(Delivery {
                                 broker: BrokerId(i),
                                 delivery,
@@ -475,6 +479,8 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                         Ok(BrokerMessage::Heartbeat) => {}
                         Ok(BrokerMessage::Disconnect { reason }) => {
                             tracing::info!(%reason, broker = %reg.endpoint, "broker asked the dispatcher to register again");
+                            // Whatever answers now may not take batches.
+                            reg.batches = false;
                             reg.ready();
                         }
                         Ok(BrokerMessage::Error { reason, .. }) => {
@@ -662,20 +668,17 @@ impl Registration {
         self.results.push(result);
     }
 
-    /// Sends the results kept by [`Registration::report`].
+    /// Sends the results kept by [`Registration::report`]: one by one if
+    /// the broker no longer takes batches.
     fn flush_results(&mut self) {
         self.results_bytes = 0;
-        match self.results.len() {
-            0 => {}
-            1 => {
-                if let Some(r) = self.results.pop() {
-                    self.send(&WorkerMessage::Result(r));
-                }
-            }
-            _ => {
-                let results = std::mem::take(&mut self.results);
-                self.send(&WorkerMessage::Results { results });
-            }
+        if self.results.len() > 1 && self.batches {
+            let results = std::mem::take(&mut self.results);
+            self.send(&WorkerMessage::Results { results });
+            return;
+        }
+        for r in std::mem::take(&mut self.results) {
+            self.send(&WorkerMessage::Result(r));
         }
     }
 
