@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use broker::client::{Producer, Worker};
-use protocol::{ClientCommand, ClientReply, ClientRequest, ReplyBody, TaskSpec, TaskState};
+use protocol::{
+    ClientCommand, ClientReply, ClientRequest, ReplyBody, TaskInfo, TaskSpec, TaskState,
+};
 
 use crate::util::*;
 
@@ -136,18 +138,28 @@ fn pull_worker_killed_mid_task_hands_it_to_another() {
         let got: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(got["id"], id.as_str());
         assert_eq!(got["retry_count"], 1);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let t = p.get("default", &id).unwrap();
-            if t.state == TaskState::Succeeded {
-                assert_eq!(t.attempts, 2);
-                assert!(t.last_error.is_none());
-                break;
-            }
-            assert!(Instant::now() < deadline, "task stuck in {:?}", t.state);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let t = reach(&mut p, "default", &id, TaskState::Succeeded, "the retry");
+        assert_eq!(t.attempts, 2);
+        assert!(t.last_error.is_none());
     });
+}
+
+/// Polls the task until it is in `state` (10 s at most); `what` names the
+/// wait in the failure.
+fn reach(p: &mut Producer, queue: &str, id: &str, state: TaskState, what: &str) -> TaskInfo {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = p.get(queue, id).unwrap();
+        if t.state == state {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {id} stuck in {:?}",
+            t.state
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -374,22 +386,14 @@ fn a_batching_worker_gets_tasks_and_answers_several_at_once() {
         );
         let results = rest.iter().map(|d| result(d, Outcome::Success)).collect();
         send_worker(&w, &WorkerMessage::Results { results });
-        let deadline = Instant::now() + Duration::from_secs(10);
         for id in &ids {
             let want = if *id == failed {
                 TaskState::Failed
             } else {
                 TaskState::Succeeded
             };
-            loop {
-                let t = p.get("batched", id).unwrap();
-                if t.state == want {
-                    assert_eq!(t.attempts, 1);
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{id} stuck in {:?}", t.state);
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let t = reach(&mut p, "batched", id, want, "a batched result");
+            assert_eq!(t.attempts, 1);
         }
     });
 }
@@ -428,15 +432,7 @@ fn the_batched_client_worker_serves_a_crowd_of_tasks() {
         // The last results leave with the next call that runs out of jobs.
         assert!(w.next(Duration::from_millis(50)).unwrap().is_none());
         for id in &ids {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let t = p.get("crowd", id).unwrap();
-                if t.state == TaskState::Succeeded {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{id} stuck in {:?}", t.state);
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            reach(&mut p, "crowd", id, TaskState::Succeeded, "the crowd");
         }
         assert_eq!(w.reconnects, 0);
         // Fewer messages than tasks went each way.
@@ -469,11 +465,14 @@ fn a_batched_worker_does_not_sit_on_the_result_of_a_slow_job() {
             .unwrap()
             .expect("second job");
         // The second job is in hand and unanswered; the first is settled.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while p.get("slow", &first.task.id).unwrap().state != TaskState::Succeeded {
-            assert!(Instant::now() < deadline, "the first result was kept");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let first_id = &first.task.id;
+        reach(
+            &mut p,
+            "slow",
+            first_id,
+            TaskState::Succeeded,
+            "the first result was kept",
+        );
         assert_eq!(
             p.get("slow", &second.task.id).unwrap().state,
             TaskState::Running
@@ -481,13 +480,7 @@ fn a_batched_worker_does_not_sit_on_the_result_of_a_slow_job() {
         // Dropping the worker sends what it keeps.
         w.report(&second, protocol::Outcome::Success, None).unwrap();
         drop(w);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while p.get("slow", &second.task.id).unwrap().state != TaskState::Succeeded {
-            assert!(
-                Instant::now() < deadline,
-                "the kept result was lost on drop"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let lost = "the kept result was lost on drop";
+        reach(&mut p, "slow", &second.task.id, TaskState::Succeeded, lost);
     });
 }

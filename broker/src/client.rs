@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{
     BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
-    ErrorCode, Outcome, ReplyBody, TaskInfo, TaskSpec, WorkerMessage, MAX_BATCHED,
-    MAX_BATCHED_BYTES,
+    ErrorCode, Outcome, ReplyBody, TaskInfo, TaskSpec, WorkerMessage,
 };
 
 use crate::sockets;
@@ -187,20 +186,88 @@ pub struct Worker {
     /// Times the worker re-registered (disconnect or silent broker).
     pub reconnects: u64,
     batch: bool,
-    /// The broker sent `tasks` on this connection, so it takes `results`.
-    batches: bool,
     /// Jobs received and not yet handed out.
     inbox: VecDeque<Job>,
-    /// Results not yet sent, and a bound on their encoded size.
-    outbox: Vec<DeliveryResult>,
-    outbox_bytes: usize,
-    /// When the oldest kept result was given.
-    outbox_since: Instant,
+    /// Results not yet sent.
+    outbox: KeptResults,
     /// When [`Worker::next`] last handed out a job.
     handed_out: Instant,
     /// `tasks` messages received, and `results` messages sent.
     pub tasks_messages: u64,
     pub results_messages: u64,
+}
+
+/// Results kept to go to the broker together (PROTOCOL.md §8.7): held only
+/// once the broker has sent `tasks` on the connection, and sent one by one
+/// again after it sends a plain `task` (or the connection is renewed).
+#[derive(Debug, Default)]
+pub struct KeptResults {
+    /// The broker takes `results` on this connection.
+    batches: bool,
+    results: Vec<DeliveryResult>,
+    /// A bound on their encoded size.
+    bytes: usize,
+    /// When the oldest of them was kept.
+    since: Option<Instant>,
+}
+
+impl KeptResults {
+    /// The broker sent `tasks`: it takes `results`.
+    pub fn broker_batches(&mut self) {
+        self.batches = true;
+    }
+
+    /// The broker sent a plain `task` (a broker that batches sends a
+    /// batching worker `tasks` only) or `disconnect` (whatever answers now
+    /// may not batch): results go one by one from now on.
+    pub fn broker_may_not_batch(&mut self) {
+        self.batches = false;
+    }
+
+    pub fn len(&self) -> usize {
+        self.results.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty()
+    }
+
+    /// When the oldest result kept was kept.
+    pub fn kept_since(&self) -> Option<Instant> {
+        self.since
+    }
+
+    /// Keeps `result` when the broker takes batches; returns what to send
+    /// now: the result itself when it does not, or what was kept before
+    /// when the result would not fit beside it.
+    pub fn keep(&mut self, result: DeliveryResult) -> Vec<WorkerMessage> {
+        if !self.batches {
+            return vec![WorkerMessage::Result(result)];
+        }
+        let size = result.encoded_size_bound();
+        let before = if protocol::batch_has_room(self.results.len(), self.bytes, size) {
+            Vec::new()
+        } else {
+            self.take()
+        };
+        self.since.get_or_insert_with(Instant::now);
+        self.bytes += size;
+        self.results.push(result);
+        before
+    }
+
+    /// What is kept, as the messages that send it: one `results`, or one
+    /// `result` each when there is only one or the broker no longer takes
+    /// batches.
+    pub fn take(&mut self) -> Vec<WorkerMessage> {
+        self.bytes = 0;
+        self.since = None;
+        let results = std::mem::take(&mut self.results);
+        if results.len() > 1 && self.batches {
+            return vec![WorkerMessage::Results { results }];
+        }
+        results.into_iter().map(WorkerMessage::Result).collect()
+    }
 }
 
 /// How long a batched worker that still has jobs in hand may keep a
@@ -248,11 +315,8 @@ impl Worker {
             last_sent: now,
             reconnects: 0,
             batch,
-            batches: false,
             inbox: VecDeque::new(),
-            outbox: Vec::new(),
-            outbox_bytes: 0,
-            outbox_since: now,
+            outbox: KeptResults::default(),
             handed_out: now,
             tasks_messages: 0,
             results_messages: 0,
@@ -265,6 +329,9 @@ impl Worker {
         let frames = protocol::encode(msg);
         self.socket.send_multipart(&frames, 0)?;
         self.last_sent = Instant::now();
+        if let WorkerMessage::Results { .. } = msg {
+            self.results_messages += 1;
+        }
         Ok(())
     }
 
@@ -282,10 +349,8 @@ impl Worker {
     /// jobs back (or will, when it forgets this worker), and ignores
     /// results for them.
     fn forget(&mut self) {
-        self.batches = false;
         self.inbox.clear();
-        self.outbox.clear();
-        self.outbox_bytes = 0;
+        self.outbox = KeptResults::default();
     }
 
     fn reconnect(&mut self) -> Result<(), ClientError> {
@@ -310,7 +375,10 @@ impl Worker {
             if !self.outbox.is_empty()
                 && (self.inbox.is_empty()
                     || now.duration_since(self.handed_out) >= RESULT_HOLD
-                    || now.duration_since(self.outbox_since) >= RESULT_HOLD
+                    || self
+                        .outbox
+                        .kept_since()
+                        .is_some_and(|t| now.duration_since(t) >= RESULT_HOLD)
                     || self.outbox.len() as u64 * 2 >= u64::from(self.credit))
             {
                 self.flush()?;
@@ -342,13 +410,11 @@ impl Worker {
         self.last_heard = Instant::now();
         match protocol::decode_hot::<BrokerMessage, _>(parts) {
             Ok(BrokerMessage::Task { delivery, task }) => {
-                // A broker that takes batches sends a batching worker
-                // `tasks` only: this one does not take `results`.
-                self.batches = false;
+                self.outbox.broker_may_not_batch();
                 self.inbox.push_back(Job { delivery, task });
             }
             Ok(BrokerMessage::Tasks { tasks }) => {
-                self.batches = true;
+                self.outbox.broker_batches();
                 self.tasks_messages += 1;
                 self.inbox.extend(tasks.into_iter().map(|d| Job {
                     delivery: d.delivery,
@@ -388,33 +454,16 @@ impl Worker {
             body: None,
             no_retry: false,
         };
-        if !self.batches {
-            return self.send(&WorkerMessage::Result(result));
+        for msg in self.outbox.keep(result) {
+            self.send(&msg)?;
         }
-        let size = result.encoded_size_bound() + 10;
-        if !self.outbox.is_empty()
-            && (self.outbox.len() == MAX_BATCHED || self.outbox_bytes + size > MAX_BATCHED_BYTES)
-        {
-            self.flush()?;
-        }
-        if self.outbox.is_empty() {
-            self.outbox_since = Instant::now();
-        }
-        self.outbox_bytes += size;
-        self.outbox.push(result);
         Ok(())
     }
 
     /// Sends the results a batched worker keeps (see [`Worker`]).
     pub fn flush(&mut self) -> Result<(), ClientError> {
-        self.outbox_bytes = 0;
-        if self.outbox.len() > 1 && self.batches {
-            let results = std::mem::take(&mut self.outbox);
-            self.results_messages += 1;
-            return self.send(&WorkerMessage::Results { results });
-        }
-        for r in std::mem::take(&mut self.outbox) {
-            self.send(&WorkerMessage::Result(r))?;
+        for msg in self.outbox.take() {
+            self.send(&msg)?;
         }
         Ok(())
     }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use protocol::{
     BrokerMessage, DeliveredTask, DeliveryResult, Dispatched, ErrorCode, WorkerMessage,
-    MAX_BATCHED, MAX_BATCHED_BYTES,
 };
 
 use crate::scheduler::Command;
@@ -336,18 +335,8 @@ impl Dispatcher {
         tracing::warn!(worker = %w.name, in_flight = w.in_flight.len(), reason, "worker gone");
         self.leave_pools(identity, &w.pools);
         // What never left the outbox goes to another worker.
-        let mut pools: Vec<Arc<str>> = Vec::new();
-        for d in w.outbox.drain(..).rev() {
-            if let Some(f) = w.in_flight.remove(&d.delivery) {
-                if !pools.contains(&f.pool) {
-                    pools.push(f.pool.clone());
-                }
-                self.give_back(f, d);
-            }
-        }
-        for pool in pools {
-            self.assign(&pool, now, out);
-        }
+        let back = take_in_flight(&mut w.in_flight, std::mem::take(&mut w.outbox));
+        self.give_back(back, now, out);
         for (delivery, f) in w.in_flight {
             out.push(Out::Schedule(Command::Lost {
                 delivery,
@@ -390,18 +379,27 @@ impl Dispatcher {
         }
     }
 
-    /// Puts a delivery that never reached its worker back in front of its
-    /// pool.
-    fn give_back(&mut self, f: InFlight, d: Dispatched) {
-        self.pools
-            .entry(f.pool.to_string())
-            .or_insert_with(|| Pool::new(&f.pool))
-            .waiting
-            .push_front(Waiting {
-                delivery: d.delivery,
-                timeout: f.timeout,
-                task: d.task,
-            });
+    /// Puts deliveries that never reached their worker back in front of
+    /// their pools, in their order, and offers them to the workers there.
+    fn give_back(&mut self, back: Vec<(InFlight, Dispatched)>, now: Instant, out: &mut Vec<Out>) {
+        let mut pools: Vec<Arc<str>> = Vec::new();
+        for (f, d) in back.into_iter().rev() {
+            if !pools.contains(&f.pool) {
+                pools.push(f.pool.clone());
+            }
+            self.pools
+                .entry(f.pool.to_string())
+                .or_insert_with(|| Pool::new(&f.pool))
+                .waiting
+                .push_front(Waiting {
+                    delivery: d.delivery,
+                    timeout: f.timeout,
+                    task: d.task,
+                });
+        }
+        for pool in pools {
+            self.assign(&pool, now, out);
+        }
     }
 
     /// A `Task` or `Tasks` message could not be sent: put its tasks back in
@@ -415,30 +413,17 @@ impl Dispatcher {
         now: Instant,
         out: &mut Vec<Out>,
     ) {
-        if let Some(w) = self.workers.get_mut(identity) {
-            let mut back = Vec::new();
-            for d in tasks {
-                if let Some(f) = w.in_flight.remove(&d.delivery) {
-                    back.push((f, d));
-                }
-            }
-            let mut pools: Vec<Arc<str>> = Vec::new();
-            for (f, d) in back.into_iter().rev() {
-                if !pools.contains(&f.pool) {
-                    pools.push(f.pool.clone());
-                }
-                self.give_back(f, d);
-            }
-            if unreachable {
-                self.remove(identity, "unreachable", now, out);
-            } else if let Some(w) = self.workers.get_mut(identity) {
-                // Its pipe is full: send it nothing more until it answers.
-                w.window = w.in_flight.len() as u32;
-            }
-            for pool in pools {
-                self.assign(&pool, now, out);
-            }
+        let Some(w) = self.workers.get_mut(identity) else {
+            return;
+        };
+        let back = take_in_flight(&mut w.in_flight, tasks);
+        if unreachable {
+            self.remove(identity, "unreachable", now, out);
+        } else {
+            // Its pipe is full: send it nothing more until it answers.
+            w.window = w.in_flight.len() as u32;
         }
+        self.give_back(back, now, out);
     }
 
     /// The loop sent something to `identity`.
@@ -514,8 +499,8 @@ impl Dispatcher {
         }
     }
 
-    /// Hands the loop what waits in outboxes, as `tasks` messages of at
-    /// most [`MAX_BATCHED`] tasks and about [`MAX_BATCHED_BYTES`].
+    /// Hands the loop what waits in outboxes, as `tasks` messages within
+    /// the limits of [`protocol::batch_has_room`].
     pub fn flush(&mut self, out: &mut Vec<Out>) {
         for identity in self.filled.drain(..) {
             let Some(w) = self.workers.get_mut(&identity) else {
@@ -524,10 +509,8 @@ impl Dispatcher {
             let mut tasks = Vec::new();
             let mut bytes = 0;
             for d in w.outbox.drain(..) {
-                let size = d.task.encoded_size_bound() + 10;
-                if !tasks.is_empty()
-                    && (tasks.len() == MAX_BATCHED || bytes + size > MAX_BATCHED_BYTES)
-                {
+                let size = d.encoded_size_bound();
+                if !protocol::batch_has_room(tasks.len(), bytes, size) {
                     out.push(Out::Send(
                         identity.clone(),
                         BrokerMessage::Tasks {
@@ -579,6 +562,17 @@ impl Dispatcher {
         let pools: Vec<String> = self.pools.keys().cloned().collect();
         self.assign_pools(&pools, now, out);
     }
+}
+
+/// The deliveries among `tasks` still counted in flight, taken out of it.
+fn take_in_flight(
+    in_flight: &mut HashMap<u64, InFlight>,
+    tasks: Vec<Dispatched>,
+) -> Vec<(InFlight, Dispatched)> {
+    tasks
+        .into_iter()
+        .filter_map(|d| in_flight.remove(&d.delivery).map(|f| (f, d)))
+        .collect()
 }
 
 /// What a result did.
@@ -805,13 +799,13 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         ready(&mut d, b"w", 10_000, true, &mut out);
-        let n = MAX_BATCHED as u64 + 44;
+        let n = protocol::MAX_BATCHED as u64 + 44;
         for i in 0..n {
             d.on_dispatch("p".into(), i, 1.0, task(&format!("t{i}")), now, &mut out);
         }
         d.flush(&mut out);
         let sizes: Vec<usize> = batches(&out).iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![MAX_BATCHED, 44]);
+        assert_eq!(sizes, vec![protocol::MAX_BATCHED, 44]);
         let all: Vec<u64> = batches(&out).concat();
         assert_eq!(all, (0..n).collect::<Vec<u64>>());
         // Tasks with the largest bodies: every message stays under the

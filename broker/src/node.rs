@@ -880,42 +880,41 @@ impl IoLoop {
     }
 
     fn carry_out(&mut self, out: &mut Vec<Out>, now: Instant) {
-        self.dispatcher.flush(out);
         let mut i = 0;
-        while i < out.len() {
-            // `unsent` may push more actions; handle them in order.
-            let action = std::mem::replace(&mut out[i], Out::Schedule(Command::Shutdown));
-            i += 1;
-            match action {
-                Out::Schedule(Command::Shutdown) => {}
-                Out::Schedule(cmd) => {
-                    let _ = self.commands.send(cmd);
-                }
-                Out::Send(identity, msg) => {
-                    match sockets::send_routed(&self.workers, &identity, &protocol::encode(&msg)) {
-                        Ok(()) => self.dispatcher.sent(&identity, now),
-                        Err(e) => {
-                            self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
-                            let tasks = match msg {
-                                protocol::BrokerMessage::Task { delivery, task } => {
-                                    vec![protocol::Dispatched { delivery, task }]
+        loop {
+            // Outboxes first; `unsent` may assign more, so again until done.
+            self.dispatcher.flush(out);
+            if i == out.len() {
+                break;
+            }
+            while i < out.len() {
+                // `unsent` may push more actions; handle them in order.
+                let action = std::mem::replace(&mut out[i], Out::Schedule(Command::Shutdown));
+                i += 1;
+                match action {
+                    Out::Schedule(Command::Shutdown) => {}
+                    Out::Schedule(cmd) => {
+                        let _ = self.commands.send(cmd);
+                    }
+                    Out::Send(identity, msg) => {
+                        let sent =
+                            sockets::send_routed(&self.workers, &identity, &protocol::encode(&msg));
+                        match sent {
+                            Ok(()) => self.dispatcher.sent(&identity, now),
+                            Err(e) => {
+                                self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
+                                let tasks = match msg {
+                                    protocol::BrokerMessage::Task { delivery, task } => {
+                                        vec![protocol::Dispatched { delivery, task }]
+                                    }
+                                    protocol::BrokerMessage::Tasks { tasks } => tasks,
+                                    _ => Vec::new(),
+                                };
+                                if !tasks.is_empty() {
+                                    let unreachable = e == zmq::Error::EHOSTUNREACH;
+                                    self.dispatcher
+                                        .unsent(&identity, tasks, unreachable, now, out);
                                 }
-                                protocol::BrokerMessage::Tasks { tasks } => tasks,
-                                _ => Vec::new(),
-                            };
-                            if !tasks.is_empty() {
-                                let unreachable = e == zmq::Error::EHOSTUNREACH;
-                                let mut more = Vec::new();
-                                self.dispatcher.unsent(
-                                    &identity,
-                                    tasks,
-                                    unreachable,
-                                    now,
-                                    &mut more,
-                                );
-                                // What went to other workers that batch.
-                                self.dispatcher.flush(&mut more);
-                                out.extend(more);
                             }
                         }
                     }

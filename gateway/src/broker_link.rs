@@ -25,11 +25,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use broker::client::KeptResults;
 use broker::sockets::{self, Bell, Doorbell};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use protocol::{
     BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
-    ReplyBody, WorkerMessage, HTTP_POOL, MAX_BATCHED, MAX_BATCHED_BYTES,
+    ReplyBody, WorkerMessage, HTTP_POOL,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -456,10 +457,8 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                     reg.last_heard = Instant::now();
                     match protocol::decode_hot::<BrokerMessage, _>(&parts) {
                         Ok(BrokerMessage::Task { delivery, task }) => {
-                            // A broker that takes batches sends us `tasks`
-                            // only: this one (an older broker, perhaps
-                            // after a restart) does not take `results`.
-                            reg.batches = false;
+                            // An older broker, perhaps after a restart.
+                            reg.results.broker_may_not_batch();
                             let _ = jobs.send(Delivery {
                                 broker: BrokerId(i),
                                 delivery,
@@ -467,7 +466,7 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                             });
                         }
                         Ok(BrokerMessage::Tasks { tasks }) => {
-                            reg.batches = true;
+                            reg.results.broker_batches();
                             for d in tasks {
                                 let _ = jobs.send(Delivery {
                                     broker: BrokerId(i),
@@ -479,8 +478,7 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                         Ok(BrokerMessage::Heartbeat) => {}
                         Ok(BrokerMessage::Disconnect { reason }) => {
                             tracing::info!(%reason, broker = %reg.endpoint, "broker asked the dispatcher to register again");
-                            // Whatever answers now may not take batches.
-                            reg.batches = false;
+                            reg.results.broker_may_not_batch();
                             reg.ready();
                         }
                         Ok(BrokerMessage::Error { reason, .. }) => {
@@ -603,11 +601,8 @@ struct Registration {
     last_heard: Instant,
     last_sent: Instant,
     concurrency: u32,
-    /// The broker sent `tasks` on this connection, so it takes `results`.
-    batches: bool,
     /// Results waiting to go as one `results` message.
-    results: Vec<DeliveryResult>,
-    results_bytes: usize,
+    results: KeptResults,
 }
 
 impl Registration {
@@ -625,9 +620,7 @@ impl Registration {
             last_heard: now,
             last_sent: now,
             concurrency: config.concurrency,
-            batches: false,
-            results: Vec::new(),
-            results_bytes: 0,
+            results: KeptResults::default(),
         };
         r.ready();
         Ok(r)
@@ -654,31 +647,15 @@ impl Registration {
     /// Sends a webhook's result, or keeps it for the next `results`
     /// message when the broker takes them.
     fn report(&mut self, result: DeliveryResult) {
-        if !self.batches {
-            self.send(&WorkerMessage::Result(result));
-            return;
+        for msg in self.results.keep(result) {
+            self.send(&msg);
         }
-        let size = result.encoded_size_bound() + 10;
-        if !self.results.is_empty()
-            && (self.results.len() == MAX_BATCHED || self.results_bytes + size > MAX_BATCHED_BYTES)
-        {
-            self.flush_results();
-        }
-        self.results_bytes += size;
-        self.results.push(result);
     }
 
-    /// Sends the results kept by [`Registration::report`]: one by one if
-    /// the broker no longer takes batches.
+    /// Sends the results kept by [`Registration::report`].
     fn flush_results(&mut self) {
-        self.results_bytes = 0;
-        if self.results.len() > 1 && self.batches {
-            let results = std::mem::take(&mut self.results);
-            self.send(&WorkerMessage::Results { results });
-            return;
-        }
-        for r in std::mem::take(&mut self.results) {
-            self.send(&WorkerMessage::Result(r));
+        for msg in self.results.take() {
+            self.send(&msg);
         }
     }
 

@@ -597,11 +597,18 @@ pub struct Dispatched {
 /// results a worker puts in one `results` message, at most.
 pub const MAX_BATCHED: usize = 256;
 
-/// Beyond this many bytes (by [`DeliveredTask::encoded_size_bound`] or
+/// Beyond this many bytes (by [`Dispatched::encoded_size_bound`] or
 /// [`DeliveryResult::encoded_size_bound`]), a `tasks` or `results` message
 /// takes nothing more: with any one task or result well under the 2 MiB
 /// message limit, so is the message.
 pub const MAX_BATCHED_BYTES: usize = 1024 * 1024;
+
+/// Whether an entry of `size` bytes (its size bound) may join a `tasks` or
+/// `results` message that holds `count` entries of `bytes` bytes: within
+/// [`MAX_BATCHED`] and [`MAX_BATCHED_BYTES`], and the first always may.
+pub fn batch_has_room(count: usize, bytes: usize, size: usize) -> bool {
+    count == 0 || (count < MAX_BATCHED && bytes + size <= MAX_BATCHED_BYTES)
+}
 
 /// A task as a worker receives it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -658,6 +665,14 @@ impl DeliveredTask {
                 .iter()
                 .map(|s| 5 + s.len())
                 .sum::<usize>()
+    }
+}
+
+impl Dispatched {
+    /// At least the size of this entry's MessagePack encoding, in bytes:
+    /// the task's, and its map with `delivery`.
+    pub fn encoded_size_bound(&self) -> usize {
+        self.task.encoded_size_bound() + 30
     }
 }
 
