@@ -5,7 +5,7 @@
 //! cargo run --example producer -- tcp://127.0.0.1:7000 http://localhost:9099/worker
 //! ```
 
-use broker::client::Producer;
+use client::Producer;
 use protocol::TaskSpec;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

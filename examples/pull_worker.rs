@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use broker::client::Worker;
+use client::Worker;
 use protocol::Outcome;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

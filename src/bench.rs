@@ -579,7 +579,7 @@ fn form_pairs(body: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
 /// A bare ROUTER that sends every message straight back.
 fn echo_server() -> anyhow::Result<String> {
     let ctx = zmq::Context::new();
-    let router = broker::sockets::router(&ctx)?;
+    let router = client::sockets::router(&ctx)?;
     router.bind("tcp://127.0.0.1:*")?;
     let endpoint = router
         .get_last_endpoint()?
@@ -622,7 +622,7 @@ fn zmq_enqueue(
     task: impl Fn(u64) -> TaskSpec,
 ) -> anyhow::Result<(Report, Vec<Instant>)> {
     let ctx = zmq::Context::new();
-    let s = broker::sockets::dealer(&ctx, false)?;
+    let s = client::sockets::dealer(&ctx, false)?;
     s.connect(endpoint)?;
     let progress = Progress::start(scenario, requests);
     let mut sent_at: Vec<Instant> = Vec::with_capacity(requests as usize);
@@ -772,8 +772,7 @@ async fn end_to_end(
             for _ in 0..workers.max(1) {
                 let (seen, stop, ep) = (seen.clone(), stop.clone(), worker_ep.clone());
                 std::thread::spawn(move || {
-                    let Ok(mut w) = broker::client::Worker::connect_batched(&ep, &["bench"], 256)
-                    else {
+                    let Ok(mut w) = client::Worker::connect_batched(&ep, &["bench"], 256) else {
                         return;
                     };
                     while !stop.load(Ordering::Relaxed) {
@@ -920,7 +919,7 @@ fn enqueue_pending(
                 latency.add(&r.latency)?;
                 full_seconds += r.seconds;
             }
-            broker::client::Producer::connect(endpoint)?.request(ClientCommand::PurgeQueue {
+            client::Producer::connect(endpoint)?.request(ClientCommand::PurgeQueue {
                 queue: "probe".into(),
             })?;
         }
@@ -986,7 +985,7 @@ fn timers(
                 worker_ep.clone(),
             );
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut w = broker::client::Worker::connect(&worker_ep, &["timers"], 2000)?;
+                let mut w = client::Worker::connect(&worker_ep, &["timers"], 2000)?;
                 while !stop.load(Ordering::Relaxed) {
                     let Some(job) = w.next(Duration::from_millis(200))? else {
                         continue;

@@ -11,8 +11,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use broker::client::Producer;
 use clap::{Parser, Subcommand};
+use client::Producer;
 use protocol::TaskSpec;
 
 #[derive(Parser, Debug)]
@@ -141,7 +141,7 @@ struct TaskRef {
 }
 
 fn main() -> ExitCode {
-    broker::cli::init_logging();
+    client::logging::init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,7 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn work(args: WorkerArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
-    let mut worker = broker::client::Worker::connect(&args.broker, &pools, args.credit)?;
+    let mut worker = client::Worker::connect(&args.broker, &pools, args.credit)?;
     let hold = std::time::Duration::from_secs_f64(args.hold.max(0.0));
     loop {
         let Some(job) = worker.next(std::time::Duration::from_secs(1))? else {

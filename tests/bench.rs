@@ -179,7 +179,7 @@ fn every_bench_scenario_runs_on_a_small_count() {
         );
         assert!(p["extra"]["ratio_median"].as_f64().unwrap() > 0.0, "{p}");
         let scheduled = |endpoint: &str, queue: &str| {
-            let mut producer = broker::client::Producer::connect(endpoint).unwrap();
+            let mut producer = client::Producer::connect(endpoint).unwrap();
             match producer
                 .request(protocol::ClientCommand::GetQueue {
                     queue: queue.into(),

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use broker::client::Producer;
+use client::Producer;
 use protocol::TaskSpec;
 use serde_json::Value;
 

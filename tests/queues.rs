@@ -633,7 +633,7 @@ fn queue_configuration_three_ways_and_figures() {
             400
         );
         // ZeroMQ.
-        let mut p = broker::client::Producer::connect(&node.client_endpoint()).unwrap();
+        let mut p = client::Producer::connect(&node.client_endpoint()).unwrap();
         let reply = p
             .request(protocol::ClientCommand::ConfigureQueue {
                 queue: "filed".into(),

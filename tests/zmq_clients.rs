@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use broker::client::{Producer, Worker};
+use client::{Producer, Worker};
 use protocol::{
     ClientCommand, ClientReply, ClientRequest, ReplyBody, TaskInfo, TaskSpec, TaskState,
 };
@@ -66,7 +66,7 @@ fn producer_enqueues_inspects_and_cancels_over_zmq() {
         );
         assert!(matches!(
             bad,
-            Err(broker::client::ClientError::Rejected {
+            Err(client::ClientError::Rejected {
                 code: protocol::ErrorCode::BadRequest,
                 ..
             })
@@ -437,9 +437,9 @@ fn the_batched_client_worker_serves_a_crowd_of_tasks() {
         assert_eq!(w.reconnects, 0);
         // Fewer messages than tasks went each way.
         assert!(
-            (1..n as u64 / 2).contains(&w.tasks_messages),
+            (1..n as u64 / 2).contains(&w.tasks_messages()),
             "{} tasks messages",
-            w.tasks_messages
+            w.tasks_messages()
         );
         assert!(w.results_messages >= 1);
     });
@@ -456,7 +456,7 @@ fn a_batched_worker_does_not_sit_on_the_result_of_a_slow_job() {
         // Both arrive in one message (credit 8, so not the half-credit rule).
         let mut w = Worker::connect_batched(&node.worker_endpoint(), &["slow"], 8).unwrap();
         let first = w.next(Duration::from_secs(10)).unwrap().expect("first job");
-        assert_eq!(w.tasks_messages, 1);
+        assert_eq!(w.tasks_messages(), 1);
         // The job's own work, longer than the 5 ms hold.
         std::thread::sleep(Duration::from_millis(50));
         w.report(&first, protocol::Outcome::Success, None).unwrap();

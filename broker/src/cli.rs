@@ -134,10 +134,8 @@ pub fn parse_queue_file(
     }
     let mut queues = Vec::new();
     for (name, patch) in file.queues {
-        if !protocol::is_valid_queue_name(&name) {
-            return Err(format!(
-                "queue name {name:?} must match [A-Za-z0-9-]{{1,100}}"
-            ));
+        if let Err(rule) = protocol::limits::check_queue_name(&name) {
+            return Err(format!("queue {name:?}: {rule}"));
         }
         let mut c = defaults.clone();
         crate::queues::apply_patch(&mut c, patch).map_err(|e| format!("[queues.{name}]: {e}"))?;
@@ -151,16 +149,6 @@ pub fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let node = Node::start(args.node_config()?)?;
     node.wait();
     Ok(())
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

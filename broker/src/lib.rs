@@ -9,12 +9,12 @@
 //!   heartbeats, deadlines; owned by the I/O thread.
 //! * [`queues`] — per-queue settings, token bucket, tombstones, figures.
 //! * [`validate`] — enqueue rules; [`retry`] — the backoff policy.
-//! * [`sockets`] — the one place sockets are made, and the doorbell.
-//! * [`client`] — blocking Rust clients for producers and pulling workers.
 //! * [`cli`] — the `miyamoto-broker` command line.
+//!
+//! Sockets are made by `client::sockets`, shared with the gateway and the
+//! Rust clients.
 
 pub mod cli;
-pub mod client;
 pub mod clock;
 pub mod dispatch;
 pub mod election;
@@ -23,7 +23,6 @@ pub mod placement;
 pub mod queues;
 pub mod retry;
 pub mod scheduler;
-pub mod sockets;
 pub mod validate;
 
 pub use node::{Node, NodeConfig, StartError};

@@ -28,7 +28,7 @@ use protocol::{
 use crate::dispatch::{DispatchConfig, Dispatcher, Out};
 use crate::election::{self, ElectionConfig, FromElection, ToElection};
 use crate::scheduler::{self, Command, Event, Figures, SchedulerConfig};
-use crate::sockets::{self, Bell, Doorbell};
+use client::sockets::{self, Bell, Doorbell};
 
 /// Port offsets from the base port.
 pub const CLIENT_PORT_OFFSET: u16 = 0;

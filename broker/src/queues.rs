@@ -82,8 +82,8 @@ pub fn apply_patch(config: &mut QueueConfig, p: QueueConfigPatch) -> Result<(), 
     }
     if let Some(v) = p.signing_secrets {
         for s in &v {
-            if decode_secret(s).is_none() {
-                return Err("signing secrets must be whsec_ followed by base64".into());
+            if protocol::limits::decode_signing_secret(s).is_none() {
+                return Err(protocol::limits::SIGNING_SECRET_RULE.into());
             }
         }
         c.signing_secrets = v;
@@ -93,14 +93,6 @@ pub fn apply_patch(config: &mut QueueConfig, p: QueueConfigPatch) -> Result<(), 
     }
     *config = c;
     Ok(())
-}
-
-/// The key bytes of a `whsec_<base64>` secret (the prefix is optional).
-pub fn decode_secret(s: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    let raw = s.strip_prefix("whsec_").unwrap_or(s);
-    let key = base64::engine::general_purpose::STANDARD.decode(raw).ok()?;
-    (!key.is_empty()).then_some(key)
 }
 
 /// The retry policy a queue's settings describe.

@@ -32,23 +32,18 @@ use uuid::Uuid;
 
 use crate::clock::{micros_to_secs, now_micros, secs_to_micros};
 use crate::queues::{self, DedupEntry, KeyKind, Queue};
-use crate::sockets::Bell;
 use crate::validate::{validate_known, ValidTask};
+use client::sockets::Bell;
 use cluster::{new_record, placement_key};
+use protocol::limits::{
+    MAX_BATCH_TASKS as MAX_BATCH, MAX_REQUEST_ID_BYTES, MAX_RESPONSE_BYTES, MAX_WAIT_SECS,
+};
 use protocol::{EventBody, PeerMessage, ReplicaRecord, StoreOutcome};
 
 /// How long a request id is remembered for deduplication.
 pub const REQUEST_DEDUP: Duration = Duration::from_secs(600);
-/// Longest accepted request id.
-pub const MAX_REQUEST_ID_BYTES: usize = 100;
 /// At most this many request ids are remembered.
 const REQUEST_DEDUP_MAX: usize = 1_000_000;
-/// How much of a worker's answer is kept with the task.
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// Most tasks in one batch.
-pub const MAX_BATCH: usize = 1000;
-/// Longest `wait` of an enqueue.
-pub const MAX_WAIT_SECS: f64 = 300.0;
 /// Longest slow-down a 429/503 imposes on its queue.
 const MAX_QUEUE_SLOWDOWN: Duration = Duration::from_secs(60);
 
@@ -550,13 +545,10 @@ impl Store {
             }
         }
         if let Some(queue) = command_queue(&req.command) {
-            if !protocol::is_valid_queue_name(queue) {
+            if let Err(rule) = protocol::limits::check_queue_name(queue) {
                 return Some(ClientReply {
                     request_id,
-                    body: error(
-                        ErrorCode::BadRequest,
-                        "queue names must match [A-Za-z0-9-]{1,100}",
-                    ),
+                    body: error(ErrorCode::BadRequest, rule),
                 });
             }
         }
@@ -1376,7 +1368,9 @@ impl Store {
         cursor: Option<String>,
         full: bool,
     ) -> ReplyBody {
-        let limit = limit.unwrap_or(100).clamp(1, 1000) as usize;
+        let limit = limit
+            .unwrap_or(protocol::limits::DEFAULT_LIST_LIMIT)
+            .clamp(1, protocol::limits::MAX_LIST_LIMIT) as usize;
         let start = match cursor.as_deref() {
             None | Some("") => None,
             Some(c) => match parse_cursor(c) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use protocol::{is_valid_pool_name, is_valid_queue_name, is_valid_task_name, TaskSpec, HTTP_POOL};
+use protocol::{is_valid_pool_name, is_valid_task_name, TaskSpec, HTTP_POOL};
 
 /// Longest allowed distance of an eta into the future.
 pub const MAX_ETA_AHEAD_SECS: f64 = 30.0 * 86400.0;
@@ -241,9 +241,7 @@ pub fn validate_known(
     default_timeout: f64,
     known: impl Fn(&String) -> bool,
 ) -> Result<ValidTask, String> {
-    if !is_valid_queue_name(queue) {
-        return Err("queue names must match [A-Za-z0-9-]{1,100}".into());
-    }
+    protocol::limits::check_queue_name(queue)?;
     if spec.url.is_empty() {
         return Err("task.url is required".into());
     }
@@ -298,7 +296,7 @@ pub fn validate_known(
     };
     if let Some(name) = &spec.name {
         if !is_valid_task_name(name) {
-            return Err("task.name must match [A-Za-z0-9_-]{1,500}".into());
+            return Err(protocol::limits::TASK_NAME_RULE.into());
         }
     }
     let timeout = match spec.timeout {

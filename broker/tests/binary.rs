@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use broker::client::{Producer, Worker};
+use client::{Producer, Worker};
 use protocol::{Outcome, TaskSpec, TaskState};
 
 fn free_base() -> u16 {

@@ -18,13 +18,10 @@ use protocol::{
 use serde_json::{json, Map, Value};
 
 use crate::broker_link::{BrokerLink, LinkError};
+use protocol::limits::{MAX_BATCH_TASKS as MAX_BATCH, MAX_LIST_LIMIT, MAX_WAIT_SECS};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-/// Most tasks in one batch.
-pub const MAX_BATCH: usize = 1000;
-/// Longest `?wait=` of an enqueue, in seconds.
-pub const MAX_WAIT_SECS: f64 = 300.0;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -290,11 +287,8 @@ async fn enqueue(
     query: &[(String, String)],
     link: BrokerLink,
 ) -> Resp {
-    if !protocol::is_valid_queue_name(&queue) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "queue names must match [A-Za-z0-9-]{1,100}",
-        );
+    if let Err(rule) = protocol::limits::check_queue_name(&queue) {
+        return error(StatusCode::BAD_REQUEST, rule);
     }
     let wait = match query.iter().find(|(k, _)| k == "wait") {
         None => None,
@@ -434,8 +428,13 @@ async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink)
     let limit = match get("limit") {
         None => None,
         Some(l) => match l.parse::<u32>() {
-            Ok(n) if (1..=1000).contains(&n) => Some(n),
-            _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Some(n),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be 1 to {MAX_LIST_LIMIT}"),
+                )
+            }
         },
     };
     let full = match get("view") {

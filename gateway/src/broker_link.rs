@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use broker::client::KeptResults;
-use broker::sockets::{self, Bell, Doorbell};
+use client::sockets::{self, Bell, Doorbell};
+use client::{SessionConfig, Tick, WorkerSession};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use protocol::{
     BrokerMessage, ClientCommand, ClientReply, ClientRequest, DeliveredTask, DeliveryResult,
@@ -452,41 +452,7 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
                 if pass == 0 && !readable.get(i).copied().unwrap_or(false) {
                     continue;
                 }
-                while let Some(parts) = sockets::try_recv(&reg.socket) {
-                    n += 1;
-                    reg.last_heard = Instant::now();
-                    match protocol::decode_hot::<BrokerMessage, _>(&parts) {
-                        Ok(BrokerMessage::Task { delivery, task }) => {
-                            // An older broker, perhaps after a restart.
-                            reg.results.broker_may_not_batch();
-                            let _ = jobs.send(Delivery {
-                                broker: BrokerId(i),
-                                delivery,
-                                task,
-                            });
-                        }
-                        Ok(BrokerMessage::Tasks { tasks }) => {
-                            reg.results.broker_batches();
-                            for d in tasks {
-                                let _ = jobs.send(Delivery {
-                                    broker: BrokerId(i),
-                                    delivery: d.delivery,
-                                    task: d.task,
-                                });
-                            }
-                        }
-                        Ok(BrokerMessage::Heartbeat) => {}
-                        Ok(BrokerMessage::Disconnect { reason }) => {
-                            tracing::info!(%reason, broker = %reg.endpoint, "broker asked the dispatcher to register again");
-                            reg.results.broker_may_not_batch();
-                            reg.ready();
-                        }
-                        Ok(BrokerMessage::Error { reason, .. }) => {
-                            tracing::warn!(%reason, "broker reported an error to the dispatcher")
-                        }
-                        Err(err) => tracing::warn!(error = %err, "undecodable message from broker"),
-                    }
-                }
+                n += reg.read(BrokerId(i), &jobs);
             }
             if n == 0 {
                 break;
@@ -505,7 +471,7 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
             }
         }
         for reg in workers.iter_mut() {
-            reg.keep_alive(&ctx, &config)?;
+            reg.keep_alive(&ctx)?;
         }
     }
 }
@@ -594,15 +560,13 @@ fn connect_broker(
     Ok(())
 }
 
-/// The dispatcher's registration on the worker port.
+/// The dispatcher's registration on one broker's worker port: the socket,
+/// and the worker session ([`client::WorkerSession`]) that keeps the
+/// dialogue's rules.
 struct Registration {
     endpoint: String,
     socket: zmq::Socket,
-    last_heard: Instant,
-    last_sent: Instant,
-    concurrency: u32,
-    /// Results waiting to go as one `results` message.
-    results: KeptResults,
+    session: WorkerSession,
 }
 
 impl Registration {
@@ -613,16 +577,21 @@ impl Registration {
     ) -> Result<Registration, zmq::Error> {
         let socket = sockets::dealer(ctx, false)?;
         socket.connect(endpoint)?;
-        let now = Instant::now();
+        let mut session_config = SessionConfig::new(
+            &[HTTP_POOL],
+            config.concurrency,
+            &format!("gateway-{}", std::process::id()),
+            true,
+        );
+        session_config.heartbeat_interval = config.heartbeat_interval;
+        session_config.broker_expiry = config.broker_expiry;
         let mut r = Registration {
             endpoint: endpoint.to_string(),
             socket,
-            last_heard: now,
-            last_sent: now,
-            concurrency: config.concurrency,
-            results: KeptResults::default(),
+            session: WorkerSession::new(session_config, Instant::now()),
         };
-        r.ready();
+        let ready = r.session.ready();
+        r.send(&ready);
         Ok(r)
     }
 
@@ -631,44 +600,70 @@ impl Registration {
         // high-water mark is reached, which the broker's heartbeat expiry
         // and our re-registration recover from.
         if sockets::send_parts(&self.socket, &protocol::encode(msg)).is_ok() {
-            self.last_sent = Instant::now();
+            self.session.sent(Instant::now());
         }
     }
 
-    fn ready(&mut self) {
-        self.send(&WorkerMessage::Ready {
-            pools: vec![HTTP_POOL.to_string()],
-            credit: self.concurrency,
-            name: Some(format!("gateway-{}", std::process::id())),
-            batch: true,
-        });
+    fn send_all(&mut self, out: &mut Vec<WorkerMessage>) {
+        for msg in out.drain(..) {
+            self.send(&msg);
+        }
+    }
+
+    /// Reads what the broker sent; deliveries go to `jobs`. Returns how
+    /// many messages were read.
+    fn read(&mut self, broker: BrokerId, jobs: &mpsc::UnboundedSender<Delivery>) -> usize {
+        let mut n = 0;
+        let mut out = Vec::new();
+        while let Some(parts) = sockets::try_recv(&self.socket) {
+            n += 1;
+            let msg = match protocol::decode_hot::<BrokerMessage, _>(&parts) {
+                Ok(msg) => msg,
+                Err(err) => {
+                    tracing::warn!(error = %err, broker = %self.endpoint, "undecodable message from broker");
+                    continue;
+                }
+            };
+            let deliver = |job: client::Job| {
+                let _ = jobs.send(Delivery {
+                    broker,
+                    delivery: job.delivery,
+                    task: job.task,
+                });
+            };
+            self.session.receive(msg, Instant::now(), deliver, &mut out);
+            self.send_all(&mut out);
+        }
+        n
     }
 
     /// Sends a webhook's result, or keeps it for the next `results`
     /// message when the broker takes them.
     fn report(&mut self, result: DeliveryResult) {
-        for msg in self.results.keep(result) {
-            self.send(&msg);
-        }
+        let mut out = Vec::new();
+        self.session.report(result, Instant::now(), &mut out);
+        self.send_all(&mut out);
     }
 
     /// Sends the results kept by [`Registration::report`].
     fn flush_results(&mut self) {
-        for msg in self.results.take() {
-            self.send(&msg);
-        }
+        let mut out = Vec::new();
+        self.session.flush(&mut out);
+        self.send_all(&mut out);
     }
 
-    fn keep_alive(&mut self, ctx: &zmq::Context, config: &LinkConfig) -> Result<(), zmq::Error> {
+    fn keep_alive(&mut self, ctx: &zmq::Context) -> Result<(), zmq::Error> {
         let now = Instant::now();
-        if now.duration_since(self.last_heard) >= config.broker_expiry {
-            tracing::warn!("broker silent; registering again on a new connection");
-            let endpoint = self.endpoint.clone();
-            *self = Registration::new(ctx, config, &endpoint)?;
-            return Ok(());
-        }
-        if now.duration_since(self.last_sent) >= config.heartbeat_interval {
-            self.send(&WorkerMessage::Heartbeat);
+        match self.session.tick(now) {
+            Tick::Reconnect => {
+                tracing::warn!(broker = %self.endpoint, "broker silent; registering again on a new connection");
+                self.socket = sockets::dealer(ctx, false)?;
+                self.socket.connect(&self.endpoint)?;
+                let ready = self.session.renewed(now);
+                self.send(&ready);
+            }
+            Tick::Heartbeat => self.send(&WorkerMessage::Heartbeat),
+            Tick::Nothing => {}
         }
         Ok(())
     }

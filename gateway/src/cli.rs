@@ -39,13 +39,8 @@ impl GatewayArgs {
 
 /// Checks signing secrets and builds the dispatcher's settings.
 pub fn webhook_config(secrets: &[String]) -> anyhow::Result<crate::webhooks::WebhookConfig> {
-    use base64::Engine;
     for s in secrets {
-        let raw = s.strip_prefix("whsec_").unwrap_or(s);
-        if base64::engine::general_purpose::STANDARD
-            .decode(raw)
-            .map_or(true, |k| k.is_empty())
-        {
+        if protocol::limits::decode_signing_secret(s).is_none() {
             anyhow::bail!("a signing secret must be whsec_ followed by base64");
         }
     }

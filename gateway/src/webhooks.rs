@@ -17,6 +17,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTE
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use protocol::limits::MAX_RESPONSE_BYTES;
 use protocol::{DeliveredTask, DeliveryResult, Outcome};
 use tokio::sync::mpsc;
 
@@ -24,9 +25,6 @@ use crate::broker_link::{BrokerLink, Delivery};
 
 /// The `User-Agent` of every webhook.
 pub const USER_AGENT_VALUE: &str = concat!("miyamoto/", env!("CARGO_PKG_VERSION"));
-
-/// How much of a worker's answer is read (the rest is dropped).
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -87,8 +85,7 @@ pub fn sign(secrets: &[String], id: &str, timestamp: u64, body: &[u8]) -> Option
     use hmac::{Hmac, Mac};
     let mut signatures = Vec::new();
     for secret in secrets {
-        let raw = secret.strip_prefix("whsec_").unwrap_or(secret);
-        let Ok(key) = base64::engine::general_purpose::STANDARD.decode(raw) else {
+        let Some(key) = protocol::limits::decode_signing_secret(secret) else {
             continue;
         };
         let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&key) else {

@@ -143,3 +143,53 @@ fn separate_broker_and_gateway_processes_deliver_a_webhook() {
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         .unwrap();
 }
+
+/// The gateway is built from `protocol` and `client` only: no broker
+/// code, so no Raft and no task store, links into it.
+#[test]
+fn gateway_depends_on_no_broker_code() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "miyamoto-gateway",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(names.contains(&"miyamoto-client"), "{tree}");
+    assert!(names.contains(&"miyamoto-protocol"), "{tree}");
+    for banned in ["miyamoto-broker", "raft", "protobuf"] {
+        assert!(
+            !names.contains(&banned),
+            "miyamoto-gateway depends on {banned}:\n{tree}"
+        );
+    }
+    // And the binary itself holds none of the broker's code.
+    let bytes = std::fs::read(env!("CARGO_BIN_EXE_miyamoto-gateway")).unwrap();
+    for needle in [&b"raft_log"[..], b"miyamoto_broker"] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "miyamoto-gateway contains {:?}",
+            String::from_utf8_lossy(needle)
+        );
+    }
+}

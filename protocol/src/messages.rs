@@ -19,9 +19,6 @@ pub const DEFAULT_QUEUE: &str = "default";
 /// it. `*` cannot appear in a `zmq://POOL` name, so it never collides.
 pub const HTTP_POOL: &str = "*http";
 
-/// Largest task body (raw body or encoded params), in bytes.
-pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
-
 pub(crate) fn one() -> u32 {
     1
 }
@@ -593,23 +590,6 @@ pub struct Dispatched {
     pub task: DeliveredTask,
 }
 
-/// How many deliveries a broker puts in one `tasks` message, and how many
-/// results a worker puts in one `results` message, at most.
-pub const MAX_BATCHED: usize = 256;
-
-/// Beyond this many bytes (by [`Dispatched::encoded_size_bound`] or
-/// [`DeliveryResult::encoded_size_bound`]), a `tasks` or `results` message
-/// takes nothing more: with any one task or result well under the 2 MiB
-/// message limit, so is the message.
-pub const MAX_BATCHED_BYTES: usize = 1024 * 1024;
-
-/// Whether an entry of `size` bytes (its size bound) may join a `tasks` or
-/// `results` message that holds `count` entries of `bytes` bytes: within
-/// [`MAX_BATCHED`] and [`MAX_BATCHED_BYTES`], and the first always may.
-pub fn batch_has_room(count: usize, bytes: usize, size: usize) -> bool {
-    count == 0 || (count < MAX_BATCHED && bytes + size <= MAX_BATCHED_BYTES)
-}
-
 /// A task as a worker receives it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct DeliveredTask {
@@ -687,25 +667,6 @@ impl DeliveryResult {
             + self.reason.as_ref().map_or(0, String::len)
             + self.body.as_ref().map_or(0, |b| b.len())
     }
-}
-
-/// `[A-Za-z0-9-]{1,100}`.
-pub fn is_valid_queue_name(s: &str) -> bool {
-    (1..=100).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-/// `[A-Za-z0-9_-]{1,500}`.
-pub fn is_valid_task_name(s: &str) -> bool {
-    (1..=500).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// `[A-Za-z0-9_.-]{1,100}`: the POOL of a `zmq://POOL` URL.
-pub fn is_valid_pool_name(s: &str) -> bool {
-    (1..=100).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -1031,15 +992,5 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-    }
-
-    #[test]
-    fn names() {
-        assert!(is_valid_queue_name("default"));
-        assert!(!is_valid_queue_name("a_b"));
-        assert!(!is_valid_queue_name(""));
-        assert!(is_valid_task_name("a_b-9"));
-        assert!(!is_valid_task_name("a b"));
-        assert!(!is_valid_pool_name(HTTP_POOL));
     }
 }

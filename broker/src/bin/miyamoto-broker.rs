@@ -5,7 +5,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    broker::cli::init_logging();
+    client::logging::init();
     let args = broker::cli::BrokerArgs::parse();
     match broker::cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,7 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    broker::cli::init_logging();
+    client::logging::init();
     let args = gateway::cli::GatewayArgs::parse();
     match gateway::cli::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

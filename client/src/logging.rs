@@ -1,0 +1,12 @@
+//! The log format of every Miyamoto process: human-readable lines on
+//! stderr, filtered by `RUST_LOG` (default `info`).
+
+/// Installs the process's log subscriber; a second call does nothing.
+pub fn init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

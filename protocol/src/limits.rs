@@ -1,0 +1,125 @@
+//! Limits and naming rules that more than one crate applies: the broker
+//! enforces them, the gateway checks them early to answer HTTP clients
+//! with a precise error, and clients in other languages read them in
+//! `PROTOCOL.md`. Each is defined here once, with its unit in its name.
+//!
+//! Limits that only one process applies (the broker's deduplication
+//! window, the gateway's HTTP body cap) stay with the code that applies
+//! them.
+
+/// Largest body or encoded parameters of one task, in bytes.
+pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
+
+/// Most tasks in one `enqueue_batch` (and `POST /queue/{q}/batch`).
+pub const MAX_BATCH_TASKS: usize = 1000;
+
+/// Longest `wait` of an enqueue, in seconds; a longer one is shortened.
+pub const MAX_WAIT_SECS: f64 = 300.0;
+
+/// How much of a worker's answer is kept with a task and sent back by a
+/// gateway, in bytes; the rest is cut off.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 100;
+
+/// Page size of a task listing: the default and the largest.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+pub const MAX_LIST_LIMIT: u32 = 1000;
+
+/// How many deliveries a broker puts in one `tasks` message, and how many
+/// results a worker puts in one `results` message, at most.
+pub const MAX_BATCHED: usize = 256;
+
+/// Beyond this many bytes (by `Dispatched::encoded_size_bound` or
+/// `DeliveryResult::encoded_size_bound`), a `tasks` or `results` message
+/// takes nothing more: with any one task or result well under the 2 MiB
+/// message limit, so is the message.
+pub const MAX_BATCHED_BYTES: usize = 1024 * 1024;
+
+/// Whether an entry of `size` bytes (its size bound) may join a `tasks` or
+/// `results` message that holds `count` entries of `bytes` bytes: within
+/// [`MAX_BATCHED`] and [`MAX_BATCHED_BYTES`], and the first always may.
+pub fn batch_has_room(count: usize, bytes: usize, size: usize) -> bool {
+    count == 0 || (count < MAX_BATCHED && bytes + size <= MAX_BATCHED_BYTES)
+}
+
+/// What a queue name must match, as error messages say it.
+pub const QUEUE_NAME_RULE: &str = "queue names must match [A-Za-z0-9-]{1,100}";
+
+/// `[A-Za-z0-9-]{1,100}`.
+pub fn is_valid_queue_name(s: &str) -> bool {
+    (1..=100).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The error for a queue name that breaks [`QUEUE_NAME_RULE`], or `None`.
+pub fn check_queue_name(s: &str) -> Result<(), &'static str> {
+    if is_valid_queue_name(s) {
+        Ok(())
+    } else {
+        Err(QUEUE_NAME_RULE)
+    }
+}
+
+/// What a task name must match, as error messages say it.
+pub const TASK_NAME_RULE: &str = "task.name must match [A-Za-z0-9_-]{1,500}";
+
+/// `[A-Za-z0-9_-]{1,500}`.
+pub fn is_valid_task_name(s: &str) -> bool {
+    (1..=500).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `[A-Za-z0-9_.-]{1,100}`: the POOL of a `zmq://POOL` URL.
+pub fn is_valid_pool_name(s: &str) -> bool {
+    (1..=100).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// What a signing secret must look like, as error messages say it.
+pub const SIGNING_SECRET_RULE: &str = "signing secrets must be whsec_ followed by base64";
+
+/// The key bytes of a Standard Webhooks secret, `whsec_<base64>` (the
+/// prefix is optional), or `None` when it is not base64 or is empty.
+pub fn decode_signing_secret(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let raw = s.strip_prefix("whsec_").unwrap_or(s);
+    let key = base64::engine::general_purpose::STANDARD.decode(raw).ok()?;
+    (!key.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_valid_queue_name("default"));
+        assert!(!is_valid_queue_name("a_b"));
+        assert!(!is_valid_queue_name(""));
+        assert!(is_valid_queue_name(&"a".repeat(100)));
+        assert!(!is_valid_queue_name(&"a".repeat(101)));
+        assert_eq!(check_queue_name("bad name"), Err(QUEUE_NAME_RULE));
+        assert!(is_valid_task_name("a_b-9"));
+        assert!(!is_valid_task_name("a b"));
+        assert!(!is_valid_pool_name(crate::HTTP_POOL));
+        assert!(is_valid_pool_name("img.resize_v2-x"));
+    }
+
+    #[test]
+    fn secrets() {
+        assert_eq!(decode_signing_secret("whsec_AQI="), Some(vec![1, 2]));
+        assert_eq!(decode_signing_secret("AQI="), Some(vec![1, 2]));
+        assert_eq!(decode_signing_secret("whsec_!!"), None);
+        assert_eq!(decode_signing_secret("whsec_"), None);
+    }
+
+    #[test]
+    fn batch_room() {
+        assert!(batch_has_room(0, 0, MAX_BATCHED_BYTES * 2));
+        assert!(!batch_has_room(MAX_BATCHED, 0, 1));
+        assert!(!batch_has_room(1, MAX_BATCHED_BYTES, 1));
+    }
+}
