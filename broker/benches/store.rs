@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use broker::scheduler::{Command, Event, SchedulerConfig, Store};
+use broker::store::{Command, Event, Store, StoreConfig, TaskIds};
 use protocol::{ClientCommand, ClientRequest, ReplyBody, TaskSpec};
 
 const PRELOAD: usize = 1_000_000;
@@ -46,9 +46,9 @@ fn enqueue(store: &mut Store, n: u64, countdown: f64, now: u64, out: &mut Vec<Ev
 /// Enqueues and then cancels OPS tasks on a store holding `pending` tasks;
 /// returns operations per second.
 fn round(pending: usize) -> f64 {
-    let mut store = Store::new(SchedulerConfig::default());
-    let mut out = Vec::new();
     let now = 1_800_000_000_000_000u64;
+    let mut store = Store::new(StoreConfig::default(), now, TaskIds::Random);
+    let mut out = Vec::new();
     for i in 0..pending {
         // Spread over a day so the timer map is genuinely large.
         enqueue(&mut store, i as u64, (i % 86_400) as f64, now, &mut out);

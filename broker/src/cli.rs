@@ -6,7 +6,7 @@ use clap::Parser;
 
 use crate::dispatch::DispatchConfig;
 use crate::node::{Node, NodeConfig};
-use crate::scheduler::SchedulerConfig;
+use crate::store::StoreConfig;
 
 /// A Miyamoto broker node: stores tasks and fires them; speaks ZeroMQ.
 #[derive(Parser, Debug, Clone)]
@@ -95,7 +95,7 @@ impl BrokerArgs {
             join: self.join.clone(),
             replicas: self.replicas,
             remove_after: secs("remove-after", self.remove_after)?,
-            scheduler: SchedulerConfig {
+            scheduler: StoreConfig {
                 node_id: self
                     .node_id
                     .clone()

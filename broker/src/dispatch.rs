@@ -20,7 +20,7 @@ use protocol::{
     BrokerMessage, DeliveredTask, DeliveryResult, Dispatched, ErrorCode, WorkerMessage,
 };
 
-use crate::scheduler::Command;
+use crate::store::Command;
 
 /// Heartbeat and liveness settings of the worker dialogue.
 #[derive(Debug, Clone)]

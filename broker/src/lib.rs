@@ -3,8 +3,10 @@
 //! Layout:
 //! * [`node`] — binds the sockets and runs the I/O loop (the one thread
 //!   that owns sockets); start a node with [`Node::start`].
-//! * [`scheduler`] — the task store and its timers on their own thread:
-//!   every change of a task's state happens there.
+//! * [`store`] — the task store, sans-IO: every change of a task's state
+//!   happens there (requests, lifecycle, timers, replication, views).
+//! * [`scheduler`] — the thread that owns the store and feeds it commands
+//!   and the clock.
 //! * [`dispatch`] — pulling workers (and gateways): registry, credit,
 //!   heartbeats, deadlines; owned by the I/O thread.
 //! * [`queues`] — per-queue settings, token bucket, tombstones, figures.
@@ -23,6 +25,7 @@ pub mod placement;
 pub mod queues;
 pub mod retry;
 pub mod scheduler;
+pub mod store;
 pub mod validate;
 
 pub use node::{Node, NodeConfig, StartError};

@@ -27,7 +27,8 @@ use protocol::{
 
 use crate::dispatch::{DispatchConfig, Dispatcher, Out};
 use crate::election::{self, ElectionConfig, FromElection, ToElection};
-use crate::scheduler::{self, Command, Event, Figures, SchedulerConfig};
+use crate::scheduler::{self, Figures};
+use crate::store::{Command, Event, StoreConfig};
 use client::sockets::{self, Bell, Doorbell};
 
 /// Port offsets from the base port.
@@ -61,7 +62,7 @@ pub struct NodeConfig {
     pub replicas: u32,
     /// The leader removes a member unreachable this long.
     pub remove_after: Duration,
-    pub scheduler: SchedulerConfig,
+    pub scheduler: StoreConfig,
     pub dispatch: DispatchConfig,
 }
 
@@ -74,7 +75,7 @@ impl Default for NodeConfig {
             join: None,
             replicas: 2,
             remove_after: Duration::from_secs(10),
-            scheduler: SchedulerConfig::default(),
+            scheduler: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
         }
     }

@@ -331,7 +331,7 @@ impl Store {
             Ok(s) => s,
             Err(reply) => return Some(reply),
         };
-        let id = Uuid::new_v4();
+        let id = self.ids.next_id();
         let holders = self.cluster.holders_for(&placement_key(&spec, id));
         let me = self.cluster.me;
         let local = holders.contains(&me);

@@ -14,10 +14,14 @@ struct Harness {
 impl Harness {
     fn new(defaults: QueueConfig) -> Harness {
         Harness {
-            store: Store::new(SchedulerConfig {
-                queue_defaults: defaults,
-                ..Default::default()
-            }),
+            store: Store::new(
+                StoreConfig {
+                    queue_defaults: defaults,
+                    ..Default::default()
+                },
+                T0,
+                TaskIds::seeded(7),
+            ),
             out: Vec::new(),
             n: 0,
         }
@@ -575,7 +579,8 @@ fn no_retry_and_max_age() {
 /// and peer messages between them carried by hand.
 fn pair() -> (Store, Store) {
     let mk = |me| {
-        let mut s = Store::new(SchedulerConfig::default());
+        // Each node draws its own ids, as random ones would differ.
+        let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(me));
         let mut out = Vec::new();
         s.apply(
             Command::Roster {
@@ -714,7 +719,7 @@ fn replicas_fire_at_their_offsets_and_follow_each_other() {
 
 #[test]
 fn a_lost_holder_is_replaced() {
-    let mut s = Store::new(SchedulerConfig::default());
+    let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(7));
     let mut out = Vec::new();
     s.apply(
         Command::Roster {
@@ -727,7 +732,7 @@ fn a_lost_holder_is_replaced() {
     );
     // Store tasks as holder, with node 2 as the other holder.
     for i in 0..50 {
-        let mut rec = cluster::new_record(
+        let mut rec = replication::new_record(
             Uuid::new_v4(),
             &crate::validate::validate("default", named(&format!("t{i}")), 1.8e9).unwrap(),
             false,
@@ -904,7 +909,7 @@ fn a_batch_whose_holder_is_silent_is_answered_after_the_peer_timeout() {
     a.apply(batch_request("b2"), T0, &mut out);
     assert!(replies(&out).is_empty());
     out.clear();
-    a.fire_due(T0 + cluster::PEER_TIMEOUT.as_micros() as u64, &mut out);
+    a.fire_due(T0 + PEER_TIMEOUT.as_micros() as u64, &mut out);
     let bodies = replies(&out);
     let [ReplyBody::Batch { results }] = bodies.as_slice() else {
         panic!("{out:?}")

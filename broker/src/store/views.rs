@@ -1,0 +1,161 @@
+//! Views: every conversion of a task or a queue into a reply (task info,
+//! listings and their cursors, queue figures, a held enqueue's answer).
+
+use super::*;
+
+impl Store {
+    pub(super) fn queue_info(&self, name: &str, now_us: u64) -> QueueInfo {
+        let fresh;
+        let q = match self.queues.get(name) {
+            Some(q) => q,
+            None => {
+                fresh = Queue::new(self.config.queue_defaults.clone(), now_us);
+                &fresh
+            }
+        };
+        let oldest = q
+            .ready
+            .iter()
+            .find(|id| self.tasks.get(id).is_some_and(|t| t.in_ready))
+            .and_then(|id| self.tasks.get(id))
+            .map(|t| t.fire_at_us);
+        let lag = oldest
+            .map(|at| micros_to_secs(now_us.saturating_sub(at)))
+            .unwrap_or(0.0);
+        QueueInfo {
+            name: name.to_string(),
+            config: queues::redacted(&q.config),
+            paused: q.paused,
+            stats: q.stats(now_us, lag),
+        }
+    }
+
+    pub(super) fn list_tasks(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        limit: Option<u32>,
+        cursor: Option<String>,
+        full: bool,
+    ) -> ReplyBody {
+        let limit = limit
+            .unwrap_or(protocol::limits::DEFAULT_LIST_LIMIT)
+            .clamp(1, protocol::limits::MAX_LIST_LIMIT) as usize;
+        let start = match cursor.as_deref() {
+            None | Some("") => None,
+            Some(c) => match parse_cursor(c) {
+                Some(k) => Some(k),
+                None => return error(ErrorCode::BadRequest, "invalid cursor"),
+            },
+        };
+        let Some(q) = self.queues.get(queue) else {
+            return ReplyBody::Tasks {
+                tasks: Vec::new(),
+                next_cursor: None,
+            };
+        };
+        let range = q.index.after(start);
+        let mut tasks = Vec::new();
+        let mut last = None;
+        let mut next_cursor = None;
+        for (created, id) in range {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            if t.created_us != created || *t.spec.queue != *queue {
+                continue; // stale entry
+            }
+            if state.is_some_and(|s| s != t.state) {
+                continue;
+            }
+            if tasks.len() == limit {
+                // More match: the next page starts after the last one returned.
+                next_cursor = last.map(|(c, i)| make_cursor(c, i));
+                break;
+            }
+            tasks.push(self.info(id, full));
+            last = Some((created, id));
+        }
+        ReplyBody::Tasks { tasks, next_cursor }
+    }
+
+    pub(super) fn info(&self, id: Uuid, full: bool) -> TaskInfo {
+        let Some(t) = self.tasks.get(&id) else {
+            return TaskInfo {
+                id: id.to_string(),
+                queue: String::new(),
+                name: None,
+                url: String::new(),
+                method: String::new(),
+                state: TaskState::Cancelled,
+                eta: 0.0,
+                attempts: 0,
+                executions: 0,
+                last_status: None,
+                last_error: None,
+                created: 0.0,
+                replica: 0,
+                replica_offset: 0.0,
+                first_attempt: None,
+                detail: None,
+            };
+        };
+        let s = &t.spec;
+        TaskInfo {
+            id: id.to_string(),
+            queue: s.queue.to_string(),
+            name: s.rare().name.clone(),
+            url: s.url.to_string(),
+            method: s.method.as_str().to_string(),
+            state: t.state,
+            eta: if t.state.is_final() {
+                s.eta
+            } else {
+                micros_to_secs(t.fire_at_us)
+            },
+            attempts: t.attempts,
+            executions: t.executions,
+            last_status: t.last_status,
+            last_error: t.last_error(),
+            created: micros_to_secs(t.created_us),
+            replica: t.replica,
+            replica_offset: self.config.replica_offset.as_secs_f64(),
+            first_attempt: t.first_attempt_us().map(micros_to_secs),
+            detail: full.then(|| TaskDetail {
+                params: s.params(),
+                body: s.body().map(|b| ByteBuf::from(b.to_vec())),
+                content_type: s.rare().content_type.clone(),
+                headers: s.rare().headers.clone(),
+                timeout: s.timeout(),
+                callback_url: s.rare().callback_url.clone(),
+                failure_callback_url: s.rare().failure_callback_url.clone(),
+                last_response: t.last_response().map(ByteBuf::from),
+            }),
+        }
+    }
+}
+
+pub(super) fn make_cursor(created_us: u64, id: Uuid) -> String {
+    format!("{created_us}.{}", id.simple())
+}
+
+pub(super) fn parse_cursor(c: &str) -> Option<(u64, Uuid)> {
+    let (a, b) = c.split_once('.')?;
+    Some((a.parse().ok()?, Uuid::parse_str(b).ok()?))
+}
+
+pub(super) fn waiter_reply(w: Waiter, id: Uuid, result: Option<AttemptResult>) -> Event {
+    Event::Reply {
+        identity: w.identity,
+        reply: ClientReply {
+            request_id: w.request_id,
+            body: ReplyBody::Enqueued {
+                id: id.to_string(),
+                queue: w.queue,
+                eta: w.eta,
+                result,
+                replicas: w.replicas,
+            },
+        },
+    }
+}
