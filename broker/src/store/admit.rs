@@ -4,116 +4,189 @@
 //! peer (queue commands); enqueues are validated here before the
 //! lifecycle stores them.
 
+use super::replication::{Client, Enqueuing};
 use super::*;
 
+/// Where [`Store::route`] sent a request.
+enum Routed {
+    /// To this node's tasks.
+    Here(ClientCommand),
+    /// To peers, or held: the reply comes later.
+    Later,
+    /// Answered at once.
+    Answered(ReplyBody),
+}
+
+/// An enqueue whose reply is held until the task's first attempt ends
+/// (its `wait`), and who waits for it.
+pub(super) struct Held<'a> {
+    pub identity: &'a [u8],
+    pub request_id: &'a str,
+    pub id: Uuid,
+    pub queue: &'a str,
+    pub eta: f64,
+    /// Copies stored, repeated in the held reply.
+    pub replicas: u32,
+}
+
+/// Whether a command changes anything (and so is deduplicated by its
+/// request id).
+fn is_mutating(command: &ClientCommand) -> bool {
+    !matches!(
+        command,
+        ClientCommand::Get { .. }
+            | ClientCommand::Ping
+            | ClientCommand::ListTasks { .. }
+            | ClientCommand::GetQueue { .. }
+            | ClientCommand::ListQueues
+    )
+}
+
 impl Store {
+    /// A client's request: checked, deduplicated, routed and applied.
+    /// `None`: the reply comes later (from peers, or after a `wait`).
     pub(super) fn request(
         &mut self,
         identity: &[u8],
-        mut req: ClientRequest,
+        req: ClientRequest,
         now_us: u64,
         out: &mut Vec<Event>,
     ) -> Option<ClientReply> {
-        let request_id = req.request_id;
-        if !(1..=MAX_REQUEST_ID_BYTES).contains(&request_id.len()) {
-            return Some(ClientReply {
-                request_id,
-                body: error(
-                    ErrorCode::BadRequest,
-                    format!("request_id must be 1 to {MAX_REQUEST_ID_BYTES} bytes"),
-                ),
-            });
+        let ClientRequest {
+            request_id,
+            command,
+        } = req;
+        let mutating = is_mutating(&command);
+        if let Some(body) = self.admit(&request_id, &command, mutating) {
+            return Some(ClientReply { request_id, body });
         }
-        let mutating = !matches!(
-            req.command,
-            ClientCommand::Get { .. }
-                | ClientCommand::Ping
-                | ClientCommand::ListTasks { .. }
-                | ClientCommand::GetQueue { .. }
-                | ClientCommand::ListQueues
-        );
+        let command = if self.cluster.is_clustered() {
+            match self.route(identity, &request_id, command, now_us) {
+                Routed::Here(command) => command,
+                Routed::Later => return None,
+                Routed::Answered(body) => return Some(ClientReply { request_id, body }),
+            }
+        } else {
+            command
+        };
+        let (body, held) = self.apply_here(identity, &request_id, command, now_us, out);
+        let reply = ClientReply { request_id, body };
         if mutating {
-            let queue = command_queue(&req.command).unwrap_or("");
-            if let Some(body) = self.recent.get(&request_id, queue) {
+            self.remember(&reply, now_us);
+        }
+        (!held).then_some(reply)
+    }
+
+    /// The checks that answer a request at once: its request id's length,
+    /// a resend of a change already answered (its first reply again), and
+    /// its queue name.
+    fn admit(
+        &mut self,
+        request_id: &str,
+        command: &ClientCommand,
+        mutating: bool,
+    ) -> Option<ReplyBody> {
+        if !(1..=MAX_REQUEST_ID_BYTES).contains(&request_id.len()) {
+            return Some(error(
+                ErrorCode::BadRequest,
+                format!("request_id must be 1 to {MAX_REQUEST_ID_BYTES} bytes"),
+            ));
+        }
+        let queue = command_queue(command);
+        if mutating {
+            if let Some(body) = self.recent.get(request_id, queue.unwrap_or("")) {
                 self.stats.duplicate_requests += 1;
-                return Some(ClientReply { request_id, body });
+                return Some(body);
             }
         }
-        if let Some(queue) = command_queue(&req.command) {
-            if let Err(rule) = protocol::limits::check_queue_name(queue) {
-                return Some(ClientReply {
-                    request_id,
-                    body: error(ErrorCode::BadRequest, rule),
-                });
-            }
+        if let Some(Err(rule)) = queue.map(protocol::limits::check_queue_name) {
+            return Some(error(ErrorCode::BadRequest, rule));
         }
-        let mut deferred = false;
-        if self.cluster.is_clustered() {
-            let stores = match &req.command {
-                ClientCommand::Enqueue { .. } => true,
-                ClientCommand::EnqueueBatch { tasks, .. } => tasks.len() <= MAX_BATCH,
-                _ => false,
-            };
-            // A resend while the first copies still wait for their holders:
-            // the first one's answer will do.
-            if stores && self.store_pending_for(&request_id) {
-                self.stats.duplicate_requests += 1;
-                return None;
-            }
-            match req.command {
-                ClientCommand::Enqueue { queue, task, wait } => {
-                    let r = self.enqueue_replicated(
-                        identity,
-                        &request_id,
-                        &queue,
-                        task,
-                        wait,
-                        None,
-                        now_us,
-                    );
-                    return r.map(|body| ClientReply { request_id, body });
-                }
-                ClientCommand::EnqueueBatch { queue, tasks } if tasks.len() <= MAX_BATCH => {
-                    self.enqueue_batch_replicated(identity, &request_id, &queue, tasks, now_us);
-                    return None;
-                }
-                command => req.command = command,
-            }
-            match &req.command {
-                ClientCommand::Get { queue, id }
-                | ClientCommand::Cancel { queue, id }
-                | ClientCommand::Run { queue, id }
-                    if self.find(queue, id).is_none() =>
-                {
-                    self.forward(identity, &request_id, req.command.clone(), now_us);
-                    return None;
-                }
-                ClientCommand::ConfigureQueue { .. }
-                | ClientCommand::PauseQueue { .. }
-                | ClientCommand::ResumeQueue { .. }
-                | ClientCommand::PurgeQueue { .. } => self.broadcast(req.command.clone()),
-                _ => {}
-            }
+        None
+    }
+
+    /// In a cluster: enqueues are stored on their holders, commands about
+    /// a task held elsewhere go to the peers, queue commands to everyone
+    /// as well as here.
+    fn route(
+        &mut self,
+        identity: &[u8],
+        request_id: &str,
+        command: ClientCommand,
+        now_us: u64,
+    ) -> Routed {
+        let stores = match &command {
+            ClientCommand::Enqueue { .. } => true,
+            ClientCommand::EnqueueBatch { tasks, .. } => tasks.len() <= MAX_BATCH,
+            _ => false,
+        };
+        // A resend while the first copies still wait for their holders:
+        // the first one's answer will do.
+        if stores && self.store_pending_for(request_id) {
+            self.stats.duplicate_requests += 1;
+            return Routed::Later;
         }
-        let body = match req.command {
+        let client = Client {
+            identity,
+            request_id,
+        };
+        match command {
+            ClientCommand::Enqueue { queue, task, wait } => {
+                let to = Enqueuing::Single { wait };
+                match self.enqueue_replicated(client, &queue, task, to, now_us) {
+                    Some(body) => Routed::Answered(body),
+                    None => Routed::Later,
+                }
+            }
+            ClientCommand::EnqueueBatch { queue, tasks } if stores => {
+                self.enqueue_batch_replicated(client, &queue, tasks, now_us);
+                Routed::Later
+            }
+            ClientCommand::Get { ref queue, ref id }
+            | ClientCommand::Cancel { ref queue, ref id }
+            | ClientCommand::Run { ref queue, ref id }
+                if self.find(queue, id).is_none() =>
+            {
+                self.forward(client, command, now_us);
+                Routed::Later
+            }
+            ClientCommand::ConfigureQueue { .. }
+            | ClientCommand::PauseQueue { .. }
+            | ClientCommand::ResumeQueue { .. }
+            | ClientCommand::PurgeQueue { .. } => {
+                self.broadcast(command.clone());
+                Routed::Here(command)
+            }
+            command => Routed::Here(command),
+        }
+    }
+
+    /// Applies a command to this node's tasks. Returns the reply, and
+    /// whether it is held (an enqueue's `wait`).
+    fn apply_here(
+        &mut self,
+        identity: &[u8],
+        request_id: &str,
+        command: ClientCommand,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> (ReplyBody, bool) {
+        let body = match command {
             ClientCommand::Enqueue { queue, task, wait } => {
                 let body = self.enqueue(&queue, task, false, now_us);
-                if let (Some(wait), ReplyBody::Enqueued { id, eta, .. }) = (wait, &body) {
-                    if wait.is_finite() && wait > 0.0 {
-                        if let Ok(uid) = Uuid::parse_str(id) {
-                            let until = now_us + secs_to_micros(wait.min(MAX_WAIT_SECS));
-                            let timer = self.add_timer(until, Timer::Wait(uid));
-                            self.waiters.entry(uid).or_default().push(Waiter {
-                                identity: identity.to_vec(),
-                                request_id: request_id.clone(),
-                                queue: queue.clone(),
-                                eta: *eta,
-                                replicas: 1,
-                                timer,
-                            });
-                            deferred = true;
-                        }
-                    }
+                if let ReplyBody::Enqueued { id, eta, .. } = &body {
+                    let held = Uuid::parse_str(id).ok().is_some_and(|id| {
+                        let held = Held {
+                            identity,
+                            request_id,
+                            id,
+                            queue: &queue,
+                            eta: *eta,
+                            replicas: 1,
+                        };
+                        self.hold(held, wait, now_us)
+                    });
+                    return (body, held);
                 }
                 body
             }
@@ -132,12 +205,7 @@ impl Store {
                 }
             }
             ClientCommand::Cancel { queue, id } => self.cancel(&queue, &id, now_us, out),
-            ClientCommand::Get { queue, id } => match self.find(&queue, &id) {
-                Some(uid) => ReplyBody::Task {
-                    task: self.info(uid, true),
-                },
-                None => not_found(&queue, &id),
-            },
+            ClientCommand::Get { queue, id } => self.get(&queue, &id),
             ClientCommand::Run { queue, id } => self.run(&queue, &id, now_us, out),
             ClientCommand::ListTasks {
                 queue,
@@ -149,13 +217,7 @@ impl Store {
             ClientCommand::GetQueue { queue } => ReplyBody::Queue {
                 queue: self.queue_info(&queue, now_us),
             },
-            ClientCommand::ListQueues => {
-                let mut names: Vec<String> = self.queues.keys().cloned().collect();
-                names.sort();
-                ReplyBody::Queues {
-                    queues: names.iter().map(|n| self.queue_info(n, now_us)).collect(),
-                }
-            }
+            ClientCommand::ListQueues => self.list_queues(now_us),
             cmd @ (ClientCommand::ConfigureQueue { .. }
             | ClientCommand::PauseQueue { .. }
             | ClientCommand::ResumeQueue { .. }
@@ -169,16 +231,38 @@ impl Store {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
         };
-        let reply = ClientReply { request_id, body };
-        if mutating {
-            self.recent.insert(
-                &reply.request_id,
-                &reply.body,
-                now_us + REQUEST_DEDUP.as_micros() as u64,
-                REQUEST_DEDUP_MAX,
-            );
-        }
-        (!deferred).then_some(reply)
+        (body, false)
+    }
+
+    /// Holds an enqueue's reply until the task's first attempt ends, for
+    /// at most `wait` seconds ([`MAX_WAIT_SECS`] at most). Returns whether
+    /// it is held (a `wait` of 0 or none holds nothing).
+    pub(super) fn hold(&mut self, held: Held<'_>, wait: Option<f64>, now_us: u64) -> bool {
+        let Some(wait) = wait.filter(|w| w.is_finite() && *w > 0.0) else {
+            return false;
+        };
+        let until = now_us + secs_to_micros(wait.min(MAX_WAIT_SECS));
+        let timer = self.add_timer(until, Timer::Wait(held.id));
+        self.waiters.entry(held.id).or_default().push(Waiter {
+            identity: held.identity.to_vec(),
+            request_id: held.request_id.to_string(),
+            queue: held.queue.to_string(),
+            eta: held.eta,
+            replicas: held.replicas,
+            timer,
+        });
+        true
+    }
+
+    /// Remembers a change's reply, so a resend of its request gets it
+    /// again instead of acting twice.
+    pub(super) fn remember(&mut self, reply: &ClientReply, now_us: u64) {
+        self.recent.insert(
+            &reply.request_id,
+            &reply.body,
+            now_us + REQUEST_DEDUP.as_micros() as u64,
+            REQUEST_DEDUP_MAX,
+        );
     }
 
     /// Configure, pause, resume and purge: from a client or a peer alike.

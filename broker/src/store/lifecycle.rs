@@ -1,22 +1,87 @@
 //! The task lifecycle: a task is inserted, dispatched, settled (retried,
 //! succeeded, failed), cancelled, run again, purged and removed here.
-//! [`Store::transition`] is the only writer of a task's state and of the
-//! per-queue counters: every change of state goes through it, which is
-//! where the journal will record it.
+//!
+//! [`Store::change`] is the only writer of a task's state, of the task
+//! table's membership and of the per-queue counters (tasks per state,
+//! deliveries running): every change goes through it, which is where the
+//! journal will record it. Leaving `Running` other than by settling
+//! revokes the delivery under way there, and only there.
 
 use super::*;
 
+/// A change in a task's life, as [`Store::change`] applies it.
+pub(super) enum Change {
+    /// A new task enters the store in the state it carries.
+    Insert(Box<Task>),
+    /// The task moves to another state.
+    To(TaskState),
+    /// The task leaves the store (retention over, purged, discarded).
+    Remove,
+}
+
 impl Store {
-    /// Moves a task to `to`, keeping its queue's counters right.
-    pub(super) fn transition(&mut self, id: Uuid, to: TaskState) {
-        let Some(t) = self.tasks.get_mut(&id) else {
-            return;
+    /// Applies `change` to task `id`: the one writer of task states and of
+    /// the counters that follow them (see the module's comment). Returns
+    /// the task a [`Change::Remove`] took out.
+    pub(super) fn change(
+        &mut self,
+        id: Uuid,
+        change: Change,
+        out: &mut Vec<Event>,
+    ) -> Option<Box<Task>> {
+        let mut removed = None;
+        let (queue, from, to, delivery) = match change {
+            Change::Insert(task) => {
+                let (queue, to) = (task.spec.queue.clone(), task.state);
+                self.tasks.insert(task);
+                (queue, None, Some(to), None)
+            }
+            Change::To(to) => {
+                let t = self.tasks.get_mut(&id)?;
+                let from = t.state;
+                t.state = to;
+                if !matches!(to, TaskState::Scheduled | TaskState::Retrying) {
+                    t.in_ready = false;
+                }
+                // A delivery still set when leaving `Running` was not
+                // settled: it is abandoned.
+                let delivery = if from == TaskState::Running && to != TaskState::Running {
+                    let d = t.delivery();
+                    t.set_delivery(None);
+                    d
+                } else {
+                    None
+                };
+                (t.spec.queue.clone(), Some(from), Some(to), delivery)
+            }
+            Change::Remove => {
+                let t = self.tasks.remove(&id)?;
+                let delivery = (t.state == TaskState::Running)
+                    .then(|| t.delivery())
+                    .flatten();
+                let r = (t.spec.queue.clone(), Some(t.state), None, delivery);
+                removed = Some(t);
+                r
+            }
         };
-        let from = t.state;
-        t.state = to;
-        if let Some(q) = self.queues.get_mut(&*t.spec.queue) {
-            q.count(Some(from), Some(to));
+        if let Some(delivery) = delivery {
+            out.push(Event::Revoke { delivery });
         }
+        if let Some(q) = self.queues.get_mut(&*queue) {
+            q.count(from, to);
+            if from == Some(TaskState::Running) && to != Some(TaskState::Running) {
+                q.running = q.running.saturating_sub(1);
+            }
+            if to == Some(TaskState::Running) && from != Some(TaskState::Running) {
+                q.running += 1;
+            }
+        }
+        removed
+    }
+
+    /// Moves a task to `to` (see [`Store::change`]).
+    pub(super) fn transition(&mut self, id: Uuid, to: TaskState, out: &mut Vec<Event>) {
+        self.change(id, Change::To(to), out);
     }
 
     /// Adds a task to this node's store and sets its timer.
@@ -40,10 +105,9 @@ impl Store {
             );
         }
         q.index.insert((now_us, id));
-        q.count(None, Some(TaskState::Scheduled));
         let replica = self.cluster.replica_index(&holders);
         let fire_at = due + replica as u64 * self.config.replica_offset.as_micros() as u64;
-        self.tasks.insert(Box::new(Task {
+        let task = Box::new(Task {
             id,
             spec,
             created_us: now_us,
@@ -59,21 +123,23 @@ impl Store {
             is_callback,
             due_us: due,
             holders: holders.into_boxed_slice(),
-        }));
+        });
+        // An insert revokes nothing: no event to collect.
+        self.change(id, Change::Insert(task), &mut Vec::new());
         self.set_task_timer(id, fire_at);
         self.stats.enqueued += 1;
     }
 
-    /// Forgets a task entirely (retention over, or purged).
-    pub(super) fn remove_task(&mut self, id: Uuid) {
+    /// Forgets a task entirely (retention over, purged or discarded); a
+    /// delivery under way is revoked.
+    pub(super) fn remove_task(&mut self, id: Uuid, out: &mut Vec<Event>) {
         self.clear_timer(id);
-        let Some(t) = self.tasks.remove(&id) else {
+        let Some(t) = self.change(id, Change::Remove, out) else {
             return;
         };
         self.sweep_task_timers();
         if let Some(q) = self.queues.get_mut(&*t.spec.queue) {
             q.index.removed();
-            q.count(Some(t.state), None);
             if q.index.needs_sweep() {
                 let (tasks, queue) = (&self.tasks, &t.spec.queue);
                 q.index.sweep(|(created, id)| {
@@ -120,50 +186,32 @@ impl Store {
     /// Starts an attempt now.
     pub(super) fn dispatch(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
         self.clear_timer(id);
-        self.transition(id, TaskState::Running);
+        self.transition(id, TaskState::Running, out);
         let delivery = self.next_delivery;
         self.next_delivery += 1;
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        task.in_ready = false;
         task.set_delivery(Some(delivery));
         if task.first_attempt_us().is_none() {
             task.set_first_attempt_us(Some(now_us));
         }
-        let retry_count = task.attempts;
         task.attempts += 1;
         self.stats.dispatched += 1;
-        let s = &task.spec;
+        let timeout = task.spec.timeout();
         let mut signing_secrets = Vec::new();
-        if let Some(q) = self.queues.get_mut(&*s.queue) {
-            q.running += 1;
+        if let Some(q) = self.queues.get_mut(&*task.spec.queue) {
             q.record_dispatch(now_us);
-            if s.pool() == HTTP_POOL {
+            if task.spec.pool() == HTTP_POOL {
                 signing_secrets = q.config.signing_secrets.clone();
             }
         }
-        let deadline_us = now_us + secs_to_micros(s.timeout()) + CLAIM_GRACE.as_micros() as u64;
+        let deadline_us = now_us + secs_to_micros(timeout) + CLAIM_GRACE.as_micros() as u64;
         out.push(Event::Dispatch {
-            pool: s.pool().to_string(),
+            pool: task.spec.pool().to_string(),
             delivery,
-            timeout: s.timeout(),
-            task: DeliveredTask {
-                id: id.to_string(),
-                queue: s.queue.to_string(),
-                name: s.rare().name.clone(),
-                url: s.url.to_string(),
-                method: s.method.as_str().to_string(),
-                params: s.params(),
-                body: s.body().map(|b| ByteBuf::from(b.to_vec())),
-                content_type: s.rare().content_type.clone(),
-                headers: s.rare().headers.clone(),
-                eta: s.eta,
-                timeout: s.timeout(),
-                retry_count,
-                execution_count: task.executions,
-                signing_secrets,
-            },
+            timeout,
+            task: views::delivered_task(task, signing_secrets),
         });
         self.publish_for(id, |_| EventBody::Claimed {
             id: id.to_string(),
@@ -199,17 +247,7 @@ impl Store {
             _ => {}
         }
         let was_running = task.state == TaskState::Running;
-        if let (true, Some(delivery)) = (was_running, task.delivery()) {
-            out.push(Event::Revoke { delivery });
-        }
-        task.set_delivery(None);
-        task.in_ready = false;
-        if was_running {
-            if let Some(q) = self.queues.get_mut(queue) {
-                q.running = q.running.saturating_sub(1);
-            }
-        }
-        self.transition(id, TaskState::Cancelled);
+        self.transition(id, TaskState::Cancelled, out);
         self.stats.cancelled += 1;
         self.finish(id, now_us, out);
         self.publish_finished(id);
@@ -248,6 +286,9 @@ impl Store {
         }
     }
 
+    /// A worker's verdict on delivery `delivery` of task `task_id`: the
+    /// attempt is recorded, then the task succeeds, retries or fails, and
+    /// the queue's next tasks may go.
     pub(super) fn settle(
         &mut self,
         task_id: &str,
@@ -256,19 +297,43 @@ impl Store {
         now_us: u64,
         out: &mut Vec<Event>,
     ) {
-        let Some(id) = Uuid::parse_str(task_id).ok() else {
+        let Some(id) = self.settling(task_id, delivery) else {
             self.stats.stale_results += 1;
             return;
         };
-        let Some(task) = self.tasks.get_mut(&id) else {
-            self.stats.stale_results += 1;
+        let Some((queue, attempt)) = self.record_attempt(id, &v) else {
             return;
         };
-        if task.state != TaskState::Running || task.delivery() != Some(delivery) {
-            self.stats.stale_results += 1;
-            return;
+        match v.outcome {
+            Outcome::Success => self.succeed(id, now_us, out),
+            Outcome::Failure => {
+                if matches!(v.status, Some(429) | Some(503)) {
+                    self.slow_down(&queue, v.retry_after, now_us);
+                }
+                self.failed_attempt(id, &v, now_us, out);
+            }
         }
+        self.answer_waiters(id, Some(attempt), out);
+        self.pump(&queue, now_us, out);
+    }
+
+    /// The task whose delivery `delivery` a verdict settles, if that
+    /// delivery is still the one under way (else the verdict is stale).
+    fn settling(&mut self, task_id: &str, delivery: u64) -> Option<Uuid> {
+        let id = Uuid::parse_str(task_id).ok()?;
+        let task = self.tasks.get_mut(&id)?;
+        if task.state != TaskState::Running || task.delivery() != Some(delivery) {
+            return None;
+        }
+        // Settled, so not revoked by the transition that follows.
         task.set_delivery(None);
+        Some(id)
+    }
+
+    /// Records an attempt's answer on the task; returns its queue and the
+    /// attempt as a held enqueue's reply shows it.
+    fn record_attempt(&mut self, id: Uuid, v: &Verdict) -> Option<(Arc<String>, AttemptResult)> {
+        let task = self.tasks.get_mut(&id)?;
         task.last_status = v.status;
         task.set_last_response(v.body.clone().map(|mut b| {
             b.truncate(MAX_RESPONSE_BYTES);
@@ -277,78 +342,73 @@ impl Store {
         if v.responded {
             task.executions += 1;
         }
-        let queue = task.spec.queue.to_string();
-        let attempts = task.attempts;
-        let age =
-            Duration::from_micros(now_us.saturating_sub(task.first_attempt_us().unwrap_or(now_us)));
+        let error = (v.outcome == Outcome::Failure)
+            .then(|| v.reason.clone().unwrap_or_else(|| failure_text(v.status)));
+        task.set_last_error(error.clone());
         let attempt = AttemptResult {
             outcome: v.outcome,
             status: v.status,
             body: task.last_response().map(ByteBuf::from),
-            error: if v.outcome == Outcome::Failure {
-                Some(v.reason.clone().unwrap_or_else(|| failure_text(v.status)))
-            } else {
-                None
-            },
+            error,
         };
-        let Some(q) = self.queues.get_mut(&queue) else {
+        Some((task.spec.queue.clone(), attempt))
+    }
+
+    /// A 429 or 503 holds the whole queue back for its `Retry-After` (1 s
+    /// without one, [`MAX_QUEUE_SLOWDOWN`] at most).
+    fn slow_down(&mut self, queue: &str, retry_after: Option<f64>, now_us: u64) {
+        let hold = retry_after
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or(Duration::from_secs(1))
+            .min(MAX_QUEUE_SLOWDOWN);
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.slow_until_us = q.slow_until_us.max(now_us + hold.as_micros() as u64);
+        }
+    }
+
+    fn succeed(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
+        self.transition(id, TaskState::Succeeded, out);
+        self.stats.succeeded += 1;
+        self.finish(id, now_us, out);
+        self.publish_finished(id);
+        self.callback(id, true, now_us);
+    }
+
+    /// A failed attempt: another one later if the queue's policy allows,
+    /// else the task is dead-lettered (kept as failed).
+    fn failed_attempt(&mut self, id: Uuid, v: &Verdict, now_us: u64, out: &mut Vec<Event>) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        let attempts = t.attempts;
+        let age =
+            Duration::from_micros(now_us.saturating_sub(t.first_attempt_us().unwrap_or(now_us)));
+        let Some(policy) = self.queues.get(&*t.spec.queue).map(|q| q.policy.clone()) else {
             return;
         };
-        q.running = q.running.saturating_sub(1);
-        let policy = q.policy.clone();
-        match v.outcome {
-            Outcome::Success => {
-                if let Some(t) = self.tasks.get_mut(&id) {
-                    t.set_last_error(None);
-                }
-                self.transition(id, TaskState::Succeeded);
-                self.stats.succeeded += 1;
-                self.finish(id, now_us, out);
-                self.publish_finished(id);
-                self.callback(id, true, now_us);
-            }
-            Outcome::Failure => {
-                if matches!(v.status, Some(429) | Some(503)) {
-                    let hold = v
-                        .retry_after
-                        .filter(|s| s.is_finite() && *s > 0.0)
-                        .map(Duration::from_secs_f64)
-                        .unwrap_or(Duration::from_secs(1))
-                        .min(MAX_QUEUE_SLOWDOWN);
-                    q.slow_until_us = q.slow_until_us.max(now_us + hold.as_micros() as u64);
-                }
-                if let Some(t) = self.tasks.get_mut(&id) {
-                    t.set_last_error(attempt.error.clone());
-                }
-                if !v.no_retry && policy.allows_another(attempts, age) {
-                    let delay = policy.next_delay(attempts, v.retry_after);
-                    let at = now_us + delay.as_micros() as u64;
-                    self.transition(id, TaskState::Retrying);
-                    if let Some(t) = self.tasks.get_mut(&id) {
-                        t.due_us = at;
-                    }
-                    self.stats.retried += 1;
-                    self.retime(id);
-                    self.publish_for(id, |t| EventBody::Retry {
-                        id: id.to_string(),
-                        attempts: t.attempts,
-                        executions: t.executions,
-                        due_us: at,
-                        last_status: t.last_status,
-                        last_error: t.last_error(),
-                        response: t.last_response().map(ByteBuf::from),
-                    });
-                } else {
-                    self.transition(id, TaskState::Failed);
-                    self.stats.failed += 1;
-                    self.finish(id, now_us, out);
-                    self.publish_finished(id);
-                    self.callback(id, false, now_us);
-                }
-            }
+        if v.no_retry || !policy.allows_another(attempts, age) {
+            self.transition(id, TaskState::Failed, out);
+            self.stats.failed += 1;
+            self.finish(id, now_us, out);
+            self.publish_finished(id);
+            self.callback(id, false, now_us);
+            return;
         }
-        self.answer_waiters(id, Some(attempt), out);
-        self.pump(&queue, now_us, out);
+        let at = now_us + policy.next_delay(attempts, v.retry_after).as_micros() as u64;
+        self.transition(id, TaskState::Retrying, out);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.due_us = at;
+        }
+        self.stats.retried += 1;
+        self.retime(id);
+        self.publish_for(id, |t| EventBody::Retry {
+            id: id.to_string(),
+            attempts: t.attempts,
+            executions: t.executions,
+            due_us: at,
+            last_status: t.last_status,
+            last_error: t.last_error(),
+            response: t.last_response().map(ByteBuf::from),
+        });
     }
 
     /// A task became final: retention timer (not for dead letters, which
@@ -458,29 +518,30 @@ impl Store {
             .collect();
         let mut removed = 0;
         for id in ids {
-            let Some(t) = self.tasks.get(&id) else {
+            if self.tasks.get(&id).is_none() {
                 continue;
-            };
-            if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery()) {
-                out.push(Event::Revoke { delivery });
-                if let Some(q) = self.queues.get_mut(queue) {
-                    q.running = q.running.saturating_sub(1);
-                }
             }
             // No tombstones: the names are free again at once.
-            let keys = task_keys(&t.spec);
-            if let Some(q) = self.queues.get_mut(queue) {
-                for key in keys {
-                    if q.keys.get(&key).is_some_and(|e| e.id == id) {
-                        q.keys.remove(&key);
-                    }
-                }
-            }
+            self.free_keys(id);
             self.answer_waiters(id, None, out);
-            self.remove_task(id);
+            self.remove_task(id, out);
             removed += 1;
         }
         self.pump(queue, now_us, out);
         removed
+    }
+
+    /// Frees the name and idempotency key that task `id` holds, with no
+    /// tombstone (purged, or a copy discarded).
+    pub(super) fn free_keys(&mut self, id: Uuid) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        let Some(q) = self.queues.get_mut(&*t.spec.queue) else {
+            return;
+        };
+        for key in task_keys(&t.spec) {
+            if q.keys.get(&key).is_some_and(|e| e.id == id) {
+                q.keys.remove(&key);
+            }
+        }
     }
 }

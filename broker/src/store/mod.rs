@@ -30,6 +30,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::{
@@ -225,6 +226,20 @@ impl Task {
 
     fn set_delivery(&mut self, delivery: Option<u64>) {
         self.update_run(delivery.is_none(), |r| r.delivery = delivery);
+    }
+
+    /// Takes a peer's attempt counts (the larger ones) and last answer.
+    fn merge_attempts(
+        &mut self,
+        attempts: u32,
+        executions: u32,
+        last_status: Option<u16>,
+        last_error: Option<String>,
+    ) {
+        self.attempts = self.attempts.max(attempts);
+        self.executions = self.executions.max(executions);
+        self.last_status = last_status;
+        self.set_last_error(last_error);
     }
 
     /// Changes the run state, dropping its box when it becomes empty; a

@@ -6,6 +6,7 @@
 //! Still sans-IO: peers are reached through [`Event::ToPeer`] and
 //! [`Event::Publish`], and their answers come back as commands.
 
+use super::admit::Held;
 use super::*;
 use crate::placement::place;
 use crate::validate::{Method, Rare};
@@ -69,15 +70,30 @@ pub struct PendingStore {
     identity: Vec<u8>,
     request_id: String,
     id: Uuid,
-    wait: Option<f64>,
+    to: Enqueuing,
     holders: Vec<u64>,
     spec: ValidTask,
     /// Stored here too.
     local: bool,
-    answers: HashMap<u64, StoreOutcome>,
+    /// By holder (ordered, so what follows from them replays exactly).
+    answers: BTreeMap<u64, StoreOutcome>,
     timer: (u64, u64),
-    /// The batch (its pending key) and the place in it, for a batch's task.
-    slot: Option<(u64, usize)>,
+}
+
+/// Who asked, under which request id: where a later reply goes.
+#[derive(Clone, Copy)]
+pub(super) struct Client<'a> {
+    pub identity: &'a [u8],
+    pub request_id: &'a str,
+}
+
+/// What an enqueue in a cluster answers to.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Enqueuing {
+    /// Its own request, held after storing for `wait` seconds if set.
+    Single { wait: Option<f64> },
+    /// Place `slot` of the batch pending under key `batch`.
+    InBatch { batch: u64, slot: usize },
 }
 
 /// A client command forwarded to every peer (the task is held elsewhere).
@@ -236,38 +252,35 @@ impl Store {
     /// through the outbox, at once when no task waits for a peer.
     pub(super) fn enqueue_batch_replicated(
         &mut self,
-        identity: &[u8],
-        request_id: &str,
+        client: Client<'_>,
         queue: &str,
         tasks: Vec<TaskSpec>,
         now_us: u64,
     ) {
         if tasks.is_empty() {
             self.answer_batch(
-                identity.to_vec(),
-                request_id.to_string(),
+                client.identity.to_vec(),
+                client.request_id.to_string(),
                 Vec::new(),
                 now_us,
             );
             return;
         }
         let batch = self.new_req();
-        self.pending_ids.insert(request_id.to_string());
+        self.pending_ids.insert(client.request_id.to_string());
         self.pending.insert(
             batch,
             Pending::Batch(PendingBatch {
-                identity: identity.to_vec(),
-                request_id: request_id.to_string(),
+                identity: client.identity.to_vec(),
+                request_id: client.request_id.to_string(),
                 results: vec![None; tasks.len()],
                 left: tasks.len(),
             }),
         );
-        for (i, spec) in tasks.into_iter().enumerate() {
-            let slot = Some((batch, i));
-            if let Some(body) =
-                self.enqueue_replicated(identity, request_id, queue, spec, None, slot, now_us)
-            {
-                self.fill_slot(batch, i, body, now_us);
+        for (slot, spec) in tasks.into_iter().enumerate() {
+            let to = Enqueuing::InBatch { batch, slot };
+            if let Some(body) = self.enqueue_replicated(client, queue, spec, to, now_us) {
+                self.fill_slot(batch, slot, body, now_us);
             }
         }
     }
@@ -315,16 +328,13 @@ impl Store {
     /// An enqueue in a cluster: store on this node if it is a holder, copy
     /// to the other holders, answer when they all acknowledged (or
     /// [`PEER_TIMEOUT`] passed). `None`: the reply comes later, for a
-    /// batch's task (`slot`) as its place in the batch's answer.
-    #[allow(clippy::too_many_arguments)]
+    /// batch's task as its place in the batch's answer.
     pub(super) fn enqueue_replicated(
         &mut self,
-        identity: &[u8],
-        request_id: &str,
+        client: Client<'_>,
         queue: &str,
         spec: TaskSpec,
-        wait: Option<f64>,
-        slot: Option<(u64, usize)>,
+        to: Enqueuing,
         now_us: u64,
     ) -> Option<ReplyBody> {
         let spec = match self.check(queue, spec, now_us) {
@@ -349,8 +359,8 @@ impl Store {
             check: true,
         };
         let remote = self.send_to_others(&holders, store);
-        if slot.is_none() {
-            self.pending_ids.insert(request_id.to_string());
+        if let Enqueuing::Single { .. } = to {
+            self.pending_ids.insert(client.request_id.to_string());
         }
         let timer = self.add_timer(
             now_us + PEER_TIMEOUT.as_micros() as u64,
@@ -359,16 +369,15 @@ impl Store {
         self.pending.insert(
             req,
             Pending::Store(Box::new(PendingStore {
-                identity: identity.to_vec(),
-                request_id: request_id.to_string(),
+                identity: client.identity.to_vec(),
+                request_id: client.request_id.to_string(),
                 id,
-                wait,
+                to,
                 holders,
                 spec,
                 local,
-                answers: HashMap::new(),
+                answers: BTreeMap::new(),
                 timer,
-                slot,
             })),
         );
         if remote == 0 {
@@ -377,20 +386,54 @@ impl Store {
         None
     }
 
+    /// Every holder answered, or the time is up: the enqueue is answered
+    /// (or its place in its batch filled).
     fn decide_store(&mut self, req: u64, now_us: u64) {
         let Some(Pending::Store(p)) = self.pending.remove(&req) else {
             return;
         };
         self.timers.remove(&p.timer);
-        let me = self.cluster.me;
+        let body = self.store_verdict(&p, now_us);
+        let wait = match p.to {
+            Enqueuing::InBatch { batch, slot } => return self.fill_slot(batch, slot, body, now_us),
+            Enqueuing::Single { wait } => wait,
+        };
+        self.pending_ids.remove(&p.request_id);
+        let reply = ClientReply {
+            request_id: p.request_id,
+            body,
+        };
+        self.remember(&reply, now_us);
+        if let ReplyBody::Enqueued { replicas, .. } = reply.body {
+            let held = Held {
+                identity: &p.identity,
+                request_id: &reply.request_id,
+                id: p.id,
+                queue: &p.spec.queue,
+                eta: p.spec.eta,
+                replicas,
+            };
+            if self.hold(held, wait, now_us) {
+                return;
+            }
+        }
+        self.outbox.push(Event::Reply {
+            identity: p.identity,
+            reply,
+        });
+    }
+
+    /// What the holders' answers decide for a pending store: `enqueued`
+    /// with the number of copies, or `duplicate` when the first holder
+    /// that answered (in placement order) holds the name already. With no
+    /// holder answering, the task is kept here rather than lost.
+    fn store_verdict(&mut self, p: &PendingStore, now_us: u64) -> ReplyBody {
         let mut stored = p.local as u32
             + p.answers
                 .values()
                 .filter(|o| matches!(o, StoreOutcome::Stored))
                 .count() as u32;
-        let mut body = None;
         if !p.local {
-            // The first holder (in placement order) that answered decides.
             let verdict = p.holders.iter().find_map(|h| p.answers.get(h));
             if let Some(StoreOutcome::Duplicate { id, tombstoned }) = verdict {
                 for (h, o) in &p.answers {
@@ -403,58 +446,28 @@ impl Store {
                         });
                     }
                 }
-                body = Some(ReplyBody::Duplicate {
+                return ReplyBody::Duplicate {
                     id: id.clone(),
                     tombstoned: *tombstoned,
-                });
-            } else if stored == 0 {
-                // No holder answered: keep the task here rather than lose it.
+                };
+            }
+            if stored == 0 {
                 if let Some(dup) = self.duplicate_of(&p.spec, now_us) {
-                    body = Some(dup);
-                } else {
-                    let mut holders = vec![me];
-                    holders.extend(p.holders.iter().copied());
-                    self.insert_task(p.id, p.spec.clone(), false, now_us, holders);
-                    stored = 1;
+                    return dup;
                 }
+                let mut holders = vec![self.cluster.me];
+                holders.extend(p.holders.iter().copied());
+                self.insert_task(p.id, p.spec.clone(), false, now_us, holders);
+                stored = 1;
             }
         }
-        let body = body.unwrap_or(ReplyBody::Enqueued {
+        ReplyBody::Enqueued {
             id: p.id.to_string(),
             queue: p.spec.queue.to_string(),
             eta: p.spec.eta,
             result: None,
             replicas: stored,
-        });
-        if let Some((batch, i)) = p.slot {
-            self.fill_slot(batch, i, body, now_us);
-            return;
         }
-        self.pending_ids.remove(&p.request_id);
-        let reply = ClientReply {
-            request_id: p.request_id.clone(),
-            body: body.clone(),
-        };
-        self.remember(&reply, now_us);
-        if let (Some(wait), ReplyBody::Enqueued { .. }) = (p.wait, &body) {
-            if wait.is_finite() && wait > 0.0 {
-                let until = now_us + secs_to_micros(wait.min(MAX_WAIT_SECS));
-                let timer = self.add_timer(until, Timer::Wait(p.id));
-                self.waiters.entry(p.id).or_default().push(Waiter {
-                    identity: p.identity,
-                    request_id: p.request_id,
-                    queue: p.spec.queue.to_string(),
-                    eta: p.spec.eta,
-                    replicas: stored,
-                    timer,
-                });
-                return;
-            }
-        }
-        self.outbox.push(Event::Reply {
-            identity: p.identity,
-            reply,
-        });
     }
 
     /// Whether an enqueue with this request id still waits for its holders.
@@ -464,13 +477,7 @@ impl Store {
 
     /// Sends a client command about a task held elsewhere to every peer;
     /// the first answer that is not `not_found` wins.
-    pub(super) fn forward(
-        &mut self,
-        identity: &[u8],
-        request_id: &str,
-        command: ClientCommand,
-        now_us: u64,
-    ) {
+    pub(super) fn forward(&mut self, client: Client<'_>, command: ClientCommand, now_us: u64) {
         let req = self.new_req();
         let members = self.cluster.members.clone();
         let msg = PeerMessage::Request {
@@ -486,8 +493,8 @@ impl Store {
         self.pending.insert(
             req,
             Pending::Request(PendingRequest {
-                identity: identity.to_vec(),
-                request_id: request_id.to_string(),
+                identity: client.identity.to_vec(),
+                request_id: client.request_id.to_string(),
                 outstanding,
                 answered: false,
                 timer,
@@ -507,15 +514,6 @@ impl Store {
             command,
         };
         self.send_to_others(&members, msg);
-    }
-
-    fn remember(&mut self, reply: &ClientReply, now_us: u64) {
-        self.recent.insert(
-            &reply.request_id,
-            &reply.body,
-            now_us + REQUEST_DEDUP.as_micros() as u64,
-            REQUEST_DEDUP_MAX,
-        );
     }
 
     pub(super) fn pending_expired(&mut self, req: u64, now_us: u64, _out: &mut Vec<Event>) {
@@ -550,7 +548,7 @@ impl Store {
                 record,
                 check,
             } => {
-                let outcome = self.adopt(record, check, now_us);
+                let outcome = self.adopt(record, check, now_us, out);
                 if req != 0 {
                     self.outbox.push(Event::ToPeer {
                         to: from,
@@ -577,18 +575,8 @@ impl Store {
             }
             PeerMessage::Discard { id } => {
                 if let Ok(uid) = Uuid::parse_str(&id) {
-                    if let Some(t) = self.tasks.get(&uid) {
-                        let keys = task_keys(&t.spec);
-                        let queue = t.spec.queue.to_string();
-                        if let Some(q) = self.queues.get_mut(&queue) {
-                            for k in keys {
-                                if q.keys.get(&k).is_some_and(|e| e.id == uid) {
-                                    q.keys.remove(&k);
-                                }
-                            }
-                        }
-                        self.remove_task(uid);
-                    }
+                    self.free_keys(uid);
+                    self.remove_task(uid, out);
                 }
             }
             PeerMessage::Request { req, from, command } => {
@@ -643,12 +631,7 @@ impl Store {
         out: &mut Vec<Event>,
     ) -> ReplyBody {
         match command {
-            ClientCommand::Get { queue, id } => match self.find(&queue, &id) {
-                Some(uid) => ReplyBody::Task {
-                    task: self.info(uid, true),
-                },
-                None => not_found(&queue, &id),
-            },
+            ClientCommand::Get { queue, id } => self.get(&queue, &id),
             ClientCommand::Cancel { queue, id } => self.cancel(&queue, &id, now_us, out),
             ClientCommand::Run { queue, id } => {
                 // Every holder gets a forwarded `run`: only the first live
@@ -677,7 +660,13 @@ impl Store {
 
     /// Stores a copy sent by a peer: a fresh enqueue (`check`: refused if
     /// its name is taken) or an adoption for re-replication.
-    fn adopt(&mut self, record: ReplicaRecord, check: bool, now_us: u64) -> StoreOutcome {
+    fn adopt(
+        &mut self,
+        record: ReplicaRecord,
+        check: bool,
+        now_us: u64,
+        out: &mut Vec<Event>,
+    ) -> StoreOutcome {
         let Ok(id) = Uuid::parse_str(&record.id) else {
             return StoreOutcome::Rejected {
                 reason: "invalid task id".into(),
@@ -716,118 +705,115 @@ impl Store {
             t.set_first_attempt_us(record.first_attempt_us);
         }
         if record.state == TaskState::Retrying {
-            self.transition(id, TaskState::Retrying);
+            self.transition(id, TaskState::Retrying, out);
         }
         self.retime(id);
         StoreOutcome::Stored
     }
 
+    /// A cluster event a peer published about a task both hold.
     pub(super) fn on_event(&mut self, ev: EventBody, now_us: u64, out: &mut Vec<Event>) {
+        let id = match &ev {
+            EventBody::Heartbeat { .. } => return,
+            EventBody::Claimed { id, .. }
+            | EventBody::Retry { id, .. }
+            | EventBody::Finished { id, .. } => id,
+        };
+        let Ok(uid) = Uuid::parse_str(id) else {
+            return;
+        };
         match ev {
+            EventBody::Claimed { deadline_us, .. } => self.peer_claimed(uid, deadline_us),
+            ev @ EventBody::Retry { .. } => self.peer_retried(uid, ev, out),
+            ev @ EventBody::Finished { .. } => self.peer_finished(uid, ev, now_us, out),
             EventBody::Heartbeat { .. } => {}
-            EventBody::Claimed { id, deadline_us } => {
-                let Ok(uid) = Uuid::parse_str(&id) else {
-                    return;
-                };
-                let Some(t) = self.tasks.get_mut(&uid) else {
-                    return;
-                };
-                if matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
-                    t.due_us = t.due_us.max(deadline_us);
-                    self.retime(uid);
-                }
-            }
-            EventBody::Retry {
-                id,
-                attempts,
-                executions,
-                due_us,
-                last_status,
-                last_error,
-                response,
-            } => {
-                let Ok(uid) = Uuid::parse_str(&id) else {
-                    return;
-                };
-                self.answer_waiters(
-                    uid,
-                    Some(AttemptResult {
-                        outcome: Outcome::Failure,
-                        status: last_status,
-                        body: response,
-                        error: last_error.clone(),
-                    }),
-                    out,
-                );
-                let Some(t) = self.tasks.get_mut(&uid) else {
-                    return;
-                };
-                if t.state.is_final() || t.state == TaskState::Running {
-                    return;
-                }
-                t.attempts = t.attempts.max(attempts);
-                t.executions = t.executions.max(executions);
-                t.last_status = last_status;
-                t.set_last_error(last_error);
-                t.due_us = due_us;
-                self.transition(uid, TaskState::Retrying);
-                self.retime(uid);
-            }
-            EventBody::Finished {
-                id,
-                state,
-                attempts,
-                executions,
-                last_status,
-                last_error,
-                response,
-            } => {
-                let Ok(uid) = Uuid::parse_str(&id) else {
-                    return;
-                };
-                if state != TaskState::Cancelled {
-                    self.answer_waiters(
-                        uid,
-                        Some(AttemptResult {
-                            outcome: if state == TaskState::Succeeded {
-                                Outcome::Success
-                            } else {
-                                Outcome::Failure
-                            },
-                            status: last_status,
-                            body: response.clone(),
-                            error: last_error.clone(),
-                        }),
-                        out,
-                    );
-                } else {
-                    self.answer_waiters(uid, None, out);
-                }
-                let Some(t) = self.tasks.get_mut(&uid) else {
-                    return;
-                };
-                if t.state.is_final() || !state.is_final() {
-                    return;
-                }
-                let queue = t.spec.queue.to_string();
-                if let (TaskState::Running, Some(delivery)) = (t.state, t.delivery()) {
-                    out.push(Event::Revoke { delivery });
-                    if let Some(q) = self.queues.get_mut(&queue) {
-                        q.running = q.running.saturating_sub(1);
-                    }
-                }
-                t.set_delivery(None);
-                t.in_ready = false;
-                t.attempts = t.attempts.max(attempts);
-                t.executions = t.executions.max(executions);
-                t.last_status = last_status;
-                t.set_last_error(last_error);
-                t.set_last_response(response.map(|b| b.into_vec()));
-                self.transition(uid, state);
-                self.finish(uid, now_us, out);
-                self.pump(&queue, now_us, out);
-            }
         }
+    }
+
+    /// Another holder started a delivery: this copy fires no earlier than
+    /// that delivery's deadline.
+    fn peer_claimed(&mut self, id: Uuid, deadline_us: u64) {
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
+            t.due_us = t.due_us.max(deadline_us);
+            self.retime(id);
+        }
+    }
+
+    /// Another holder's attempt failed and the task retries at `due_us`:
+    /// so does this copy, and held replies get the attempt.
+    fn peer_retried(&mut self, id: Uuid, ev: EventBody, out: &mut Vec<Event>) {
+        let EventBody::Retry {
+            attempts,
+            executions,
+            due_us,
+            last_status,
+            last_error,
+            response,
+            ..
+        } = ev
+        else {
+            return;
+        };
+        let attempt = AttemptResult {
+            outcome: Outcome::Failure,
+            status: last_status,
+            body: response,
+            error: last_error.clone(),
+        };
+        self.answer_waiters(id, Some(attempt), out);
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if t.state.is_final() || t.state == TaskState::Running {
+            return;
+        }
+        t.merge_attempts(attempts, executions, last_status, last_error);
+        t.due_us = due_us;
+        self.transition(id, TaskState::Retrying, out);
+        self.retime(id);
+    }
+
+    /// Another holder finished the task: so does this copy (a delivery of
+    /// its own under way is revoked), and held replies are answered.
+    fn peer_finished(&mut self, id: Uuid, ev: EventBody, now_us: u64, out: &mut Vec<Event>) {
+        let EventBody::Finished {
+            state,
+            attempts,
+            executions,
+            last_status,
+            last_error,
+            response,
+            ..
+        } = ev
+        else {
+            return;
+        };
+        let attempt = (state != TaskState::Cancelled).then(|| AttemptResult {
+            outcome: if state == TaskState::Succeeded {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            status: last_status,
+            body: response.clone(),
+            error: last_error.clone(),
+        });
+        self.answer_waiters(id, attempt, out);
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if t.state.is_final() || !state.is_final() {
+            return;
+        }
+        let queue = t.spec.queue.to_string();
+        t.merge_attempts(attempts, executions, last_status, last_error);
+        t.set_last_response(response.map(|b| b.into_vec()));
+        self.transition(id, state, out);
+        self.finish(id, now_us, out);
+        self.pump(&queue, now_us, out);
     }
 
     /// A new roster: queue shares, and copies to restore the replication
@@ -842,22 +828,18 @@ impl Store {
     ) {
         members.sort_unstable();
         members.dedup();
+        let share = members.len().max(1) as u32;
         self.cluster = ClusterView {
             me,
-            members: members.clone(),
+            members,
             replicas: replicas.max(1) as usize,
         };
-        let share = members.len().max(1) as u32;
-        let names: Vec<String> = self.queues.keys().cloned().collect();
-        for name in &names {
-            if let Some(q) = self.queues.get_mut(name) {
-                q.share = share;
-            }
+        for q in self.queues.values_mut() {
+            q.share = share;
         }
         if !self.cluster.is_clustered() {
             return;
         }
-        let target = self.cluster.replicas.min(members.len());
         let ids: Vec<Uuid> = self
             .tasks
             .iter()
@@ -865,57 +847,69 @@ impl Store {
             .map(|(id, _)| id)
             .collect();
         for id in ids {
-            let Some(t) = self.tasks.get(&id) else {
-                continue;
-            };
-            let holders = if t.holders.is_empty() {
-                vec![me]
-            } else {
-                t.holders.to_vec()
-            };
-            let alive: Vec<u64> = holders
-                .iter()
-                .copied()
-                .filter(|h| members.binary_search(h).is_ok())
-                .collect();
-            if alive.len() >= target && alive.len() == holders.len() {
-                continue;
-            }
-            let mut new_holders = alive.clone();
-            for m in place(&placement_key(&t.spec, id), &members, self.cluster.replicas) {
-                if new_holders.len() >= target {
-                    break;
-                }
-                if !new_holders.contains(&m) {
-                    new_holders.push(m);
-                }
-            }
-            let coordinator = alive.first().copied() == Some(me);
-            let newcomers: Vec<u64> = new_holders
-                .iter()
-                .copied()
-                .filter(|h| !alive.contains(h))
-                .collect();
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.holders = new_holders.clone().into_boxed_slice();
-                t.replica = self.cluster.replica_index(&new_holders);
-            }
-            self.retime(id);
-            if coordinator {
-                if let Some(record) = self.record_of(id) {
-                    let store = PeerMessage::Store {
-                        req: 0,
-                        from: me,
-                        record,
-                        check: false,
-                    };
-                    self.stats.re_replicated += self.send_to_others(&newcomers, store) as u64;
-                }
-            }
+            self.re_replicate(id);
         }
-        let queues: Vec<String> = self.queues.keys().cloned().collect();
+        // In name order, so a run replays exactly.
+        let mut queues: Vec<String> = self.queues.keys().cloned().collect();
+        queues.sort_unstable();
         for q in queues {
             self.pump(&q, now_us, out);
+        }
+    }
+
+    /// Gives task `id` new holders in place of those that left the roster;
+    /// the first surviving holder sends the newcomers their copies.
+    fn re_replicate(&mut self, id: Uuid) {
+        let Some(t) = self.tasks.get(&id) else {
+            return;
+        };
+        let me = self.cluster.me;
+        let members = &self.cluster.members;
+        let target = self.cluster.replicas.min(members.len());
+        let holders = if t.holders.is_empty() {
+            vec![me]
+        } else {
+            t.holders.to_vec()
+        };
+        let alive: Vec<u64> = holders
+            .iter()
+            .copied()
+            .filter(|h| members.binary_search(h).is_ok())
+            .collect();
+        if alive.len() >= target && alive.len() == holders.len() {
+            return;
+        }
+        let mut new_holders = alive.clone();
+        for m in place(&placement_key(&t.spec, id), members, self.cluster.replicas) {
+            if new_holders.len() >= target {
+                break;
+            }
+            if !new_holders.contains(&m) {
+                new_holders.push(m);
+            }
+        }
+        let coordinator = alive.first().copied() == Some(me);
+        let newcomers: Vec<u64> = new_holders
+            .iter()
+            .copied()
+            .filter(|h| !alive.contains(h))
+            .collect();
+        let replica = self.cluster.replica_index(&new_holders);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.holders = new_holders.into_boxed_slice();
+            t.replica = replica;
+        }
+        self.retime(id);
+        if coordinator {
+            if let Some(record) = self.record_of(id) {
+                let store = PeerMessage::Store {
+                    req: 0,
+                    from: me,
+                    record,
+                    check: false,
+                };
+                self.stats.re_replicated += self.send_to_others(&newcomers, store) as u64;
+            }
         }
     }
 }

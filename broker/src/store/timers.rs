@@ -47,7 +47,7 @@ impl Store {
                 task.timed = false;
                 if task.state.is_final() {
                     if task.state != TaskState::Failed {
-                        self.remove_task(id);
+                        self.remove_task(id, out);
                     }
                     continue;
                 }

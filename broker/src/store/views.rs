@@ -4,6 +4,25 @@
 use super::*;
 
 impl Store {
+    /// A task by its queue and id, with its details.
+    pub(super) fn get(&self, queue: &str, id: &str) -> ReplyBody {
+        match self.find(queue, id) {
+            Some(uid) => ReplyBody::Task {
+                task: self.info(uid, true),
+            },
+            None => not_found(queue, id),
+        }
+    }
+
+    /// Every queue this node knows, by name.
+    pub(super) fn list_queues(&self, now_us: u64) -> ReplyBody {
+        let mut names: Vec<&String> = self.queues.keys().collect();
+        names.sort();
+        ReplyBody::Queues {
+            queues: names.iter().map(|n| self.queue_info(n, now_us)).collect(),
+        }
+    }
+
     pub(super) fn queue_info(&self, name: &str, now_us: u64) -> QueueInfo {
         let fresh;
         let q = match self.queues.get(name) {
@@ -157,5 +176,27 @@ pub(super) fn waiter_reply(w: Waiter, id: Uuid, result: Option<AttemptResult>) -
                 replicas: w.replicas,
             },
         },
+    }
+}
+
+/// A task as its worker receives it, for the attempt just started (the
+/// attempt is counted already).
+pub(super) fn delivered_task(t: &Task, signing_secrets: Vec<String>) -> DeliveredTask {
+    let s = &t.spec;
+    DeliveredTask {
+        id: t.id.to_string(),
+        queue: s.queue.to_string(),
+        name: s.rare().name.clone(),
+        url: s.url.to_string(),
+        method: s.method.as_str().to_string(),
+        params: s.params(),
+        body: s.body().map(|b| ByteBuf::from(b.to_vec())),
+        content_type: s.rare().content_type.clone(),
+        headers: s.rare().headers.clone(),
+        eta: s.eta,
+        timeout: s.timeout(),
+        retry_count: t.attempts.saturating_sub(1),
+        execution_count: t.executions,
+        signing_secrets,
     }
 }
