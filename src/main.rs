@@ -180,7 +180,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get(t) => {
             let info = Producer::connect(&t.broker)?.get(&t.queue, &t.id)?;
-            println!("{info:?}");
+            // Byte fields (a raw body, the worker's answer) print as
+            // arrays of numbers: JSON has no byte strings.
+            println!("{}", serde_json::to_string(&info)?);
             Ok(())
         }
         Command::Worker(w) => work(w),

@@ -1,7 +1,13 @@
-//! Leader election and the roster, on tikv's `raft` crate, in their own
-//! thread. The thread owns the Raft state machine (sans-IO: messages in,
-//! messages out) and talks to the node's I/O loop over an inproc PAIR
-//! socket; Raft messages ride the ZeroMQ peer mesh that the I/O loop owns.
+//! Leader election and the roster, on tikv's `raft` crate.
+//!
+//! [`Election`] is sans-IO: [`Election::handle`] takes a message from the
+//! I/O loop and [`Election::tick`] a Raft tick, and both return the
+//! messages to send ([`FromElection`]); it owns no socket and reads no
+//! clock. Its election timeouts are drawn from a seeded generator rather
+//! than raft-rs's thread-local one, so a simulated cluster replays exactly.
+//! [`run`] drives it on its own thread, talking to the node's I/O loop
+//! over an inproc PAIR socket; Raft messages ride the ZeroMQ peer mesh
+//! that the I/O loop owns.
 //!
 //! The roster (members, their endpoints, an epoch) is the replicated
 //! state: a member is added by a Raft `AddNode` whose context is the
@@ -29,6 +35,9 @@ use std::sync::{Arc, Mutex};
 
 /// Raft tick: every election timing below is a multiple of it.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Ticks without a leader's word before a follower campaigns: a random
+/// number in `[ELECTION_TICKS, 2 × ELECTION_TICKS)` (1–2 s).
+pub const ELECTION_TICKS: usize = 10;
 
 /// What the I/O loop sends the election thread.
 #[derive(Serialize, Deserialize, Debug)]
@@ -37,11 +46,6 @@ pub enum ToElection {
     Raft(ByteBuf),
     /// A node asks to join (arrived here or forwarded by a peer).
     Join(Member),
-    /// A peer's roster, newer than ours (by epoch): adopt it.
-    Roster {
-        epoch: u64,
-        members: Vec<Member>,
-    },
     /// Milliseconds since each member was last heard from.
     Liveness(Vec<(u64, u64)>),
     Stop,
@@ -125,7 +129,8 @@ struct SnapshotRoster {
     members: Vec<Member>,
 }
 
-struct Election {
+/// One node's Raft state machine and the roster it replicates.
+pub struct Election {
     me: Member,
     node: RawNode<RosterStorage>,
     roster_bytes: Arc<Mutex<Vec<u8>>>,
@@ -134,11 +139,16 @@ struct Election {
     remove_after: Duration,
     last_sent: Option<(u64, Option<u64>, u64)>,
     liveness: Vec<(u64, u64)>,
+    /// SplitMix64 state for election timeouts.
+    rng: u64,
+    /// Messages to send, gathered by the current call.
+    out: Vec<FromElection>,
 }
 
 /// Runs the election thread's loop on `pair` until `Stop`.
 pub fn run(config: ElectionConfig, pair: zmq::Socket) {
-    let mut e = match Election::new(&config) {
+    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+    let mut e = match Election::new(&config, seed) {
         Ok(e) => e,
         Err(err) => {
             tracing::error!(error = %err, "cannot start Raft");
@@ -153,7 +163,7 @@ pub fn run(config: ElectionConfig, pair: zmq::Socket) {
                 while let Ok(parts) = pair.recv_multipart(zmq::DONTWAIT) {
                     match protocol::decode::<ToElection, _>(&parts) {
                         Ok(ToElection::Stop) => return,
-                        Ok(msg) => e.handle(msg, &pair),
+                        Ok(msg) => send_all(&pair, e.handle(msg)),
                         Err(err) => tracing::warn!(error = %err, "bad message to election thread"),
                     }
                 }
@@ -162,24 +172,24 @@ pub fn run(config: ElectionConfig, pair: zmq::Socket) {
             Err(_) => return,
         }
         if Instant::now() >= next_tick {
-            e.node.tick();
-            e.remove_silent();
+            send_all(&pair, e.tick());
             next_tick = Instant::now() + TICK;
         }
-        e.on_ready(&pair);
-        e.publish_state(&pair);
     }
 }
 
-fn send(pair: &zmq::Socket, msg: &FromElection) {
-    let _ = pair.send_multipart(protocol::encode(msg), zmq::DONTWAIT);
+fn send_all(pair: &zmq::Socket, msgs: Vec<FromElection>) {
+    for msg in &msgs {
+        let _ = pair.send_multipart(protocol::encode(msg), zmq::DONTWAIT);
+    }
 }
 
 impl Election {
-    fn new(config: &ElectionConfig) -> raft::Result<Election> {
+    /// A node's election; `seed` draws its election timeouts.
+    pub fn new(config: &ElectionConfig, seed: u64) -> raft::Result<Election> {
         let raft_config = Config {
             id: config.me.id,
-            election_tick: 10,
+            election_tick: ELECTION_TICKS,
             heartbeat_tick: 2,
             check_quorum: true,
             pre_vote: true,
@@ -208,7 +218,7 @@ impl Election {
             node.campaign()?;
             members.insert(config.me.id, config.me.clone());
         }
-        Ok(Election {
+        let mut e = Election {
             me: config.me.clone(),
             node,
             roster_bytes,
@@ -217,14 +227,33 @@ impl Election {
             remove_after: config.remove_after,
             last_sent: None,
             liveness: Vec::new(),
-        })
+            rng: seed,
+            out: Vec::new(),
+        };
+        e.draw_timeout();
+        Ok(e)
     }
 
     fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }
 
-    fn handle(&mut self, msg: ToElection, pair: &zmq::Socket) {
+    /// This node's view: roster epoch, members, leader, term.
+    pub fn view(&self) -> (u64, Vec<Member>, Option<u64>, u64) {
+        let leader = match self.node.raft.leader_id {
+            0 => None,
+            l => Some(l),
+        };
+        (
+            self.epoch,
+            self.members.values().cloned().collect(),
+            leader,
+            self.node.raft.term,
+        )
+    }
+
+    /// One message from the I/O loop; returns the messages to send.
+    pub fn handle(&mut self, msg: ToElection) -> Vec<FromElection> {
         match msg {
             ToElection::Raft(bytes) => match Message::parse_from_bytes(&bytes) {
                 Ok(m) => {
@@ -232,26 +261,51 @@ impl Election {
                 }
                 Err(err) => tracing::debug!(error = %err, "undecodable Raft message"),
             },
-            ToElection::Join(member) => self.join(member, pair),
-            ToElection::Roster { epoch, members } => {
-                if epoch > self.epoch {
-                    self.epoch = epoch;
-                    self.members = members.into_iter().map(|m| (m.id, m)).collect();
-                }
-            }
+            ToElection::Join(member) => self.join(member),
             ToElection::Liveness(l) => self.liveness = l,
             ToElection::Stop => {}
         }
+        self.settle()
     }
 
-    fn join(&mut self, member: Member, pair: &zmq::Socket) {
+    /// One Raft tick ([`TICK`]); returns the messages to send.
+    pub fn tick(&mut self) -> Vec<FromElection> {
+        self.node.tick();
+        self.remove_silent();
+        self.settle()
+    }
+
+    /// After each input: persist and send what Raft is ready with, and the
+    /// view when it changed.
+    fn settle(&mut self) -> Vec<FromElection> {
+        self.on_ready();
+        self.publish_state();
+        self.draw_timeout();
+        std::mem::take(&mut self.out)
+    }
+
+    /// raft-rs draws a new election timeout from its thread-local
+    /// generator whenever it resets the election clock; this draws it
+    /// again from the seeded one (same range), so runs replay exactly.
+    fn draw_timeout(&mut self) {
+        let raft = &mut self.node.raft;
+        if raft.election_elapsed != 0 {
+            return;
+        }
+        let (min, max) = (ELECTION_TICKS, 2 * ELECTION_TICKS);
+        let span = (max - min) as u64;
+        let t = min + (crate::store::splitmix64(&mut self.rng) % span) as usize;
+        raft.set_randomized_election_timeout(t);
+    }
+
+    fn join(&mut self, member: Member) {
         if self.members.get(&member.id) == Some(&member) {
             return;
         }
         if !self.is_leader() {
             let leader = self.node.raft.leader_id;
             if leader != 0 && leader != self.me.id {
-                send(pair, &FromElection::ForwardJoin { leader, member });
+                self.out.push(FromElection::ForwardJoin { leader, member });
             }
             return;
         }
@@ -291,13 +345,13 @@ impl Election {
         }
     }
 
-    fn on_ready(&mut self, pair: &zmq::Socket) {
+    fn on_ready(&mut self) {
         if !self.node.has_ready() {
             return;
         }
         let store = self.node.raft.raft_log.store.mem.clone();
         let mut ready = self.node.ready();
-        self.send_messages(ready.take_messages(), pair);
+        self.send_messages(ready.take_messages());
         if *ready.snapshot() != Snapshot::default() {
             let s = ready.snapshot().clone();
             tracing::debug!(
@@ -325,12 +379,12 @@ impl Election {
         if let Some(hs) = ready.hs() {
             store.wl().set_hardstate(hs.clone());
         }
-        self.send_messages(ready.take_persisted_messages(), pair);
+        self.send_messages(ready.take_persisted_messages());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
             store.wl().mut_hard_state().set_commit(commit);
         }
-        self.send_messages(light.take_messages(), pair);
+        self.send_messages(light.take_messages());
         let committed = light.take_committed_entries();
         self.apply(committed);
         self.node.advance_apply();
@@ -342,16 +396,13 @@ impl Election {
         }
     }
 
-    fn send_messages(&self, msgs: Vec<Message>, pair: &zmq::Socket) {
+    fn send_messages(&mut self, msgs: Vec<Message>) {
         for m in msgs {
             match m.write_to_bytes() {
-                Ok(bytes) => send(
-                    pair,
-                    &FromElection::Send {
-                        to: m.to,
-                        message: ByteBuf::from(bytes),
-                    },
-                ),
+                Ok(bytes) => self.out.push(FromElection::Send {
+                    to: m.to,
+                    message: ByteBuf::from(bytes),
+                }),
                 Err(err) => tracing::warn!(error = %err, "cannot encode a Raft message"),
             }
         }
@@ -401,7 +452,7 @@ impl Election {
         }
     }
 
-    fn publish_state(&mut self, pair: &zmq::Socket) {
+    fn publish_state(&mut self) {
         if let Ok(mut r) = self.roster_bytes.lock() {
             *r = protocol::encode(&SnapshotRoster {
                 epoch: self.epoch,
@@ -420,15 +471,12 @@ impl Election {
             return;
         }
         self.last_sent = Some(key);
-        send(
-            pair,
-            &FromElection::State {
-                epoch: self.epoch,
-                members: self.members.values().cloned().collect(),
-                leader,
-                term,
-            },
-        );
+        self.out.push(FromElection::State {
+            epoch: self.epoch,
+            members: self.members.values().cloned().collect(),
+            leader,
+            term,
+        });
     }
 }
 
@@ -448,4 +496,188 @@ fn rmp_entry(e: &RosterEntry) -> Vec<u8> {
 fn rmp_serde_from<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, protocol::Error> {
     let frames = [&[][..], &protocol::frames::header()[..], bytes];
     protocol::decode(&frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn member(id: u64) -> Member {
+        Member {
+            id,
+            name: format!("n{id}"),
+            client: format!("tcp://h{id}:7000"),
+            worker: format!("tcp://h{id}:7001"),
+            peer: format!("tcp://h{id}:7002"),
+            events: format!("tcp://h{id}:7003"),
+        }
+    }
+
+    /// Elections joined by a perfect network, driven by hand.
+    struct Net {
+        nodes: BTreeMap<u64, Election>,
+        /// (to, message) in flight.
+        wire: VecDeque<(u64, ToElection)>,
+        /// Each node's last view.
+        views: BTreeMap<u64, (u64, Vec<u64>, Option<u64>, u64)>,
+    }
+
+    impl Net {
+        fn new() -> Net {
+            Net {
+                nodes: BTreeMap::new(),
+                wire: VecDeque::new(),
+                views: BTreeMap::new(),
+            }
+        }
+
+        fn add(&mut self, id: u64, bootstrap: bool) {
+            let config = ElectionConfig {
+                me: member(id),
+                bootstrap,
+                remove_after: Duration::from_secs(2),
+            };
+            let e = Election::new(&config, id).unwrap();
+            self.nodes.insert(id, e);
+        }
+
+        fn take(&mut self, from: u64, out: Vec<FromElection>) {
+            for msg in out {
+                match msg {
+                    FromElection::Send { to, message } => {
+                        self.wire.push_back((to, ToElection::Raft(message)))
+                    }
+                    FromElection::ForwardJoin { leader, member } => {
+                        self.wire.push_back((leader, ToElection::Join(member)))
+                    }
+                    FromElection::State {
+                        epoch,
+                        members,
+                        leader,
+                        term,
+                    } => {
+                        let ids = members.iter().map(|m| m.id).collect();
+                        let before = self.views.insert(from, (epoch, ids, leader, term));
+                        if let Some((e, ..)) = before {
+                            assert!(epoch >= e, "node {from}'s epoch went back");
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Delivers every message in flight, then ticks every node once.
+        fn round(&mut self) {
+            while let Some((to, msg)) = self.wire.pop_front() {
+                if let Some(e) = self.nodes.get_mut(&to) {
+                    let out = e.handle(msg);
+                    self.take(to, out);
+                }
+            }
+            let ids: Vec<u64> = self.nodes.keys().copied().collect();
+            for id in ids {
+                let out = self.nodes.get_mut(&id).unwrap().tick();
+                self.take(id, out);
+            }
+        }
+
+        fn leaders(&self) -> Vec<u64> {
+            self.nodes
+                .iter()
+                .filter(|(_, e)| e.is_leader())
+                .map(|(id, _)| *id)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_bootstrapped_node_leads_and_others_join_through_any_member() {
+        let mut net = Net::new();
+        net.add(1, true);
+        for _ in 0..30 {
+            net.round();
+        }
+        assert_eq!(net.leaders(), vec![1]);
+        net.add(2, false);
+        net.add(3, false);
+        // Node 3 asks node 2, a follower, which forwards to the leader.
+        for _ in 0..60 {
+            net.wire.push_back((1, ToElection::Join(member(2))));
+            if net.views.get(&2).is_some_and(|v| v.1.contains(&2)) {
+                net.wire.push_back((2, ToElection::Join(member(3))));
+            }
+            net.round();
+        }
+        for id in [1, 2, 3] {
+            let (_, ids, leader, _) = &net.views[&id];
+            assert_eq!(ids, &vec![1, 2, 3], "node {id}'s roster");
+            assert_eq!(*leader, Some(1), "node {id}'s leader");
+        }
+        assert_eq!(net.leaders(), vec![1]);
+    }
+
+    #[test]
+    fn the_leader_removes_a_silent_member_and_a_minority_elects_no_one() {
+        let mut net = Net::new();
+        net.add(1, true);
+        for _ in 0..30 {
+            net.round();
+        }
+        for id in [2, 3] {
+            net.add(id, false);
+            for _ in 0..30 {
+                net.wire.push_back((1, ToElection::Join(member(id))));
+                net.round();
+            }
+        }
+        assert_eq!(net.views[&3].1, vec![1, 2, 3]);
+        // Node 3 goes silent: the leader hears of it and removes it.
+        net.nodes.remove(&3);
+        for _ in 0..30 {
+            net.wire
+                .push_back((1, ToElection::Liveness(vec![(2, 0), (3, 5_000)])));
+            net.round();
+        }
+        assert_eq!(net.views[&1].1, vec![1, 2]);
+        assert_eq!(net.views[&2].1, vec![1, 2]);
+        // The leader goes too: node 2 alone is not a majority of two.
+        net.nodes.remove(&1);
+        for _ in 0..60 {
+            net.round();
+        }
+        assert!(net.leaders().is_empty(), "a minority elected itself");
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_election() {
+        let run = || {
+            let mut net = Net::new();
+            for id in 1..=3 {
+                net.add(id, id == 1);
+            }
+            for _ in 0..30 {
+                for id in [2, 3] {
+                    net.wire.push_back((1, ToElection::Join(member(id))));
+                }
+                net.round();
+            }
+            // The leader leaves: who wins, and in which term, is decided
+            // by the seeded timeouts alone.
+            net.nodes.remove(&1);
+            let mut trace = Vec::new();
+            for _ in 0..80 {
+                net.round();
+                trace.push(net.views.clone());
+            }
+            trace
+        };
+        let a = run();
+        assert_eq!(a, run());
+        let last = a.last().unwrap();
+        assert!(
+            last[&2].2.is_some_and(|l| l != 1),
+            "no new leader: {last:?}"
+        );
+    }
 }

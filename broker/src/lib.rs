@@ -7,6 +7,10 @@
 //!   happens there (requests, lifecycle, timers, replication, views).
 //! * [`scheduler`] — the thread that owns the store and feeds it commands
 //!   and the clock.
+//! * [`election`] — leader election and the roster on Raft, sans-IO, and
+//!   the thread that runs it.
+//! * [`membership`] — the roster as this node acts on it, sans-IO: peers
+//!   to connect and drop, liveness, cluster events' sequence numbers.
 //! * [`dispatch`] — pulling workers (and gateways): registry, credit,
 //!   heartbeats, deadlines; owned by the I/O thread.
 //! * [`queues`] — per-queue settings, token bucket, tombstones, figures.
@@ -20,6 +24,7 @@ pub mod cli;
 pub mod clock;
 pub mod dispatch;
 pub mod election;
+pub mod membership;
 pub mod node;
 pub mod placement;
 pub mod queues;

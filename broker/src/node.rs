@@ -14,19 +14,20 @@
 //! PUB; every node subscribes to every other member's).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use protocol::{
-    ClientCommand, ClientReply, ClientRequest, ClusterEvent, ClusterInfo, EventBody, Member,
-    NodeInfo, PeerMessage, ReplyBody, WorkerMessage,
+    BrokerMessage, ClientCommand, ClientReply, ClientRequest, ClusterEvent, Member, PeerMessage,
+    ReplyBody, WorkerMessage,
 };
 
 use crate::dispatch::{DispatchConfig, Dispatcher, Out};
 use crate::election::{self, ElectionConfig, FromElection, ToElection};
+use crate::membership::{Decision, Membership};
 use crate::scheduler::{self, Figures};
 use crate::store::{Command, Event, StoreConfig};
 use client::sockets::{self, Bell, Doorbell};
@@ -36,13 +37,6 @@ pub const CLIENT_PORT_OFFSET: u16 = 0;
 pub const WORKER_PORT_OFFSET: u16 = 1;
 pub const PEER_PORT_OFFSET: u16 = 2;
 pub const EVENTS_PORT_OFFSET: u16 = 3;
-
-/// How often a node publishes its heartbeat and reports liveness to Raft.
-const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
-/// A member not heard from this long is shown as not alive.
-const ALIVE_WITHIN: Duration = Duration::from_secs(3);
-/// How often a joining node repeats its request.
-const JOIN_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -97,25 +91,11 @@ pub enum StartError {
     Join(String),
 }
 
-/// Counters shared with the handle; written only by the I/O thread.
-#[derive(Debug, Default)]
-pub struct NodeCounters {
-    /// Client frames that could not be decoded (each got an error reply).
-    pub malformed_requests: AtomicU64,
-    /// Replies or messages that could not be sent (peer gone or full).
-    pub dropped_sends: AtomicU64,
-    /// Peer frames that could not be decoded (dropped).
-    pub malformed_peer_messages: AtomicU64,
-    /// Cluster events missed (sequence gaps).
-    pub missed_events: AtomicU64,
-}
-
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
 pub struct Node {
     pub id: u64,
     pub client_endpoint: String,
     pub worker_endpoint: String,
-    pub counters: Arc<NodeCounters>,
     stop: Arc<AtomicBool>,
     bell: Bell,
     io: Option<thread::JoinHandle<()>>,
@@ -151,6 +131,113 @@ fn shifted(ep: &str, offset: u16) -> Option<String> {
     Some(format!("{head}:{}", port.checked_add(offset)?))
 }
 
+/// This node's identity: a fresh random id (no data directory yet, so a
+/// restarted node joins as a new member and never votes twice in a
+/// term) and the endpoints others reach it at.
+fn identity(config: &NodeConfig) -> Member {
+    let port = |off: u16| config.base_port.saturating_add(off);
+    let host = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| match config.bind.as_str() {
+            "0.0.0.0" | "*" => "127.0.0.1".to_string(),
+            b => b.to_string(),
+        });
+    let id = loop {
+        let v = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
+        if v != 0 {
+            break v;
+        }
+    };
+    Member {
+        id,
+        name: config.scheduler.node_id.clone(),
+        client: endpoint(&host, port(CLIENT_PORT_OFFSET)),
+        worker: endpoint(&host, port(WORKER_PORT_OFFSET)),
+        peer: endpoint(&host, port(PEER_PORT_OFFSET)),
+        events: endpoint(&host, port(EVENTS_PORT_OFFSET)),
+    }
+}
+
+/// The sockets the I/O loop owns, bound in the caller's thread so bind
+/// errors reach it, then moved once into the I/O thread.
+struct Sockets {
+    clients: zmq::Socket,
+    workers: zmq::Socket,
+    peers: zmq::Socket,
+    publisher: zmq::Socket,
+    subscriber: zmq::Socket,
+    /// The I/O loop's end of the inproc PAIR to the election thread.
+    pair: zmq::Socket,
+}
+
+impl Sockets {
+    fn bind(
+        ctx: &zmq::Context,
+        config: &NodeConfig,
+        inproc: Option<&str>,
+        id: u64,
+    ) -> Result<Sockets, StartError> {
+        let at = |off: u16| endpoint(&config.bind, config.base_port.saturating_add(off));
+        let clients = sockets::router(ctx)?;
+        bind(&clients, &at(CLIENT_PORT_OFFSET))?;
+        let workers = sockets::router(ctx)?;
+        bind(&workers, &at(WORKER_PORT_OFFSET))?;
+        if let Some(name) = inproc {
+            let (client_ep, worker_ep) = inproc_endpoints(name);
+            bind(&clients, &client_ep)?;
+            bind(&workers, &worker_ep)?;
+        }
+        let peers = sockets::router(ctx)?;
+        bind(&peers, &at(PEER_PORT_OFFSET))?;
+        let publisher = sockets::publisher(ctx)?;
+        bind(&publisher, &at(EVENTS_PORT_OFFSET))?;
+        let subscriber = sockets::subscriber(ctx)?;
+        let pair = ctx.socket(zmq::PAIR)?;
+        pair.set_linger(0)?;
+        pair.bind(&election_endpoint(id))?;
+        Ok(Sockets {
+            clients,
+            workers,
+            peers,
+            publisher,
+            subscriber,
+            pair,
+        })
+    }
+}
+
+fn election_endpoint(id: u64) -> String {
+    format!("inproc://election-{id}")
+}
+
+/// Starts the election thread; it makes its end of the PAIR itself, in
+/// the thread that owns it.
+fn spawn_election(
+    ctx: &zmq::Context,
+    config: &NodeConfig,
+    me: &Member,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    let ctx = ctx.clone();
+    let ec = ElectionConfig {
+        me: me.clone(),
+        bootstrap: config.join.is_none(),
+        remove_after: config.remove_after,
+    };
+    thread::Builder::new()
+        .name("election".into())
+        .spawn(move || {
+            let Ok(pair) = ctx.socket(zmq::PAIR) else {
+                return;
+            };
+            let _ = pair.set_linger(0);
+            if pair.connect(&election_endpoint(ec.me.id)).is_err() {
+                return;
+            }
+            election::run(ec, pair);
+        })
+}
+
 impl Node {
     /// Binds the node's sockets and starts its threads.
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
@@ -166,57 +253,14 @@ impl Node {
         ctx: zmq::Context,
         inproc: Option<&str>,
     ) -> Result<Node, StartError> {
-        let port = |off: u16| config.base_port.saturating_add(off);
-        let host = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| match config.bind.as_str() {
-                "0.0.0.0" | "*" => "127.0.0.1".to_string(),
-                b => b.to_string(),
-            });
-        let id = loop {
-            let v = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
-            if v != 0 {
-                break v;
-            }
-        };
-        let me = Member {
-            id,
-            name: config.scheduler.node_id.clone(),
-            client: endpoint(&host, port(CLIENT_PORT_OFFSET)),
-            worker: endpoint(&host, port(WORKER_PORT_OFFSET)),
-            peer: endpoint(&host, port(PEER_PORT_OFFSET)),
-            events: endpoint(&host, port(EVENTS_PORT_OFFSET)),
-        };
+        let me = identity(&config);
         let join_peer = match &config.join {
             Some(j) => {
                 Some(shifted(j, PEER_PORT_OFFSET).ok_or_else(|| StartError::Join(j.clone()))?)
             }
             None => None,
         };
-
-        let clients = sockets::router(&ctx)?;
-        bind(&clients, &endpoint(&config.bind, port(CLIENT_PORT_OFFSET)))?;
-        let workers = sockets::router(&ctx)?;
-        bind(&workers, &endpoint(&config.bind, port(WORKER_PORT_OFFSET)))?;
-        if let Some(name) = inproc {
-            let (client_ep, worker_ep) = inproc_endpoints(name);
-            bind(&clients, &client_ep)?;
-            bind(&workers, &worker_ep)?;
-        }
-        let peers = sockets::router(&ctx)?;
-        bind(&peers, &endpoint(&config.bind, port(PEER_PORT_OFFSET)))?;
-        let publisher = sockets::publisher(&ctx)?;
-        bind(
-            &publisher,
-            &endpoint(&config.bind, port(EVENTS_PORT_OFFSET)),
-        )?;
-        let subscriber = sockets::subscriber(&ctx)?;
-        let pair = ctx.socket(zmq::PAIR)?;
-        pair.set_linger(0)?;
-        let pair_endpoint = format!("inproc://election-{id}");
-        pair.bind(&pair_endpoint)?;
-
+        let sockets = Sockets::bind(&ctx, &config, inproc, me.id)?;
         let (bell, doorbell) = sockets::doorbell()?;
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
@@ -228,43 +272,20 @@ impl Node {
             bell.clone(),
             figures.clone(),
         )?;
-        let election = {
-            let ctx = ctx.clone();
-            let ec = ElectionConfig {
-                me: me.clone(),
-                bootstrap: config.join.is_none(),
-                remove_after: config.remove_after,
-            };
-            thread::Builder::new()
-                .name("election".into())
-                .spawn(move || {
-                    // The PAIR is made here, in the thread that owns it.
-                    let Ok(pair) = ctx.socket(zmq::PAIR) else {
-                        return;
-                    };
-                    let _ = pair.set_linger(0);
-                    if pair.connect(&pair_endpoint).is_err() {
-                        return;
-                    }
-                    election::run(ec, pair);
-                })?
-        };
+        let election = spawn_election(&ctx, &config, &me)?;
         let join_dealer = match &join_peer {
             Some(ep) => {
                 let d = sockets::dealer(&ctx, false)?;
-                d.set_identity(format!("peer-{id}").as_bytes())?;
+                d.set_identity(format!("peer-{}", me.id).as_bytes())?;
                 d.connect(ep)?;
                 Some(d)
             }
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(NodeCounters::default());
-        let client_endpoint = me.client.clone();
-        let worker_endpoint = me.worker.clone();
+        let (id, client_endpoint, worker_endpoint) = (me.id, me.client.clone(), me.worker.clone());
         let io = {
             let stop = stop.clone();
-            let counters = counters.clone();
             let node_name = config.scheduler.node_id.clone();
             thread::Builder::new().name("io".into()).spawn(move || {
                 let span = tracing::info_span!("node", node = %node_name);
@@ -272,42 +293,30 @@ impl Node {
                 let now = Instant::now();
                 let mut io = IoLoop {
                     ctx: ctx.clone(),
-                    clients,
-                    workers,
-                    peers,
-                    publisher,
-                    subscriber,
-                    pair,
+                    s: sockets,
                     join_dealer,
                     doorbell,
                     commands: cmd_tx,
                     events: ev_rx,
                     dispatcher: Dispatcher::new(config.dispatch.clone()),
-                    counters,
                     figures,
                     tick_every: (config.dispatch.heartbeat_interval / 4)
                         .max(Duration::from_millis(10)),
-                    me,
-                    replicas: config.replicas.max(1),
-                    replica_offset: config.scheduler.replica_offset,
-                    members: Vec::new(),
+                    membership: Membership::new(
+                        me,
+                        config.replicas,
+                        config.scheduler.replica_offset,
+                        config.join.is_some(),
+                        now,
+                    ),
                     dealers: HashMap::new(),
-                    leader: None,
-                    term: 0,
-                    epoch: 0,
-                    heard: HashMap::new(),
-                    started: now,
-                    tasks_by_node: HashMap::new(),
-                    seq: 0,
-                    last_seq: HashMap::new(),
-                    last_beat: now,
-                    last_join: now - JOIN_EVERY,
+                    decisions: Vec::new(),
                 };
                 io.run(&stop);
                 let _ = io.commands.send(Command::Shutdown);
-                let _ = io
-                    .pair
-                    .send_multipart(protocol::encode(&ToElection::Stop), zmq::DONTWAIT);
+                let _ =
+                    io.s.pair
+                        .send_multipart(protocol::encode(&ToElection::Stop), zmq::DONTWAIT);
                 drop(io);
                 let _ = scheduler.join();
                 let _ = election.join();
@@ -319,7 +328,6 @@ impl Node {
             id,
             client_endpoint,
             worker_endpoint,
-            counters,
             stop,
             bell,
             io: Some(io),
@@ -345,40 +353,22 @@ impl Node {
 
 struct IoLoop {
     ctx: zmq::Context,
-    clients: zmq::Socket,
-    workers: zmq::Socket,
-    peers: zmq::Socket,
-    publisher: zmq::Socket,
-    subscriber: zmq::Socket,
-    pair: zmq::Socket,
+    s: Sockets,
     /// Connected to the `--join` target until this node is a member.
     join_dealer: Option<zmq::Socket>,
     doorbell: Doorbell,
     commands: Sender<Command>,
     events: Receiver<Event>,
     dispatcher: Dispatcher,
-    counters: Arc<NodeCounters>,
     figures: Arc<Figures>,
     tick_every: Duration,
-    me: Member,
-    replicas: u32,
-    replica_offset: Duration,
-    /// The roster as the election thread last reported it.
-    members: Vec<Member>,
+    /// The roster, liveness and event sequences (sans-IO); this loop
+    /// carries out its decisions.
+    membership: Membership,
     /// DEALERs to every other member's peer port.
     dealers: HashMap<u64, zmq::Socket>,
-    leader: Option<u64>,
-    term: u64,
-    epoch: u64,
-    /// When each peer was last heard from (any message or event).
-    heard: HashMap<u64, Instant>,
-    started: Instant,
-    tasks_by_node: HashMap<u64, u64>,
-    /// Sequence of this node's published events.
-    seq: u64,
-    last_seq: HashMap<u64, u64>,
-    last_beat: Instant,
-    last_join: Instant,
+    /// Decisions of the membership not yet carried out, reused.
+    decisions: Vec<Decision>,
 }
 
 /// Messages taken from one socket per wakeup, so no socket starves another.
@@ -388,96 +378,119 @@ const BATCH: usize = 1000;
 const REREADS: usize = 16;
 const REREAD_BUDGET: Duration = Duration::from_millis(2);
 
+/// Which of the fixed sockets a poll found readable.
+struct Readable {
+    clients: bool,
+    workers: bool,
+    doorbell: bool,
+    peers: bool,
+    events: bool,
+    election: bool,
+    /// Any DEALER to a peer (or the join target).
+    dealers: bool,
+}
+
 impl IoLoop {
     fn run(&mut self, stop: &AtomicBool) {
         let mut next_tick = Instant::now() + self.tick_every;
         let mut out = Vec::new();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            // Peers answer through their ROUTER, which reaches our DEALERs:
-            // those are polled too.
-            let dealer_ids: Vec<u64> = self.dealers.keys().copied().collect();
-            let (ready, dealers_ready) = {
-                let mut items = vec![
-                    self.clients.as_poll_item(zmq::POLLIN),
-                    self.workers.as_poll_item(zmq::POLLIN),
-                    zmq::PollItem::from_fd(self.doorbell.fd(), zmq::POLLIN),
-                    self.peers.as_poll_item(zmq::POLLIN),
-                    self.subscriber.as_poll_item(zmq::POLLIN),
-                    self.pair.as_poll_item(zmq::POLLIN),
-                ];
-                if let Some(j) = &self.join_dealer {
-                    items.push(j.as_poll_item(zmq::POLLIN));
-                }
-                for id in &dealer_ids {
-                    if let Some(d) = self.dealers.get(id) {
-                        items.push(d.as_poll_item(zmq::POLLIN));
-                    }
-                }
-                if let Err(e) = zmq::poll(&mut items, wait.as_millis().max(1) as i64) {
-                    if e != zmq::Error::EINTR {
-                        tracing::error!(error = %e, "poll failed; stopping the node");
-                        return;
-                    }
-                }
-                let r: Vec<bool> = items.iter().map(|i| i.is_readable()).collect();
-                let fixed = [r[0], r[1], r[2], r[3], r[4], r[5]];
-                (fixed, r.iter().skip(6).any(|x| *x))
+            let Some(ready) = self.poll(wait) else {
+                return;
             };
             if stop.load(Ordering::Acquire) {
                 return;
             }
-            if ready[0] {
+            if ready.clients {
                 self.read_clients();
             }
             let now = Instant::now();
-            if ready[1] {
+            if ready.workers {
                 self.read_workers(now, &mut out);
             }
-            if ready[3] {
+            if ready.peers {
                 self.read_peers(now);
             }
-            if dealers_ready {
+            if ready.dealers {
                 self.read_dealers(now);
             }
-            if ready[4] {
+            if ready.events {
                 self.read_events(now);
             }
-            if ready[5] {
-                self.read_election();
+            if ready.election {
+                self.read_election(now);
             }
-            if ready[2] {
+            if ready.doorbell {
                 self.doorbell.clear();
             }
             // Drain events even without a ring: cheap, and covers a ring
             // that raced with the previous drain.
             self.read_events_channel(now, &mut out);
-            // Under load, more has arrived by now: read the busy sockets and
-            // the channel again before polling, which costs a syscall and a
-            // check of every socket. A read that finds nothing is cheap.
-            // A time budget keeps the other sockets (peers, election) and
-            // the tick from waiting on a busy stream.
-            let until = now + REREAD_BUDGET;
-            for _ in 0..REREADS {
-                let now = Instant::now();
-                if now >= until {
-                    break;
-                }
-                let n = self.read_clients()
-                    + self.read_workers(now, &mut out)
-                    + self.read_events_channel(now, &mut out);
-                if n == 0 {
-                    break;
-                }
-            }
+            self.reread(now, &mut out);
             if now >= next_tick {
                 self.dispatcher.tick(now, &mut out);
                 self.carry_out(&mut out, now);
                 next_tick = now + self.tick_every;
             }
-            if now.duration_since(self.last_beat) >= HEARTBEAT_EVERY {
-                self.last_beat = now;
-                self.beat(now);
+            let tasks = self.figures.tasks.load(Ordering::Relaxed);
+            let mut decisions = std::mem::take(&mut self.decisions);
+            self.membership.tick(now, tasks, &mut decisions);
+            self.decide(&mut decisions);
+            self.decisions = decisions;
+        }
+    }
+
+    /// Waits up to `wait` for a socket; `None` when polling failed.
+    fn poll(&self, wait: Duration) -> Option<Readable> {
+        // Peers answer through their ROUTER, which reaches our DEALERs:
+        // those are polled too.
+        let s = &self.s;
+        let mut items = vec![
+            s.clients.as_poll_item(zmq::POLLIN),
+            s.workers.as_poll_item(zmq::POLLIN),
+            zmq::PollItem::from_fd(self.doorbell.fd(), zmq::POLLIN),
+            s.peers.as_poll_item(zmq::POLLIN),
+            s.subscriber.as_poll_item(zmq::POLLIN),
+            s.pair.as_poll_item(zmq::POLLIN),
+        ];
+        items.extend(self.join_dealer.iter().map(|j| j.as_poll_item(zmq::POLLIN)));
+        items.extend(self.dealers.values().map(|d| d.as_poll_item(zmq::POLLIN)));
+        if let Err(e) = zmq::poll(&mut items, wait.as_millis().max(1) as i64) {
+            if e != zmq::Error::EINTR {
+                tracing::error!(error = %e, "poll failed; stopping the node");
+                return None;
+            }
+        }
+        let r = |i: usize| items[i].is_readable();
+        Some(Readable {
+            clients: r(0),
+            workers: r(1),
+            doorbell: r(2),
+            peers: r(3),
+            events: r(4),
+            election: r(5),
+            dealers: items[6..].iter().any(|i| i.is_readable()),
+        })
+    }
+
+    /// Under load, more has arrived by now: read the busy sockets and the
+    /// channel again before polling, which costs a syscall and a check of
+    /// every socket. A read that finds nothing is cheap. A time budget
+    /// keeps the other sockets (peers, election) and the tick from waiting
+    /// on a busy stream.
+    fn reread(&mut self, since: Instant, out: &mut Vec<Out>) {
+        let until = since + REREAD_BUDGET;
+        for _ in 0..REREADS {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let n = self.read_clients()
+                + self.read_workers(now, out)
+                + self.read_events_channel(now, out);
+            if n == 0 {
+                break;
             }
         }
     }
@@ -486,7 +499,7 @@ impl IoLoop {
     fn read_workers(&mut self, now: Instant, out: &mut Vec<Out>) -> usize {
         let mut n = 0;
         while n < BATCH {
-            let Some(frames) = sockets::try_recv(&self.workers) else {
+            let Some(frames) = sockets::try_recv(&self.s.workers) else {
                 break;
             };
             n += 1;
@@ -504,7 +517,7 @@ impl IoLoop {
         n
     }
 
-    /// What the scheduler and election handed over since the last look.
+    /// What the scheduler handed over since the last look.
     fn read_events_channel(&mut self, now: Instant, out: &mut Vec<Out>) -> usize {
         let mut n = 0;
         while let Ok(ev) = self.events.try_recv() {
@@ -529,7 +542,10 @@ impl IoLoop {
                 }
                 Event::Revoke { delivery } => self.dispatcher.on_revoke(delivery),
                 Event::ToPeer { to, msg } => self.send_peer(to, &msg),
-                Event::Publish(body) => self.publish(body),
+                Event::Publish(body) => {
+                    let ev = self.membership.publish(body);
+                    self.publish(&ev);
+                }
             }
         }
         if n > 0 {
@@ -538,127 +554,63 @@ impl IoLoop {
         n
     }
 
-    fn is_member(&self) -> bool {
-        self.members.iter().any(|m| m.id == self.me.id)
-    }
-
-    /// Heartbeat, liveness report to Raft, and join retries.
-    fn beat(&mut self, now: Instant) {
-        let tasks = self.figures.tasks.load(Ordering::Relaxed);
-        self.publish(EventBody::Heartbeat {
-            tasks,
-            epoch: self.epoch,
-        });
-        let liveness: Vec<(u64, u64)> = self
-            .members
-            .iter()
-            .filter(|m| m.id != self.me.id)
-            .map(|m| {
-                let since = self.heard.get(&m.id).copied().unwrap_or(self.started);
-                (m.id, now.duration_since(since).as_millis() as u64)
-            })
-            .collect();
-        self.to_election(&ToElection::Liveness(liveness));
-        if self.is_member() {
-            self.join_dealer = None;
-        } else if let Some(d) = &self.join_dealer {
-            if now.duration_since(self.last_join) >= JOIN_EVERY {
-                self.last_join = now;
-                let msg = PeerMessage::Join {
-                    member: self.me.clone(),
-                };
-                let _ = sockets::send_parts(d, &protocol::encode(&msg));
+    /// Carries out the membership's decisions.
+    fn decide(&mut self, decisions: &mut Vec<Decision>) {
+        for d in decisions.drain(..) {
+            match d {
+                Decision::Connect(m) => self.connect_peer(&m),
+                Decision::Disconnect(m) => {
+                    self.dealers.remove(&m.id);
+                    let _ = self.s.subscriber.disconnect(&m.events);
+                }
+                Decision::SendPeer { to, msg } => self.send_peer(to, &msg),
+                Decision::Publish(ev) => self.publish(&ev),
+                Decision::Store(cmd) => {
+                    let _ = self.commands.send(cmd);
+                }
+                Decision::Election(msg) => {
+                    let _ = self
+                        .s
+                        .pair
+                        .send_multipart(protocol::encode(&msg), zmq::DONTWAIT);
+                }
+                Decision::Join(msg) => {
+                    if let Some(d) = &self.join_dealer {
+                        let _ = sockets::send_parts(d, &protocol::encode(&msg));
+                    }
+                }
+                Decision::Joined => self.join_dealer = None,
             }
         }
     }
 
-    fn to_election(&self, msg: &ToElection) {
-        let _ = self
-            .pair
-            .send_multipart(protocol::encode(msg), zmq::DONTWAIT);
+    /// A DEALER with identity `peer-<our id>` to a member's peer port, and
+    /// a subscription to its events.
+    fn connect_peer(&mut self, m: &Member) {
+        match sockets::dealer(&self.ctx, false) {
+            Ok(d) => {
+                let _ = d.set_identity(format!("peer-{}", self.membership.me().id).as_bytes());
+                let _ = d.connect(&m.peer);
+                self.dealers.insert(m.id, d);
+                let _ = self.s.subscriber.connect(&m.events);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot make a peer socket"),
+        }
     }
 
-    fn read_election(&mut self) {
+    fn read_election(&mut self, now: Instant) {
+        let mut decisions = std::mem::take(&mut self.decisions);
         for _ in 0..BATCH {
-            let Some(parts) = sockets::try_recv(&self.pair) else {
+            let Some(parts) = sockets::try_recv(&self.s.pair) else {
                 break;
             };
             match protocol::decode::<FromElection, _>(&parts) {
-                Ok(FromElection::Send { to, message }) => {
-                    let msg = PeerMessage::Raft {
-                        from: self.me.id,
-                        message,
-                    };
-                    self.send_peer(to, &msg);
-                }
-                Ok(FromElection::ForwardJoin { leader, member }) => {
-                    self.send_peer(leader, &PeerMessage::Join { member });
-                }
-                Ok(FromElection::State {
-                    epoch,
-                    members,
-                    leader,
-                    term,
-                }) => self.on_state(epoch, members, leader, term),
+                Ok(msg) => self.membership.from_election(msg, now, &mut decisions),
                 Err(e) => tracing::warn!(error = %e, "bad message from the election thread"),
             }
         }
-    }
-
-    /// A new view from Raft: connect to new members, drop gone ones, and
-    /// tell the scheduler.
-    fn on_state(&mut self, epoch: u64, members: Vec<Member>, leader: Option<u64>, term: u64) {
-        if leader != self.leader {
-            tracing::info!(?leader, term, "leader changed");
-        }
-        self.leader = leader;
-        self.term = term;
-        let changed = epoch != self.epoch || members != self.members;
-        self.epoch = epoch;
-        if !changed {
-            return;
-        }
-        let me = self.me.id;
-        for m in &members {
-            if m.id == me || self.dealers.contains_key(&m.id) {
-                continue;
-            }
-            match sockets::dealer(&self.ctx, false) {
-                Ok(d) => {
-                    let _ = d.set_identity(format!("peer-{me}").as_bytes());
-                    let _ = d.connect(&m.peer);
-                    self.dealers.insert(m.id, d);
-                    let _ = self.subscriber.connect(&m.events);
-                    self.heard.entry(m.id).or_insert_with(Instant::now);
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot make a peer socket"),
-            }
-        }
-        let gone: Vec<u64> = self
-            .dealers
-            .keys()
-            .copied()
-            .filter(|id| !members.iter().any(|m| m.id == *id))
-            .collect();
-        for id in gone {
-            self.dealers.remove(&id);
-            if let Some(m) = self.members.iter().find(|m| m.id == id) {
-                let _ = self.subscriber.disconnect(&m.events);
-            }
-            self.heard.remove(&id);
-        }
-        self.members = members;
-        tracing::info!(epoch, members = self.members.len(), "roster changed");
-        let ids: Vec<u64> = if self.is_member() {
-            self.members.iter().map(|m| m.id).collect()
-        } else {
-            Vec::new()
-        };
-        let _ = self.commands.send(Command::Roster {
-            me,
-            members: ids,
-            replicas: self.replicas,
-        });
+        self.decide(&mut decisions);
+        self.decisions = decisions;
     }
 
     fn send_peer(&self, to: u64, msg: &PeerMessage) {
@@ -667,9 +619,8 @@ impl IoLoop {
             Some(d) => sockets::send_parts(d, &frames).is_ok(),
             // Not (yet) in our roster: answer through the connection it
             // made to us, if any.
-            None => {
-                sockets::send_routed(&self.peers, format!("peer-{to}").as_bytes(), &frames).is_ok()
-            }
+            None => sockets::send_routed(&self.s.peers, format!("peer-{to}").as_bytes(), &frames)
+                .is_ok(),
         };
         if !sent {
             tracing::debug!(
@@ -677,25 +628,17 @@ impl IoLoop {
                 known = self.dealers.contains_key(&to),
                 "peer message dropped"
             );
-            self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    fn publish(&mut self, body: EventBody) {
-        self.seq += 1;
-        let ev = ClusterEvent {
-            from: self.me.id,
-            seq: self.seq,
-            body,
-        };
-        if sockets::send_parts(&self.publisher, &protocol::encode(&ev)).is_err() {
-            self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
-        }
+    fn publish(&self, ev: &ClusterEvent) {
+        // PUB drops at the high-water mark; subscribers count the gap.
+        let _ = sockets::send_parts(&self.s.publisher, &protocol::encode(ev));
     }
 
     fn read_peers(&mut self, now: Instant) {
         for _ in 0..BATCH {
-            let Some(frames) = sockets::try_recv(&self.peers) else {
+            let Some(frames) = sockets::try_recv(&self.s.peers) else {
                 break;
             };
             let Some((_, rest)) = frames.split_first() else {
@@ -723,113 +666,38 @@ impl IoLoop {
     }
 
     fn on_peer_frames(&mut self, rest: &[Vec<u8>], now: Instant) {
-        {
-            let msg = match protocol::decode::<PeerMessage, _>(rest) {
-                Ok(m) => m,
-                Err(e) => {
-                    self.counters
-                        .malformed_peer_messages
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %e, "malformed peer message dropped");
-                    return;
-                }
-            };
-            match msg {
-                PeerMessage::Raft { from, message } => {
-                    self.heard.insert(from, now);
-                    self.to_election(&ToElection::Raft(message));
-                }
-                PeerMessage::Join { member } => self.to_election(&ToElection::Join(member)),
-                other => {
-                    let from = match &other {
-                        PeerMessage::Store { from, .. }
-                        | PeerMessage::StoreResult { from, .. }
-                        | PeerMessage::Request { from, .. }
-                        | PeerMessage::Reply { from, .. } => Some(*from),
-                        _ => None,
-                    };
-                    if let Some(f) = from {
-                        self.heard.insert(f, now);
-                    }
-                    let _ = self.commands.send(Command::Peer(other));
-                }
+        let msg = match protocol::decode::<PeerMessage, _>(rest) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed peer message dropped");
+                return;
             }
-        }
+        };
+        let mut decisions = std::mem::take(&mut self.decisions);
+        self.membership.on_peer(msg, now, &mut decisions);
+        self.decide(&mut decisions);
+        self.decisions = decisions;
     }
 
     fn read_events(&mut self, now: Instant) {
+        let mut decisions = std::mem::take(&mut self.decisions);
         for _ in 0..BATCH {
-            let Some(frames) = sockets::try_recv(&self.subscriber) else {
+            let Some(frames) = sockets::try_recv(&self.s.subscriber) else {
                 break;
             };
-            let Ok(ev) = protocol::decode::<ClusterEvent, _>(&frames) else {
-                self.counters
-                    .malformed_peer_messages
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if ev.from == self.me.id {
-                continue;
-            }
-            self.heard.insert(ev.from, now);
-            let last = self.last_seq.insert(ev.from, ev.seq);
-            if let Some(l) = last {
-                if ev.seq > l + 1 {
-                    self.counters
-                        .missed_events
-                        .fetch_add(ev.seq - l - 1, Ordering::Relaxed);
-                }
-            }
-            match ev.body {
-                EventBody::Heartbeat { tasks, .. } => {
-                    self.tasks_by_node.insert(ev.from, tasks);
-                }
-                body => {
-                    let _ = self.commands.send(Command::PeerEvent(body));
-                }
+            match protocol::decode::<ClusterEvent, _>(&frames) {
+                Ok(ev) => self.membership.on_event(ev, now, &mut decisions),
+                Err(e) => tracing::debug!(error = %e, "malformed cluster event dropped"),
             }
         }
-    }
-
-    fn cluster_info(&self) -> ClusterInfo {
-        let now = Instant::now();
-        let nodes = self
-            .members
-            .iter()
-            .map(|m| NodeInfo {
-                id: m.id,
-                name: m.name.clone(),
-                client: m.client.clone(),
-                worker: m.worker.clone(),
-                alive: m.id == self.me.id
-                    || self
-                        .heard
-                        .get(&m.id)
-                        .is_some_and(|t| now.duration_since(*t) < ALIVE_WITHIN),
-                leader: Some(m.id) == self.leader,
-                tasks: if m.id == self.me.id {
-                    self.figures.tasks.load(Ordering::Relaxed)
-                } else {
-                    self.tasks_by_node.get(&m.id).copied().unwrap_or(0)
-                },
-            })
-            .collect();
-        ClusterInfo {
-            node: self.me.id,
-            leader: self.leader,
-            term: self.term,
-            epoch: self.epoch,
-            replicas: self.replicas,
-            replica_offset: self.replica_offset.as_secs_f64(),
-            nodes,
-            re_replicated: self.figures.re_replicated.load(Ordering::Relaxed),
-        }
+        self.decide(&mut decisions);
+        self.decisions = decisions;
     }
 
     fn read_clients(&mut self) -> usize {
         let mut n = 0;
         while n < BATCH {
-            let Some(frames) = sockets::try_recv(&self.clients) else {
+            let Some(frames) = sockets::try_recv(&self.s.clients) else {
                 break;
             };
             n += 1;
@@ -841,11 +709,14 @@ impl IoLoop {
                     request_id,
                     command: ClientCommand::ClusterInfo,
                 }) => {
+                    let cluster = self.membership.cluster_info(
+                        Instant::now(),
+                        self.figures.tasks.load(Ordering::Relaxed),
+                        self.figures.re_replicated.load(Ordering::Relaxed),
+                    );
                     let reply = ClientReply {
                         request_id,
-                        body: ReplyBody::Cluster {
-                            cluster: self.cluster_info(),
-                        },
+                        body: ReplyBody::Cluster { cluster },
                     };
                     self.send_client(identity, &reply);
                 }
@@ -856,9 +727,6 @@ impl IoLoop {
                     });
                 }
                 Err(e) => {
-                    self.counters
-                        .malformed_requests
-                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "malformed client request");
                     let reply = ClientReply {
                         request_id: protocol::frames::peek_request_id(rest).unwrap_or_default(),
@@ -875,11 +743,13 @@ impl IoLoop {
     }
 
     fn send_client(&self, identity: &[u8], reply: &ClientReply) {
-        if sockets::send_routed(&self.clients, identity, &protocol::encode(reply)).is_err() {
-            self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
+        if sockets::send_routed(&self.s.clients, identity, &protocol::encode(reply)).is_err() {
+            tracing::debug!("reply dropped: the client is gone or full");
         }
     }
 
+    /// Carries out the dispatcher's actions: commands to the store, and
+    /// messages to workers (what cannot be sent goes back to it).
     fn carry_out(&mut self, out: &mut Vec<Out>, now: Instant) {
         let mut i = 0;
         loop {
@@ -897,31 +767,34 @@ impl IoLoop {
                     Out::Schedule(cmd) => {
                         let _ = self.commands.send(cmd);
                     }
-                    Out::Send(identity, msg) => {
-                        let sent =
-                            sockets::send_routed(&self.workers, &identity, &protocol::encode(&msg));
-                        match sent {
-                            Ok(()) => self.dispatcher.sent(&identity, now),
-                            Err(e) => {
-                                self.counters.dropped_sends.fetch_add(1, Ordering::Relaxed);
-                                let tasks = match msg {
-                                    protocol::BrokerMessage::Task { delivery, task } => {
-                                        vec![protocol::Dispatched { delivery, task }]
-                                    }
-                                    protocol::BrokerMessage::Tasks { tasks } => tasks,
-                                    _ => Vec::new(),
-                                };
-                                if !tasks.is_empty() {
-                                    let unreachable = e == zmq::Error::EHOSTUNREACH;
-                                    self.dispatcher
-                                        .unsent(&identity, tasks, unreachable, now, out);
-                                }
-                            }
-                        }
-                    }
+                    Out::Send(identity, msg) => self.send_worker(identity, msg, now, out),
                 }
             }
         }
         out.clear();
+    }
+
+    fn send_worker(
+        &mut self,
+        identity: Vec<u8>,
+        msg: BrokerMessage,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
+        let Err(e) = sockets::send_routed(&self.s.workers, &identity, &protocol::encode(&msg))
+        else {
+            self.dispatcher.sent(&identity, now);
+            return;
+        };
+        let tasks = match msg {
+            BrokerMessage::Task { delivery, task } => vec![protocol::Dispatched { delivery, task }],
+            BrokerMessage::Tasks { tasks } => tasks,
+            _ => Vec::new(),
+        };
+        if !tasks.is_empty() {
+            let unreachable = e == zmq::Error::EHOSTUNREACH;
+            self.dispatcher
+                .unsent(&identity, tasks, unreachable, now, out);
+        }
     }
 }

@@ -162,11 +162,6 @@ impl ValidTask {
         self.raw.then_some(&self.payload[..])
     }
 
-    /// Bytes of parameters or body as stored.
-    pub fn payload_len(&self) -> usize {
-        self.payload.len()
-    }
-
     /// The rarely used fields (all empty for most tasks).
     pub fn rare(&self) -> &Rare {
         static EMPTY: Rare = Rare {

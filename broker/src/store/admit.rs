@@ -353,8 +353,10 @@ impl Store {
         None
     }
 
-    /// Enqueues on this node alone (no replication): callbacks, batches'
-    /// local copy, and every enqueue of a single-node cluster.
+    /// Enqueues here and answers at once: every enqueue of a single node,
+    /// and the callbacks of finished tasks in a cluster. In a cluster the
+    /// copies still go to the task's other holders, without waiting for
+    /// their acknowledgements (so the answer says one replica).
     pub(super) fn enqueue(
         &mut self,
         queue: &str,
