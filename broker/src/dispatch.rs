@@ -12,7 +12,7 @@
 //! actions of a whole pass, so the tasks freed by a pass's results travel
 //! together.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,9 @@ struct Worker {
     pools: Vec<String>,
     /// Deliveries allowed out at once.
     window: u32,
-    in_flight: HashMap<u64, InFlight>,
+    /// By delivery id (ordered, like the maps below, so that what a tick
+    /// does comes out in the same order every run).
+    in_flight: BTreeMap<u64, InFlight>,
     last_heard: Instant,
     last_sent: Instant,
     /// Takes `tasks` messages.
@@ -112,8 +114,9 @@ pub struct DispatchStats {
 /// See the module docs.
 pub struct Dispatcher {
     config: DispatchConfig,
-    workers: HashMap<Vec<u8>, Worker>,
-    pools: HashMap<String, Pool>,
+    /// By identity; a `BTreeMap`, as identities are the peers' choice.
+    workers: BTreeMap<Vec<u8>, Worker>,
+    pools: BTreeMap<String, Pool>,
     /// Workers whose outbox is not empty.
     filled: Vec<Vec<u8>>,
     pub stats: DispatchStats,
@@ -123,8 +126,8 @@ impl Dispatcher {
     pub fn new(config: DispatchConfig) -> Self {
         Dispatcher {
             config,
-            workers: HashMap::new(),
-            pools: HashMap::new(),
+            workers: BTreeMap::new(),
+            pools: BTreeMap::new(),
             filled: Vec::new(),
             stats: DispatchStats::default(),
         }
@@ -276,7 +279,7 @@ impl Dispatcher {
             }
             None => {
                 self.stats.workers_registered += 1;
-                (HashMap::new(), Vec::new())
+                (BTreeMap::new(), Vec::new())
             }
         };
         // Assigned before the new `ready` but not sent yet: it goes out in
@@ -566,7 +569,7 @@ impl Dispatcher {
 
 /// The deliveries among `tasks` still counted in flight, taken out of it.
 fn take_in_flight(
-    in_flight: &mut HashMap<u64, InFlight>,
+    in_flight: &mut BTreeMap<u64, InFlight>,
     tasks: Vec<Dispatched>,
 ) -> Vec<(InFlight, Dispatched)> {
     tasks

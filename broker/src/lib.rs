@@ -15,6 +15,8 @@
 //!   heartbeats, deadlines; owned by the I/O thread.
 //! * [`queues`] — per-queue settings, token bucket, tombstones, figures.
 //! * [`validate`] — enqueue rules; [`retry`] — the backoff policy.
+//! * [`sim`] — the whole cluster in one seeded, single-threaded
+//!   simulation, with its invariants.
 //! * [`cli`] — the `miyamoto-broker` command line.
 //!
 //! Sockets are made by `client::sockets`, shared with the gateway and the
@@ -30,6 +32,7 @@ pub mod placement;
 pub mod queues;
 pub mod retry;
 pub mod scheduler;
+pub mod sim;
 pub mod store;
 pub mod validate;
 

@@ -67,6 +67,13 @@ impl Store {
         if let Some(delivery) = delivery {
             out.push(Event::Revoke { delivery });
         }
+        if let Some(changes) = &mut self.changes {
+            changes.push(TaskChange {
+                id,
+                queue: queue.clone(),
+                state: to,
+            });
+        }
         if let Some(q) = self.queues.get_mut(&*queue) {
             q.count(from, to);
             if from == Some(TaskState::Running) && to != Some(TaskState::Running) {

@@ -287,6 +287,10 @@ pub struct Store {
     config: StoreConfig,
     /// Where new task ids come from (an input, so runs replay).
     ids: TaskIds,
+    /// Every change of a task's state since the last
+    /// [`Store::take_changes`], when observed (the simulation's view; the
+    /// journal will attach at the same place).
+    changes: Option<Vec<TaskChange>>,
     tasks: table::TaskTable,
     queues: HashMap<String, Queue>,
     /// Task timers (fire a pending task, or forget a finished one): a
@@ -344,6 +348,15 @@ impl Interner {
     }
 }
 
+/// One change of a task's state, as [`Store::change`] made it: `None` when
+/// the task left the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskChange {
+    pub id: Uuid,
+    pub queue: Arc<String>,
+    pub state: Option<TaskState>,
+}
+
 /// Where a store's task ids come from. Production draws random (v4) ids;
 /// tests and the simulation draw them from a seed, so a run replays
 /// exactly. Seeded ids are v4-shaped too (random bits from SplitMix64),
@@ -394,6 +407,7 @@ impl Store {
         Store {
             config,
             ids,
+            changes: None,
             tasks: table::TaskTable::default(),
             queues,
             task_timers: BinaryHeap::new(),
@@ -411,6 +425,50 @@ impl Store {
             urls: Interner::default(),
             stats: Stats::default(),
         }
+    }
+
+    /// Records every change of a task's state from now on, for
+    /// [`Store::take_changes`].
+    pub fn observe_changes(&mut self) {
+        self.changes.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes recorded since the last call (see
+    /// [`Store::observe_changes`]).
+    pub fn take_changes(&mut self) -> Vec<TaskChange> {
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// A task's state, if this node holds it.
+    pub fn task_state(&self, id: &Uuid) -> Option<TaskState> {
+        self.tasks.get(id).map(|t| t.state)
+    }
+
+    /// A task's state and timers in one line, for diagnostics (the
+    /// simulation's reports).
+    pub fn describe_task(&self, id: &Uuid) -> Option<String> {
+        let t = self.tasks.get(id)?;
+        Some(format!(
+            "{:?} in {}, replica {} of holders {:?}, due {} µs, fires at {} µs (timer set: {}, ready: {}), {} attempts, delivery {:?}",
+            t.state,
+            t.spec.queue,
+            t.replica,
+            t.holders,
+            t.due_us,
+            t.fire_at_us,
+            t.timed,
+            t.in_ready,
+            t.attempts,
+            t.delivery()
+        ))
+    }
+
+    /// Deliveries of `queue` under way from this node.
+    pub fn running(&self, queue: &str) -> u32 {
+        self.queues.get(queue).map_or(0, |q| q.running)
     }
 
     /// Tasks held, finished ones included.
