@@ -130,6 +130,12 @@ pub struct Report {
     pub lost_with_holders: usize,
     /// Of those, the ones acknowledged with `replicas` 1.
     pub lost_with_one_copy: usize,
+    /// Resent requests stored as a second task while the first was still
+    /// held by a node the resend's coordinator could not reach.
+    pub stored_twice: u64,
+    /// Resent requests stored again because every node that held their
+    /// first task had died.
+    pub stored_again_after_loss: u64,
     /// Acknowledged tasks dead-lettered (attempts exhausted).
     pub dead_lettered: usize,
     pub cancels_acknowledged: usize,
@@ -165,7 +171,7 @@ impl Report {
     pub fn summary(&self) -> String {
         format!(
             "seed {}: {} steps, {} acknowledged, {} delivered, {} deliveries ({} duplicates), \
-             {} lost with all holders ({} acknowledged with one copy), {} dead-lettered, {} cancels ({} deliveries after), \
+             {} lost with all holders ({} acknowledged with one copy), {} resends stored twice, {} stored again after loss, {} dead-lettered, {} cancels ({} deliveries after), \
              {} crashes, {} partitions, {} messages ({} dropped, {} duplicated), term {}, {} violations",
             self.seed,
             self.steps,
@@ -175,6 +181,8 @@ impl Report {
             self.duplicates,
             self.lost_with_holders,
             self.lost_with_one_copy,
+            self.stored_twice,
+            self.stored_again_after_loss,
             self.dead_lettered,
             self.cancels_acknowledged,
             self.delivered_after_cancel,
@@ -352,6 +360,8 @@ struct Ledger {
     /// Tasks a worker answered with success, and how many times.
     succeeded: HashMap<Uuid, u64>,
     cancel_acked: BTreeSet<Uuid>,
+    /// The tasks delivered for each producer request.
+    by_request: HashMap<String, BTreeSet<Uuid>>,
     /// Acknowledged with `replicas` 1.
     one_copy: HashSet<Uuid>,
     /// (node, task) pairs the node recorded as cancelled.
@@ -676,6 +686,17 @@ impl Sim {
         }
         match msg {
             Msg::Peer { to, msg } => {
+                if self.config.trace && std::env::var("SIM_WATCH").is_ok() {
+                    let line = match &msg {
+                        PeerMessage::Raft { .. } => None,
+                        m => Some(format!("peer message from {from:?} to {to}: {m:?}")),
+                    };
+                    if let Some(l) = line {
+                        let at = self.now.duration_since(self.base).as_micros();
+                        let l: String = l.chars().take(300).collect();
+                        self.report.trace.push(format!("{at:>10} {l}"));
+                    }
+                }
                 if self.alive(to) {
                     let mut d = Vec::new();
                     let now = self.now;
@@ -1001,6 +1022,7 @@ impl Sim {
         }
         for job in jobs {
             self.report.deliveries += 1;
+            self.one_task_per_request(&job);
             if let Ok(id) = Uuid::parse_str(&job.task.id) {
                 if self.ledger.succeeded.contains_key(&id) {
                     self.report.duplicates += 1;
@@ -1033,6 +1055,41 @@ impl Sim {
                     },
                 );
             }
+        }
+    }
+
+    /// A request resent to another node must not make a second task.
+    fn one_task_per_request(&mut self, job: &Job) {
+        let Some((_, request)) = job.task.params.iter().find(|(k, _)| k == "request") else {
+            return;
+        };
+        let Ok(id) = Uuid::parse_str(&job.task.id) else {
+            return;
+        };
+        let task = job.task.id.clone();
+        self.trace(|| format!("a worker gets {task} of request {request}"));
+        let tasks = self.ledger.by_request.entry(request.clone()).or_default();
+        if !tasks.insert(id) || tasks.len() == 1 {
+            return;
+        }
+        let tasks = tasks.clone();
+        // While a live node still holds the first task, the resend's
+        // coordinator could not reach it (a partition, lost messages)
+        // and kept the task rather than risk losing it: a duplicate the
+        // at-least-once design allows, counted. Otherwise the first was
+        // lost with every node that knew of it, and storing the resend
+        // again is what keeps the request.
+        let known = tasks.iter().filter(|t| **t != id).any(|t| {
+            self.ledger
+                .copies
+                .get(t)
+                .is_some_and(|c| c.keys().any(|n| self.alive(*n)))
+        });
+        if known {
+            self.report.stored_twice += 1;
+            self.trace(|| format!("request {request} stored again as {id}"));
+        } else {
+            self.report.stored_again_after_loss += 1;
         }
     }
 
@@ -1127,13 +1184,14 @@ impl Sim {
             let live = self.live_ids();
             if !live.is_empty() {
                 let node = live[self.rng.below(live.len() as u64) as usize];
-                let command = self.next_command();
-                let producer = &mut self.producers[p];
-                producer.next_req += 1;
+                self.producers[p].next_req += 1;
+                let request_id = format!("p{p}-{}", self.producers[p].next_req);
+                let command = self.next_command(&request_id);
                 let req = ClientRequest {
-                    request_id: format!("p{p}-{}", producer.next_req),
+                    request_id,
                     command,
                 };
+                let producer = &mut self.producers[p];
                 producer.outstanding.insert(
                     req.request_id.clone(),
                     Outstanding {
@@ -1143,6 +1201,8 @@ impl Sim {
                         sent_at: now,
                     },
                 );
+                let rid = req.request_id.clone();
+                self.trace(|| format!("producer {p} sends {rid} to node {node}"));
                 self.send(
                     None,
                     Msg::Request {
@@ -1161,7 +1221,7 @@ impl Sim {
         }
     }
 
-    fn next_command(&mut self) -> ClientCommand {
+    fn next_command(&mut self, request_id: &str) -> ClientCommand {
         let roll = self.rng.below(100);
         if roll < 6 && !self.ledger.acknowledged.is_empty() {
             // Cancel a task acknowledged earlier (the most recent tenth).
@@ -1194,6 +1254,9 @@ impl Sim {
                 url: format!("zmq://{POOL}"),
                 countdown: Some(countdown),
                 name,
+                // The request it came from, for the check that a resent
+                // request is stored once.
+                params: vec![("request".into(), request_id.into())],
                 ..TaskSpec::default()
             },
             wait: None,
@@ -1233,6 +1296,7 @@ impl Sim {
                     o.node = node;
                 }
             }
+            self.trace(|| format!("producer {p} resends {k} to node {node}"));
             self.send(
                 None,
                 Msg::Request {
@@ -1245,6 +1309,7 @@ impl Sim {
     }
 
     fn producer_reply(&mut self, p: usize, reply: ClientReply) {
+        self.trace(|| format!("producer {p} gets {}: {:?}", reply.request_id, reply.body));
         let was = self.producers[p].outstanding.remove(&reply.request_id);
         match reply.body {
             ReplyBody::Enqueued {
@@ -1295,8 +1360,16 @@ impl Sim {
             return;
         }
         let live = self.live_ids();
-        // One node down at a time: a majority stays.
-        if live.len() == self.config.nodes && live.len() > 1 {
+        // One failure at a time: a node crashes only when the cluster has
+        // healed from the last one (every node back and in the roster, the
+        // dead removed). Nodes without a data directory come back as new
+        // members, so a second failure before that can leave no majority
+        // of the roster alive, and the cluster cannot recover by itself.
+        if !self.healthy() {
+            self.at(now + Duration::from_secs(1), Wake::Crash);
+            return;
+        }
+        if live.len() > 1 {
             let id = live[self.rng.below(live.len() as u64) as usize];
             self.report.crashes += 1;
             if let Some(n) = self.nodes.get_mut(&id) {
@@ -1373,7 +1446,19 @@ impl Sim {
         let Some(n) = self.nodes.get_mut(&id) else {
             return;
         };
-        for c in n.store.take_changes() {
+        let changes = n.store.take_changes();
+        if self.config.trace {
+            if let Ok(w) = std::env::var("SIM_WATCH") {
+                for c in changes.iter().filter(|c| c.id.to_string().starts_with(&w)) {
+                    let at = self.now.duration_since(self.base).as_micros();
+                    self.report.trace.push(format!(
+                        "{at:>10} node {id}: task {} -> {:?}",
+                        c.id, c.state
+                    ));
+                }
+            }
+        }
+        for c in changes {
             let l = &mut self.ledger;
             match c.state {
                 Some(state) => {
@@ -1511,22 +1596,29 @@ impl Sim {
         }
     }
 
-    fn check_limits(&mut self) {
+    /// Every live node is in the roster, the roster holds no one else,
+    /// every node agrees on it, and none is cut off.
+    fn agreed(&self) -> bool {
         let live = self.live_ids();
         let want: BTreeSet<u64> = live.iter().copied().collect();
-        let stable = !self.faults_on() || self.cut.is_empty();
-        let agreed = stable
+        self.cut.is_empty()
             && live.iter().all(|id| {
                 self.nodes.get(id).is_some_and(|n| {
-                    n.membership
-                        .members()
-                        .iter()
-                        .map(|m| m.id)
-                        .collect::<BTreeSet<u64>>()
-                        == want
+                    let ids: BTreeSet<u64> = n.membership.members().iter().map(|m| m.id).collect();
+                    ids == want
                 })
-            });
-        if !agreed {
+            })
+    }
+
+    /// Healed from every failure: all nodes up and agreeing on a roster of
+    /// them all.
+    fn healthy(&self) -> bool {
+        self.live_ids().len() == self.config.nodes && self.agreed()
+    }
+
+    fn check_limits(&mut self) {
+        let live = self.live_ids();
+        if !self.agreed() {
             self.stable_since = None;
             return;
         }

@@ -70,8 +70,19 @@ pub enum PeerMessage {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum StoreOutcome {
     Stored,
-    Duplicate { id: String, tombstoned: bool },
-    Rejected { reason: String },
+    Duplicate {
+        id: String,
+        tombstoned: bool,
+    },
+    Rejected {
+        reason: String,
+    },
+    /// The record's `request` was stored here already, as task `id`: a
+    /// producer's resend reached another coordinator. The coordinator
+    /// answers with `id` and drops its own copies.
+    Resent {
+        id: String,
+    },
 }
 
 /// A task as it travels between its holders.
@@ -104,6 +115,13 @@ pub struct ReplicaRecord {
     pub first_attempt_us: Option<u64>,
     /// The nodes holding the task, in replica order.
     pub holders: Vec<u64>,
+    /// The request that enqueued it, with the task's place in a batch
+    /// (`REQUEST_ID` or `REQUEST_ID#i`), on a fresh enqueue's copy: a
+    /// holder remembers it for the deduplication window, so a resend of
+    /// the request to another node finds the task instead of making a
+    /// second one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// A message published on the events port: `[""] [header] [body]`.

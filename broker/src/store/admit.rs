@@ -94,7 +94,7 @@ impl Store {
         }
         let queue = command_queue(command);
         if mutating {
-            if let Some(body) = self.recent.get(request_id, queue.unwrap_or("")) {
+            if let Some(body) = self.remembered(request_id, queue.unwrap_or("")) {
                 self.stats.duplicate_requests += 1;
                 return Some(body);
             }
@@ -254,6 +254,33 @@ impl Store {
         true
     }
 
+    /// The reply remembered for a request (or a batch's task, by its
+    /// request key): what this node answered, or the copy it stores for
+    /// another coordinator, while that copy is here (a copy discarded
+    /// since, because its name was taken elsewhere, answers nothing).
+    pub(super) fn remembered(&self, key: &str, queue: &str) -> Option<ReplyBody> {
+        match self.recent.get(key, queue)? {
+            ReplyBody::Enqueued {
+                id,
+                queue,
+                eta,
+                result,
+                replicas: 0,
+            } => {
+                let uid = Uuid::parse_str(&id).ok()?;
+                self.tasks.get(&uid)?;
+                Some(ReplyBody::Enqueued {
+                    id,
+                    queue,
+                    eta,
+                    result,
+                    replicas: 1,
+                })
+            }
+            body => Some(body),
+        }
+    }
+
     /// Remembers a change's reply, so a resend of its request gets it
     /// again instead of acting twice.
     pub(super) fn remember(&mut self, reply: &ClientReply, now_us: u64) {
@@ -379,7 +406,9 @@ impl Store {
             result: None,
             replicas: 1,
         };
-        let holders = self.cluster.holders_for(&placement_key(&spec, id));
+        let holders = self
+            .cluster
+            .holders_for(&placement_key(&spec, &id.to_string()));
         // Copies for the other holders, acknowledged later (asynchronously);
         // a single node builds no record at all.
         if !holders.is_empty() {

@@ -105,12 +105,23 @@ pub struct PendingRequest {
     timer: (u64, u64),
 }
 
-/// The key placement hashes: the name, else the idempotency key, else the id.
-pub(super) fn placement_key(spec: &ValidTask, id: Uuid) -> String {
+/// The key placement hashes: the name, else the idempotency key, else
+/// `otherwise` — the request key of a client's enqueue (so a resend to
+/// another coordinator finds the same holders), or the task id.
+pub(super) fn placement_key(spec: &ValidTask, otherwise: &str) -> String {
     spec.name()
         .or_else(|| spec.idempotency_key())
-        .map(str::to_string)
-        .unwrap_or_else(|| id.to_string())
+        .unwrap_or(otherwise)
+        .to_string()
+}
+
+/// What identifies a task of a client's request among resends:
+/// `REQUEST_ID`, or `REQUEST_ID#i` for the task at place `i` of a batch.
+pub(super) fn request_key(request_id: &str, to: Enqueuing) -> String {
+    match to {
+        Enqueuing::Single { .. } => request_id.to_string(),
+        Enqueuing::InBatch { slot, .. } => format!("{request_id}#{slot}"),
+    }
 }
 
 /// A fresh task's record.
@@ -147,6 +158,7 @@ pub(super) fn new_record(
         last_error: None,
         first_attempt_us: None,
         holders,
+        request: None,
     }
 }
 
@@ -341,21 +353,31 @@ impl Store {
             Ok(s) => s,
             Err(reply) => return Some(reply),
         };
-        let id = self.ids.next_id();
-        let holders = self.cluster.holders_for(&placement_key(&spec, id));
+        let key = request_key(client.request_id, to);
+        let holders = self.cluster.holders_for(&placement_key(&spec, &key));
         let me = self.cluster.me;
         let local = holders.contains(&me);
         if local {
+            // A resend whose first coordinator stored a copy here.
+            if let Some(body) = self.remembered(&key, queue) {
+                self.stats.duplicate_requests += 1;
+                return Some(body);
+            }
             if let Some(dup) = self.duplicate_of(&spec, now_us) {
                 return Some(dup);
             }
+        }
+        let id = self.ids.next_id();
+        if local {
             self.insert_task(id, spec.clone(), false, now_us, holders.clone());
         }
         let req = self.new_req();
+        let mut record = new_record(id, &spec, false, now_us, holders.clone());
+        record.request = Some(key);
         let store = PeerMessage::Store {
             req,
             from: me,
-            record: new_record(id, &spec, false, now_us, holders.clone()),
+            record,
             check: true,
         };
         let remote = self.send_to_others(&holders, store);
@@ -423,6 +445,40 @@ impl Store {
         });
     }
 
+    /// A holder had the request's task already (as `id`): the copies made
+    /// for this resend go, and the answer is the first one's task.
+    fn answer_resend(&mut self, p: &PendingStore, id: String) -> ReplyBody {
+        for (h, o) in &p.answers {
+            if matches!(o, StoreOutcome::Stored) {
+                self.outbox.push(Event::ToPeer {
+                    to: *h,
+                    msg: PeerMessage::Discard {
+                        id: p.id.to_string(),
+                    },
+                });
+            }
+        }
+        if p.local {
+            let mut out = Vec::new();
+            self.free_keys(p.id);
+            self.remove_task(p.id, &mut out);
+            self.outbox.append(&mut out);
+        }
+        self.stats.duplicate_requests += 1;
+        let copies = p
+            .answers
+            .values()
+            .filter(|o| matches!(o, StoreOutcome::Resent { .. }))
+            .count();
+        ReplyBody::Enqueued {
+            id,
+            queue: p.spec.queue.to_string(),
+            eta: p.spec.eta,
+            result: None,
+            replicas: copies as u32,
+        }
+    }
+
     /// What the holders' answers decide for a pending store: `enqueued`
     /// with the number of copies, or `duplicate` when the first holder
     /// that answered (in placement order) holds the name already. With no
@@ -433,6 +489,13 @@ impl Store {
                 .values()
                 .filter(|o| matches!(o, StoreOutcome::Stored))
                 .count() as u32;
+        let resent = p.answers.values().find_map(|o| match o {
+            StoreOutcome::Resent { id } => Some(id.clone()),
+            _ => None,
+        });
+        if let Some(id) = resent {
+            return self.answer_resend(p, id);
+        }
         if !p.local {
             let verdict = p.holders.iter().find_map(|h| p.answers.get(h));
             if let Some(StoreOutcome::Duplicate { id, tombstoned }) = verdict {
@@ -681,6 +744,12 @@ impl Store {
         if record.state.is_final() {
             return StoreOutcome::Stored;
         }
+        let request = record.request.as_deref().filter(|_| check);
+        if let Some(key) = request {
+            if let Some(ReplyBody::Enqueued { id, .. }) = self.remembered(key, &record.queue) {
+                return StoreOutcome::Resent { id };
+            }
+        }
         let mut spec = spec_of(&record);
         self.intern_peer(&mut spec);
         if check {
@@ -688,6 +757,24 @@ impl Store {
             {
                 return StoreOutcome::Duplicate { id, tombstoned };
             }
+        }
+        if let Some(key) = request {
+            // This copy answers a resend of its request to another node,
+            // while it is here: `replicas` 0 marks such an entry (a reply
+            // this node gave says 1 or more; see `Store::remembered`).
+            let body = ReplyBody::Enqueued {
+                id: id.to_string(),
+                queue: record.queue.clone(),
+                eta: record.eta,
+                result: None,
+                replicas: 0,
+            };
+            self.recent.insert(
+                key,
+                &body,
+                now_us + REQUEST_DEDUP.as_micros() as u64,
+                REQUEST_DEDUP_MAX,
+            );
         }
         self.insert_task(
             id,
@@ -880,7 +967,8 @@ impl Store {
             return;
         }
         let mut new_holders = alive.clone();
-        for m in place(&placement_key(&t.spec, id), members, self.cluster.replicas) {
+        let key = placement_key(&t.spec, &id.to_string());
+        for m in place(&key, members, self.cluster.replicas) {
             if new_holders.len() >= target {
                 break;
             }

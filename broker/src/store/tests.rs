@@ -963,3 +963,113 @@ fn known_urls_skip_parsing_but_nothing_else() {
         );
     }
 }
+
+fn enqueue_request(request_id: &str, command: ClientCommand) -> Command {
+    Command::Request {
+        identity: b"c".to_vec(),
+        request: ClientRequest {
+            request_id: request_id.into(),
+            command,
+        },
+    }
+}
+
+fn one(queue: &str) -> ClientCommand {
+    ClientCommand::Enqueue {
+        queue: queue.into(),
+        task: spec(10.0),
+        wait: None,
+    }
+}
+
+/// A producer (or the gateway) resends an enqueue to the other holder
+/// after the first coordinator stored the task and died before
+/// answering: the answer names the first task, and no second one exists.
+#[test]
+fn a_resend_to_the_other_holder_gets_the_first_task() {
+    let (mut a, mut b) = pair();
+    let mut out = Vec::new();
+    a.apply(enqueue_request("r", one("default")), T0, &mut out);
+    let batch = ClientCommand::EnqueueBatch {
+        queue: "default".into(),
+        tasks: vec![spec(10.0), spec(20.0)],
+    };
+    a.apply(enqueue_request("rb", batch.clone()), T0, &mut out);
+    // The copies reach b; a dies before its answers leave.
+    carry(&mut out, &mut b, T0);
+    let first: Vec<Uuid> = b.tasks.iter().map(|(id, _)| id).collect();
+    assert_eq!(first.len(), 3);
+    let mut out = Vec::new();
+    b.apply(enqueue_request("r", one("default")), T0 + 1000, &mut out);
+    b.apply(enqueue_request("rb", batch), T0 + 1000, &mut out);
+    let got = replies(&out);
+    let Some(ReplyBody::Enqueued { id, .. }) = got.first() else {
+        panic!("{got:?}")
+    };
+    assert!(first.contains(&Uuid::parse_str(id).unwrap()));
+    let Some(ReplyBody::Batch { results }) = got.get(1) else {
+        panic!("{got:?}")
+    };
+    for r in results {
+        let ReplyBody::Enqueued { id, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(first.contains(&Uuid::parse_str(id).unwrap()), "{id}");
+    }
+    assert_eq!(b.len(), 3, "the resends made no task");
+}
+
+/// The resend reaches a node that is no holder: it asks the holders, the
+/// one that has the task says so, and the answer names it.
+#[test]
+fn a_resend_to_a_node_that_holds_nothing_finds_the_task_on_the_holders() {
+    let mk = |me| {
+        let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(me));
+        let roster = Command::Roster {
+            me,
+            members: vec![1, 2, 3],
+            replicas: 2,
+        };
+        s.apply(roster, T0, &mut Vec::new());
+        s
+    };
+    let (mut n1, mut n2, mut n3) = (mk(1), mk(2), mk(3));
+    // A request id whose task nodes 1 and 2 hold.
+    let rid = (0..)
+        .map(|i| format!("r{i}"))
+        .find(|r| {
+            let h = crate::placement::place(r, &[1, 2, 3], 2);
+            h.contains(&1) && h.contains(&2)
+        })
+        .unwrap();
+    let mut out = Vec::new();
+    n1.apply(enqueue_request(&rid, one("default")), T0, &mut out);
+    carry(&mut out, &mut n2, T0);
+    assert_eq!((n1.len(), n2.len()), (1, 1));
+    // Node 1 dies unanswered; the resend goes to node 3.
+    let mut out = Vec::new();
+    n3.apply(enqueue_request(&rid, one("default")), T0 + 1000, &mut out);
+    let to_2: Vec<Event> = out
+        .drain(..)
+        .filter(|e| matches!(e, Event::ToPeer { to: 2, .. }))
+        .collect();
+    assert!(!to_2.is_empty(), "node 3 asks node 2");
+    let mut back = to_2;
+    let answers = carry(&mut back, &mut n2, T0 + 1000);
+    let mut out = Vec::new();
+    for e in answers {
+        if let Event::ToPeer { msg, .. } = e {
+            n3.apply(Command::Peer(msg), T0 + 2000, &mut out);
+        }
+    }
+    // Node 1 never answers: the answer comes when the peers' time is up.
+    n3.fire_due(T0 + 1000 + PEER_TIMEOUT.as_micros() as u64, &mut out);
+    let got = replies(&out);
+    let Some(ReplyBody::Enqueued { id, replicas, .. }) = got.first() else {
+        panic!("{got:?}")
+    };
+    let first: Vec<Uuid> = n2.tasks.iter().map(|(id, _)| id).collect();
+    assert_eq!(first, vec![Uuid::parse_str(id).unwrap()]);
+    assert_eq!(*replicas, 1);
+    assert_eq!((n2.len(), n3.len()), (1, 0), "no second task anywhere");
+}
