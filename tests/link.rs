@@ -303,3 +303,149 @@ fn the_link_sends_results_together_only_to_a_broker_that_batches() {
         link.stop();
     });
 }
+
+/// A stand-in broker's client port: a bare ROUTER on `base`.
+fn stand_in(ctx: &zmq::Context, base: u16) -> zmq::Socket {
+    let s = ctx.socket(zmq::ROUTER).unwrap();
+    s.set_linger(0).unwrap();
+    s.set_rcvtimeo(10_000).unwrap();
+    s.bind(&format!("tcp://127.0.0.1:{base}")).unwrap();
+    s
+}
+
+/// The next request a stand-in receives, roster requests left out, with
+/// the identity to answer.
+fn next_request(s: &zmq::Socket) -> (Vec<u8>, protocol::ClientRequest) {
+    loop {
+        let mut parts = s.recv_multipart(0).expect("a request from the link");
+        let identity = parts.remove(0);
+        let req: protocol::ClientRequest = protocol::decode(&parts).unwrap();
+        if req.request_id != "roster" {
+            return (identity, req);
+        }
+    }
+}
+
+fn answer(s: &zmq::Socket, identity: Vec<u8>, request_id: String) {
+    let reply = protocol::ClientReply {
+        request_id,
+        body: ReplyBody::Pong {
+            node: "stand-in".into(),
+            version: "0".into(),
+        },
+    };
+    let mut frames = vec![identity];
+    frames.extend(protocol::encode(&reply));
+    s.send_multipart(frames, 0).unwrap();
+}
+
+/// A ping through `link`, sent again while no broker is connected yet.
+async fn ping(link: BrokerLink) -> Result<ReplyBody, gateway::broker_link::LinkError> {
+    loop {
+        match link.request(ClientCommand::Ping).await {
+            Err(gateway::broker_link::LinkError::NotConnected) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+fn link_to(bases: &[u16]) -> BrokerLink {
+    let endpoints: Vec<String> = bases
+        .iter()
+        .map(|b| format!("tcp://127.0.0.1:{b}"))
+        .collect();
+    let mut config = LinkConfig::for_brokers(&endpoints, 1).unwrap();
+    config.resend_after = Duration::from_millis(300);
+    BrokerLink::start(config).expect("link").0
+}
+
+/// An unanswered request is sent again under the same request id, and
+/// the answer to the resend reaches the caller; a `wait` is not resent.
+#[test]
+fn an_unanswered_request_is_resent_under_its_request_id() {
+    run(LIMIT, |_h| {
+        let base = free_base();
+        let ctx = zmq::Context::new();
+        let broker = stand_in(&ctx, base);
+        let link = link_to(&[base]);
+        // Spawned calls run while this thread plays the broker.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let call = rt.spawn(ping(link.clone()));
+        // The first copy goes unanswered; the resend is answered.
+        let (_, first) = next_request(&broker);
+        let (who, again) = next_request(&broker);
+        assert_eq!(first.request_id, again.request_id);
+        answer(&broker, who, again.request_id);
+        let got = rt.block_on(call).unwrap();
+        assert!(matches!(got, Ok(ReplyBody::Pong { .. })), "{got:?}");
+        // An enqueue that waits for its first attempt goes once.
+        let waiting = {
+            let link = link.clone();
+            rt.spawn(async move {
+                let wait = ClientCommand::Enqueue {
+                    queue: "q".into(),
+                    task: task(1),
+                    wait: Some(1.0),
+                };
+                link.request_with(wait, Duration::from_secs(1)).await
+            })
+        };
+        let (who, first) = next_request(&broker);
+        broker.set_rcvtimeo(1500).unwrap();
+        let mut frames = Vec::new();
+        let resent = loop {
+            match broker.recv_multipart(0) {
+                Ok(mut parts) => {
+                    parts.remove(0);
+                    let r: protocol::ClientRequest = protocol::decode(&parts).unwrap();
+                    if r.request_id != "roster" {
+                        frames.push(r.request_id);
+                        break true;
+                    }
+                }
+                Err(_) => break false,
+            }
+        };
+        assert!(!resent, "a wait was resent: {frames:?}");
+        answer(&broker, who, first.request_id);
+        let got = rt.block_on(waiting).unwrap();
+        assert!(got.is_ok(), "{got:?}");
+        link.stop();
+    });
+}
+
+/// The broker a request went to is gone: the resend reaches another one,
+/// under the same request id, and its answer is the caller's.
+#[test]
+fn a_request_to_a_broker_that_is_gone_is_resent_to_another() {
+    run(LIMIT, |_h| {
+        let (a_base, b_base) = (free_base(), free_base());
+        let ctx = zmq::Context::new();
+        // Only A is up: the first send can only go there.
+        let a = stand_in(&ctx, a_base);
+        let link = link_to(&[a_base, b_base]);
+        // Spawned calls run while this thread plays the broker.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let call = rt.spawn(ping(link.clone()));
+        let (_, first) = next_request(&a);
+        // A dies without answering; B comes up.
+        drop(a);
+        let b = stand_in(&ctx, b_base);
+        let (who, again) = next_request(&b);
+        assert_eq!(first.request_id, again.request_id);
+        answer(&b, who, again.request_id);
+        let got = rt.block_on(call).unwrap();
+        assert!(matches!(got, Ok(ReplyBody::Pong { .. })), "{got:?}");
+        link.stop();
+    });
+}

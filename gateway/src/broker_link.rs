@@ -63,7 +63,13 @@ pub struct LinkConfig {
     pub brokers: Vec<String>,
     /// Webhooks in flight at once (the credit granted to the broker).
     pub concurrency: u32,
+    /// How long a caller waits for the broker's answer in all.
     pub request_timeout: Duration,
+    /// An unanswered request is sent again, under its request id, after
+    /// this long (and again after as long, within `request_timeout`).
+    /// Above the brokers' 2 s peer timeout, so a replicated enqueue that
+    /// waits for a silent holder is not resent for nothing.
+    pub resend_after: Duration,
     pub heartbeat_interval: Duration,
     /// Re-register after hearing nothing from the broker this long.
     pub broker_expiry: Duration,
@@ -132,6 +138,7 @@ impl LinkConfig {
             brokers: brokers.to_vec(),
             concurrency: concurrency.max(1),
             request_timeout: Duration::from_secs(5),
+            resend_after: Duration::from_millis(2500),
             heartbeat_interval: Duration::from_secs(1),
             broker_expiry: Duration::from_secs(5),
             local: None,
@@ -301,15 +308,28 @@ impl Waiting {
     }
 }
 
+/// A request sent to the brokers and not answered yet.
 struct Pending {
     reply: Waiting,
+    /// When the callers get [`LinkError::Timeout`].
     deadline: Instant,
+    /// The request as sent, to send again under the same request id.
+    frames: Vec<Vec<u8>>,
+    /// When to send it again (`None`: never; a `wait` is not resent, as a
+    /// resend would be answered at once, without the attempt's result).
+    resend_at: Option<Instant>,
 }
 
 /// The most single enqueues sent as one batch, and the most bytes of
 /// tasks in it (well below the 2 MiB a message may hold).
 const COALESCE_MAX: usize = 128;
 const COALESCE_BYTES: usize = 1 << 20;
+/// Poll timeout when nothing is due sooner.
+const LINK_TICK: Duration = Duration::from_millis(100);
+/// How often the roster is asked for, to learn the other brokers.
+const ROSTER_EVERY: Duration = Duration::from_secs(2);
+/// The request id of roster requests (never a uuid, so never a caller's).
+const ROSTER_REQUEST: &str = "roster";
 
 /// The link thread's ends of its channels.
 struct Channels {
@@ -320,62 +340,54 @@ struct Channels {
     coalesced: Arc<AtomicU64>,
 }
 
-fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), zmq::Error> {
-    let Channels {
-        doorbell,
-        requests,
-        results,
-        jobs,
-        coalesced,
-    } = channels;
+/// The link thread's state: its sockets, the brokers it knows and the
+/// requests waiting for answers.
+struct Link {
+    config: LinkConfig,
+    ctx: zmq::Context,
+    /// One DEALER to every broker's client port: ZeroMQ spreads requests
+    /// over the connected ones, and IMMEDIATE skips the dead.
+    client: zmq::Socket,
+    /// Base endpoints of the brokers connected to.
+    known: Vec<String>,
+    /// Registrations by `BrokerId`: the list only grows, so an id stays
+    /// valid (a registration renewed by `keep_alive` keeps its place).
+    workers: Vec<Registration>,
+    pending: HashMap<String, Pending>,
+    next_roster: Instant,
+    ch: Channels,
+}
+
+fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::Error> {
     let ctx = match &config.local {
         Some(l) => l.ctx.clone(),
         None => zmq::Context::new(),
     };
-    // One DEALER to every broker's client port: ZeroMQ spreads requests
-    // over the connected ones, and IMMEDIATE skips the dead.
     let client = sockets::dealer(&ctx, true)?;
-    let mut known: Vec<String> = Vec::new();
-    // Registrations by `BrokerId`: the list only grows, so an id stays
-    // valid (a registration renewed by `keep_alive` keeps its place).
-    let mut workers: Vec<Registration> = Vec::new();
-    for b in &config.brokers {
-        connect_broker(&ctx, &client, &config, b, &mut known, &mut workers)?;
+    let mut link = Link {
+        ctx,
+        client,
+        known: Vec::new(),
+        workers: Vec::new(),
+        pending: HashMap::new(),
+        // The roster is asked for right away, then every ROSTER_EVERY.
+        next_roster: Instant::now(),
+        ch,
+        config,
+    };
+    for b in link.config.brokers.clone() {
+        link.connect_broker(&b)?;
     }
-    let mut pending: HashMap<String, Pending> = HashMap::new();
-    let tick = Duration::from_millis(100);
-    // The roster is asked for right away, then every 2 s.
-    let mut next_roster = Instant::now();
-    let roster_request = "roster".to_string();
     // Which worker sockets were readable, reused across iterations.
     let mut readable: Vec<bool> = Vec::new();
     loop {
-        let c = {
-            let mut items = Vec::with_capacity(2 + workers.len());
-            items.push(client.as_poll_item(zmq::POLLIN));
-            items.push(zmq::PollItem::from_fd(doorbell.fd(), zmq::POLLIN));
-            items.extend(workers.iter().map(|r| r.socket.as_poll_item(zmq::POLLIN)));
-            match zmq::poll(&mut items, tick.as_millis() as i64) {
-                Ok(_) | Err(zmq::Error::EINTR) => {}
-                Err(e) => return Err(e),
-            }
-            readable.clear();
-            readable.extend(items[2..].iter().map(|i| i.is_readable()));
-            items[0].is_readable()
-        };
+        let client_readable = link.poll(&mut readable)?;
         if stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        doorbell.clear();
+        link.ch.doorbell.clear();
         let now = Instant::now();
-        if now >= next_roster {
-            next_roster = now + Duration::from_secs(2);
-            let frames = protocol::encode(&ClientRequest {
-                request_id: roster_request.clone(),
-                command: ClientCommand::ClusterInfo,
-            });
-            let _ = sockets::send_parts(&client, &frames);
-        }
+        link.ask_roster(now);
         // Under load, more has arrived by the end of a pass: read the
         // channels and sockets again before polling (a syscall and a check
         // of every socket); a read that finds nothing is cheap.
@@ -384,95 +396,186 @@ fn run(config: LinkConfig, channels: Channels, stop: &AtomicBool) -> Result<(), 
             if pass > 0 && Instant::now() >= until {
                 break;
             }
-            let mut n = 0;
-            let mut next = None;
-            while let Some(r) = next.take().or_else(|| requests.try_recv().ok()) {
-                let deadline = now + config.request_timeout + r.extra;
-                let (command, waiting, after) = gather(r, &requests);
-                next = after;
-                n += waiting.callers();
-                if let Waiting::Coalesced(txs) = &waiting {
-                    coalesced.fetch_add(txs.len() as u64, Ordering::Relaxed);
-                }
-                let request_id = uuid::Uuid::new_v4().to_string();
-                let frames = protocol::encode(&ClientRequest {
-                    request_id: request_id.clone(),
-                    command,
-                });
-                match sockets::send_parts(&client, &frames) {
-                    Ok(()) => {
-                        pending.insert(
-                            request_id,
-                            Pending {
-                                reply: waiting,
-                                deadline,
-                            },
-                        );
-                    }
-                    Err(_) => waiting.answer(Err(LinkError::NotConnected)),
-                }
+            let mut n = link.send_requests(now) + link.send_results();
+            if client_readable || pass > 0 {
+                n += link.read_replies()?;
             }
-            while let Ok((broker, result)) = results.try_recv() {
-                n += 1;
-                if let Some(reg) = workers.get_mut(broker.0) {
-                    reg.report(result);
-                }
-            }
-            for reg in workers.iter_mut() {
-                reg.flush_results();
-            }
-            if c || pass > 0 {
-                while let Some(parts) = sockets::try_recv(&client) {
-                    n += 1;
-                    match protocol::decode_hot::<ClientReply, _>(&parts) {
-                        Ok(reply) if reply.request_id == roster_request => {
-                            if let ReplyBody::Cluster { cluster } = reply.body {
-                                for node in cluster.nodes {
-                                    connect_broker(
-                                        &ctx,
-                                        &client,
-                                        &config,
-                                        &node.client,
-                                        &mut known,
-                                        &mut workers,
-                                    )?;
-                                }
-                            }
-                        }
-                        Ok(reply) => {
-                            if let Some(p) = pending.remove(&reply.request_id) {
-                                p.reply.answer(Ok(reply.body));
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "undecodable reply from broker"),
-                    }
-                }
-            }
-            for (i, reg) in workers.iter_mut().enumerate() {
+            for (i, reg) in link.workers.iter_mut().enumerate() {
                 if pass == 0 && !readable.get(i).copied().unwrap_or(false) {
                     continue;
                 }
-                n += reg.read(BrokerId(i), &jobs);
+                n += reg.read(BrokerId(i), &link.ch.jobs);
             }
             if n == 0 {
                 break;
             }
         }
-        let now = Instant::now();
-        // The senders may be gone (clients hung up): nothing to do then.
-        let expired: Vec<String> = pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
+        link.resend_and_expire(Instant::now());
+        for reg in link.workers.iter_mut() {
+            reg.keep_alive(&link.ctx)?;
+        }
+    }
+}
+
+impl Link {
+    /// Waits for a socket or the doorbell; returns whether the client
+    /// DEALER is readable, and which registrations are in `readable`.
+    fn poll(&self, readable: &mut Vec<bool>) -> Result<bool, zmq::Error> {
+        let mut items = Vec::with_capacity(2 + self.workers.len());
+        items.push(self.client.as_poll_item(zmq::POLLIN));
+        items.push(zmq::PollItem::from_fd(self.ch.doorbell.fd(), zmq::POLLIN));
+        items.extend(
+            self.workers
+                .iter()
+                .map(|r| r.socket.as_poll_item(zmq::POLLIN)),
+        );
+        match zmq::poll(&mut items, LINK_TICK.as_millis() as i64) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        readable.clear();
+        readable.extend(items[2..].iter().map(|i| i.is_readable()));
+        Ok(items[0].is_readable())
+    }
+
+    fn ask_roster(&mut self, now: Instant) {
+        if now < self.next_roster {
+            return;
+        }
+        self.next_roster = now + ROSTER_EVERY;
+        let frames = protocol::encode(&ClientRequest {
+            request_id: ROSTER_REQUEST.to_string(),
+            command: ClientCommand::ClusterInfo,
+        });
+        let _ = sockets::send_parts(&self.client, &frames);
+    }
+
+    /// Sends what HTTP handlers asked for, single enqueues gathered into
+    /// batches; returns how many callers were served.
+    fn send_requests(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        let mut next = None;
+        while let Some(r) = next.take().or_else(|| self.ch.requests.try_recv().ok()) {
+            let deadline = now + self.config.request_timeout + r.extra;
+            let resend_at = (r.extra.is_zero()).then(|| now + self.config.resend_after);
+            let (command, waiting, after) = gather(r, &self.ch.requests);
+            next = after;
+            n += waiting.callers();
+            if let Waiting::Coalesced(txs) = &waiting {
+                self.ch
+                    .coalesced
+                    .fetch_add(txs.len() as u64, Ordering::Relaxed);
+            }
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let frames = protocol::encode(&ClientRequest {
+                request_id: request_id.clone(),
+                command,
+            });
+            match sockets::send_parts(&self.client, &frames) {
+                Ok(()) => {
+                    let pending = Pending {
+                        reply: waiting,
+                        deadline,
+                        frames,
+                        resend_at,
+                    };
+                    self.pending.insert(request_id, pending);
+                }
+                Err(_) => waiting.answer(Err(LinkError::NotConnected)),
+            }
+        }
+        n
+    }
+
+    /// Sends the webhooks' results to the brokers that sent the tasks.
+    fn send_results(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok((broker, result)) = self.ch.results.try_recv() {
+            n += 1;
+            if let Some(reg) = self.workers.get_mut(broker.0) {
+                reg.report(result);
+            }
+        }
+        for reg in self.workers.iter_mut() {
+            reg.flush_results();
+        }
+        n
+    }
+
+    /// Hands out the brokers' replies; a roster names brokers to connect
+    /// to. Returns how many replies were read.
+    fn read_replies(&mut self) -> Result<usize, zmq::Error> {
+        let mut n = 0;
+        while let Some(parts) = sockets::try_recv(&self.client) {
+            n += 1;
+            match protocol::decode_hot::<ClientReply, _>(&parts) {
+                Ok(reply) if reply.request_id == ROSTER_REQUEST => {
+                    if let ReplyBody::Cluster { cluster } = reply.body {
+                        for node in cluster.nodes {
+                            self.connect_broker(&node.client)?;
+                        }
+                    }
+                }
+                Ok(reply) => {
+                    // A resend's second answer finds nothing here: the
+                    // first one was handed out.
+                    if let Some(p) = self.pending.remove(&reply.request_id) {
+                        p.reply.answer(Ok(reply.body));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "undecodable reply from broker"),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Sends again, under the same request id, what has waited past
+    /// `resend_after` (ZeroMQ takes it to a live broker, and the brokers
+    /// act on a request id once, even across brokers: PROTOCOL.md §7.4),
+    /// and gives up on what has waited past its deadline.
+    fn resend_and_expire(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for (id, p) in self.pending.iter_mut() {
+            if p.deadline <= now {
+                expired.push(id.clone());
+                continue;
+            }
+            let Some(at) = p.resend_at.filter(|at| *at <= now) else {
+                continue;
+            };
+            // At most one resend in flight at a time, each after the last.
+            let next = at + self.config.resend_after;
+            p.resend_at = (next < p.deadline).then_some(next);
+            if sockets::send_parts(&self.client, &p.frames).is_ok() {
+                tracing::debug!(request = %id, "resent an unanswered request");
+            }
+        }
         for id in expired {
-            if let Some(p) = pending.remove(&id) {
+            if let Some(p) = self.pending.remove(&id) {
                 p.reply.answer(Err(LinkError::Timeout));
             }
         }
-        for reg in workers.iter_mut() {
-            reg.keep_alive(&ctx)?;
+    }
+
+    /// Connects to a broker not seen before: its client port joins the
+    /// shared DEALER, and a registration pulls its webhook tasks.
+    fn connect_broker(&mut self, endpoint: &str) -> Result<(), zmq::Error> {
+        if self.known.iter().any(|k| k == endpoint) {
+            return Ok(());
         }
+        let Ok(worker) = worker_endpoint(endpoint) else {
+            return Ok(());
+        };
+        let (client_at, worker_at) = match &self.config.local {
+            Some(l) if l.endpoint == endpoint => (l.client.clone(), l.worker.clone()),
+            _ => (endpoint.to_string(), worker),
+        };
+        self.client.connect(&client_at)?;
+        self.known.push(endpoint.to_string());
+        tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
+        let reg = Registration::new(&self.ctx, &self.config, &worker_at)?;
+        self.workers.push(reg);
+        Ok(())
     }
 }
 
@@ -531,33 +634,6 @@ fn gather(
     }
     let command = ClientCommand::EnqueueBatch { queue, tasks };
     (command, Waiting::Coalesced(txs), after)
-}
-
-/// Connects to a broker not seen before: its client port joins the shared
-/// DEALER, and a registration pulls its webhook tasks.
-fn connect_broker(
-    ctx: &zmq::Context,
-    client: &zmq::Socket,
-    config: &LinkConfig,
-    endpoint: &str,
-    known: &mut Vec<String>,
-    workers: &mut Vec<Registration>,
-) -> Result<(), zmq::Error> {
-    if known.iter().any(|k| k == endpoint) {
-        return Ok(());
-    }
-    let Ok(worker) = worker_endpoint(endpoint) else {
-        return Ok(());
-    };
-    let (client_at, worker_at) = match &config.local {
-        Some(l) if l.endpoint == endpoint => (l.client.clone(), l.worker.clone()),
-        _ => (endpoint.to_string(), worker),
-    };
-    client.connect(&client_at)?;
-    known.push(endpoint.to_string());
-    tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
-    workers.push(Registration::new(ctx, config, &worker_at)?);
-    Ok(())
 }
 
 /// The dispatcher's registration on one broker's worker port: the socket,
