@@ -340,17 +340,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             workers,
             batch,
             timeout,
-        } => rt.block_on(end_to_end(
+        } => rt.block_on(end_to_end(EndToEnd {
             url,
             broker,
-            *tasks,
-            *concurrency,
-            Due::new(*delay, *same_eta),
-            *via,
-            *workers,
-            *batch,
-            *timeout,
-        ))?,
+            tasks: *tasks,
+            concurrency: *concurrency,
+            due: Due::new(*delay, *same_eta),
+            via: *via,
+            workers: *workers,
+            batch: *batch,
+            timeout: *timeout,
+        }))?,
         Scenario::DispatchCeiling { tasks, concurrency } => {
             rt.block_on(dispatch_ceiling(*tasks, *concurrency))?
         }
@@ -685,10 +685,11 @@ fn zmq_enqueue(
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn end_to_end(
-    url: &str,
-    broker: &str,
+/// An end-to-end run: what to enqueue, how, and how long to wait.
+#[derive(Clone, Copy)]
+struct EndToEnd<'a> {
+    url: &'a str,
+    broker: &'a str,
     tasks: u64,
     concurrency: usize,
     due: Due,
@@ -696,145 +697,43 @@ async fn end_to_end(
     workers: usize,
     batch: u64,
     timeout: f64,
-) -> anyhow::Result<Report> {
+}
+
+/// When each task arrived, by its number.
+type Arrivals = Arc<Mutex<HashMap<u64, Instant>>>;
+
+async fn end_to_end(run: EndToEnd<'_>) -> anyhow::Result<Report> {
+    let EndToEnd {
+        tasks,
+        concurrency,
+        due,
+        via,
+        batch,
+        timeout,
+        ..
+    } = run;
     let delay = due.delay;
-    let seen: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let seen: Arrivals = Arc::default();
     let start = Instant::now();
-    let enqueued_at: Vec<Instant>;
     let mut stop_workers = None;
-    match via {
-        Via::Http => {
-            let (addr, _) = receiver(Some(seen.clone())).await?;
-            let target = format!("http://{addr}/hook");
-            let client = http_client(concurrency);
-            let next = Arc::new(AtomicU64::new(0));
-            let times: Arc<Mutex<Vec<Option<Instant>>>> =
-                Arc::new(Mutex::new(vec![None; tasks as usize]));
-            let endpoint = if batch > 1 {
-                format!("{}/queue/bench/batch", url.trim_end_matches('/'))
-            } else {
-                format!("{}/queue/bench", url.trim_end_matches('/'))
-            };
-            let mut handles = Vec::new();
-            for _ in 0..concurrency.max(1) {
-                let (client, endpoint, next, times, target) = (
-                    client.clone(),
-                    endpoint.clone(),
-                    next.clone(),
-                    times.clone(),
-                    target.clone(),
-                );
-                handles.push(tokio::spawn(async move {
-                    loop {
-                        let first = next.fetch_add(batch, Ordering::Relaxed);
-                        if first >= tasks {
-                            break;
-                        }
-                        let ids = first..(first + batch).min(tasks);
-                        let (body, ct) = if batch > 1 {
-                            let items: Vec<Value> =
-                                ids.clone().map(|i| due.json(&target, i)).collect();
-                            (
-                                Bytes::from(Value::Array(items).to_string()),
-                                "application/json",
-                            )
-                        } else {
-                            body_for(Format::Form, &target, first, due)
-                        };
-                        let Ok(req) = hyper::Request::post(&endpoint)
-                            .header("content-type", ct)
-                            .body(Full::new(body))
-                        else {
-                            continue;
-                        };
-                        let t = Instant::now();
-                        if let Ok(resp) = client.request(req).await {
-                            let _ = resp.into_body().collect().await;
-                        }
-                        if let Ok(mut v) = times.lock() {
-                            for i in ids {
-                                v[i as usize] = Some(t);
-                            }
-                        }
-                    }
-                }));
-            }
-            for h in handles {
-                h.await?;
-            }
-            let v = times.lock().map(|v| v.clone()).unwrap_or_default();
-            enqueued_at = v.into_iter().map(|t| t.unwrap_or(start)).collect();
-        }
+    let enqueued_at = match via {
+        Via::Http => enqueue_webhook_tasks(&run, seen.clone(), start).await?,
         Via::Zmq => {
-            let worker_ep =
-                gateway::broker_link::worker_endpoint(broker).map_err(anyhow::Error::msg)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            for _ in 0..workers.max(1) {
-                let (seen, stop, ep) = (seen.clone(), stop.clone(), worker_ep.clone());
-                std::thread::spawn(move || {
-                    let Ok(mut w) = client::Worker::connect_batched(&ep, &["bench"], 256) else {
-                        return;
-                    };
-                    while !stop.load(Ordering::Relaxed) {
-                        let Ok(Some(job)) = w.next(Duration::from_millis(200)) else {
-                            continue;
-                        };
-                        let at = Instant::now();
-                        if let Some(i) = job
-                            .task
-                            .params
-                            .iter()
-                            .find(|(k, _)| k == "i")
-                            .and_then(|(_, v)| v.parse::<u64>().ok())
-                        {
-                            if let Ok(mut s) = seen.lock() {
-                                s.entry(i).or_insert(at);
-                            }
-                        }
-                        let _ = w.report(&job, protocol::Outcome::Success, None);
-                    }
-                });
-            }
+            let (times, stop) = enqueue_pull_tasks(&run, seen.clone()).await?;
             stop_workers = Some(stop);
-            let broker = broker.to_string();
-            let (_, times) = tokio::task::spawn_blocking(move || {
-                zmq_enqueue("end-to-end enqueue", &broker, "bench", tasks, 64, |i| {
-                    TaskSpec {
-                        url: "zmq://bench".into(),
-                        countdown: due.eta.is_none().then_some(delay),
-                        eta: due.eta,
-                        params: vec![("i".into(), i.to_string())],
-                        ..Default::default()
-                    }
-                })
-            })
-            .await??;
-            enqueued_at = times;
+            times
         }
-    }
+    };
     let enqueue_seconds = start.elapsed().as_secs_f64();
     anyhow::ensure!(
         due.eta.is_none() || enqueue_seconds < delay,
         "the enqueue took {enqueue_seconds:.2} s, past the shared eta: raise --delay"
     );
-    let progress = Progress::start("end-to-end", tasks);
-    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
-    loop {
-        let n = seen.lock().map(|s| s.len() as u64).unwrap_or(0);
-        progress.done.store(n, Ordering::Relaxed);
-        if n >= tasks {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {n} of {tasks} tasks arrived within {timeout} s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    drop(progress);
+    let arrived = await_arrivals(&seen, tasks, timeout).await;
     if let Some(s) = stop_workers {
         s.store(true, Ordering::Relaxed);
     }
+    arrived?;
     let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let last = seen.values().max().copied().unwrap_or(start);
     let mut latency = histogram();
@@ -857,6 +756,158 @@ async fn end_to_end(
         latency,
         extra: json!({"via": format!("{via:?}").to_lowercase(), "delay": delay, "same_eta": due.eta.is_some(), "seconds_total": total, "enqueue_seconds": enqueue_seconds, "concurrency": concurrency, "batch": batch}),
     })
+}
+
+/// Enqueues webhook tasks over HTTP to a built-in receiver that records
+/// their arrivals in `seen`; returns when each was enqueued.
+async fn enqueue_webhook_tasks(
+    run: &EndToEnd<'_>,
+    seen: Arrivals,
+    start: Instant,
+) -> anyhow::Result<Vec<Instant>> {
+    let EndToEnd {
+        url,
+        tasks,
+        concurrency,
+        due,
+        batch,
+        ..
+    } = *run;
+    let (addr, _) = receiver(Some(seen.clone())).await?;
+    let target = format!("http://{addr}/hook");
+    let client = http_client(concurrency);
+    let next = Arc::new(AtomicU64::new(0));
+    let times: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; tasks as usize]));
+    let endpoint = if batch > 1 {
+        format!("{}/queue/bench/batch", url.trim_end_matches('/'))
+    } else {
+        format!("{}/queue/bench", url.trim_end_matches('/'))
+    };
+    let mut handles = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, endpoint, next, times, target) = (
+            client.clone(),
+            endpoint.clone(),
+            next.clone(),
+            times.clone(),
+            target.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                if first >= tasks {
+                    break;
+                }
+                let ids = first..(first + batch).min(tasks);
+                let (body, ct) = if batch > 1 {
+                    let items: Vec<Value> = ids.clone().map(|i| due.json(&target, i)).collect();
+                    (
+                        Bytes::from(Value::Array(items).to_string()),
+                        "application/json",
+                    )
+                } else {
+                    body_for(Format::Form, &target, first, due)
+                };
+                let Ok(req) = hyper::Request::post(&endpoint)
+                    .header("content-type", ct)
+                    .body(Full::new(body))
+                else {
+                    continue;
+                };
+                let t = Instant::now();
+                if let Ok(resp) = client.request(req).await {
+                    let _ = resp.into_body().collect().await;
+                }
+                if let Ok(mut v) = times.lock() {
+                    for i in ids {
+                        v[i as usize] = Some(t);
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await?;
+    }
+    let v = times.lock().map(|v| v.clone()).unwrap_or_default();
+    Ok(v.into_iter().map(|t| t.unwrap_or(start)).collect())
+}
+
+/// Starts pull workers that record arrivals in `seen`, then enqueues over
+/// ZeroMQ; returns when each task was enqueued, and the workers' stop.
+async fn enqueue_pull_tasks(
+    run: &EndToEnd<'_>,
+    seen: Arrivals,
+) -> anyhow::Result<(Vec<Instant>, Arc<AtomicBool>)> {
+    let EndToEnd {
+        broker,
+        tasks,
+        due,
+        workers,
+        ..
+    } = *run;
+    let delay = due.delay;
+    let worker_ep = gateway::broker_link::worker_endpoint(broker).map_err(anyhow::Error::msg)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for _ in 0..workers.max(1) {
+        let (seen, stop, ep) = (seen.clone(), stop.clone(), worker_ep.clone());
+        std::thread::spawn(move || {
+            let Ok(mut w) = client::Worker::connect_batched(&ep, &["bench"], 256) else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(Some(job)) = w.next(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let at = Instant::now();
+                if let Some(i) = job
+                    .task
+                    .params
+                    .iter()
+                    .find(|(k, _)| k == "i")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                {
+                    if let Ok(mut s) = seen.lock() {
+                        s.entry(i).or_insert(at);
+                    }
+                }
+                let _ = w.report(&job, protocol::Outcome::Success, None);
+            }
+        });
+    }
+    let broker = broker.to_string();
+    let (_, times) = tokio::task::spawn_blocking(move || {
+        zmq_enqueue("end-to-end enqueue", &broker, "bench", tasks, 64, |i| {
+            TaskSpec {
+                url: "zmq://bench".into(),
+                countdown: due.eta.is_none().then_some(delay),
+                eta: due.eta,
+                params: vec![("i".into(), i.to_string())],
+                ..Default::default()
+            }
+        })
+    })
+    .await??;
+    Ok((times, stop))
+}
+
+/// Waits until `tasks` tasks have arrived, showing progress, for at most
+/// `timeout` seconds.
+async fn await_arrivals(seen: &Arrivals, tasks: u64, timeout: f64) -> anyhow::Result<()> {
+    let progress = Progress::start("end-to-end", tasks);
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+    loop {
+        let n = seen.lock().map(|s| s.len() as u64).unwrap_or(0);
+        progress.done.store(n, Ordering::Relaxed);
+        if n >= tasks {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {n} of {tasks} tasks arrived within {timeout} s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn dispatch_ceiling(tasks: u64, concurrency: usize) -> anyhow::Result<Report> {
@@ -960,23 +1011,16 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn timers(
+/// Two pull workers (so that measuring does not become the bottleneck)
+/// recording each task's firing lateness in `fired`.
+fn lateness_workers(
     broker: &str,
-    tasks: u64,
-    window: f64,
-    lead: f64,
-    pid: Option<u32>,
-    window_requests: usize,
-) -> anyhow::Result<Report> {
-    let rss_before = pid.and_then(rss_bytes);
-    let t0 = now_secs() + lead;
-    // Lateness (µs) of every firing, measured by a pull worker.
-    let fired = Arc::new(Mutex::new(histogram()));
-    let count = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    fired: &Arc<Mutex<Histogram<u64>>>,
+    count: &Arc<AtomicU64>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<anyhow::Result<()>>>> {
     let worker_ep = gateway::broker_link::worker_endpoint(broker).map_err(anyhow::Error::msg)?;
-    // Two pull workers, so that measuring does not become the bottleneck.
-    let workers: Vec<_> = (0..2)
+    Ok((0..2)
         .map(|_| {
             let (fired, count, stop, worker_ep) = (
                 fired.clone(),
@@ -1000,7 +1044,43 @@ fn timers(
                 Ok(())
             })
         })
-        .collect();
+        .collect())
+}
+
+/// Waits until `tasks` have fired, showing progress, for at most
+/// `limit_secs`.
+fn await_firings(count: &AtomicU64, tasks: u64, limit_secs: f64) -> anyhow::Result<()> {
+    let progress = Progress::start("timers firing", tasks);
+    let deadline = Instant::now() + Duration::from_secs_f64(limit_secs);
+    while count.load(Ordering::Relaxed) < tasks {
+        progress
+            .done
+            .store(count.load(Ordering::Relaxed), Ordering::Relaxed);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {tasks} fired",
+            count.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn timers(
+    broker: &str,
+    tasks: u64,
+    window: f64,
+    lead: f64,
+    pid: Option<u32>,
+    window_requests: usize,
+) -> anyhow::Result<Report> {
+    let rss_before = pid.and_then(rss_bytes);
+    let t0 = now_secs() + lead;
+    // Lateness (µs) of every firing, measured by a pull worker.
+    let fired = Arc::new(Mutex::new(histogram()));
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = lateness_workers(broker, &fired, &count, &stop)?;
     let (enqueue, sent_at) = zmq_enqueue(
         "timers enqueue",
         broker,
@@ -1030,21 +1110,9 @@ fn timers(
     } else {
         (0.0, 0.0)
     };
-    let progress = Progress::start("timers firing", tasks);
-    let deadline = Instant::now() + Duration::from_secs_f64(lead + window + 120.0);
-    while count.load(Ordering::Relaxed) < tasks {
-        progress
-            .done
-            .store(count.load(Ordering::Relaxed), Ordering::Relaxed);
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {} of {tasks} fired",
-            count.load(Ordering::Relaxed)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(progress);
+    let fired_all = await_firings(&count, tasks, lead + window + 120.0);
     stop.store(true, Ordering::Relaxed);
+    fired_all?;
     for w in workers {
         let _ = w.join();
     }

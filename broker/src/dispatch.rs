@@ -174,7 +174,13 @@ impl Dispatcher {
             batch,
         } = msg
         {
-            self.register(identity, pools, credit, name, batch, now, out);
+            let ready = Ready {
+                pools,
+                credit,
+                name,
+                batch,
+            };
+            self.register(identity, ready, now, out);
             return;
         }
         let Some(w) = self.workers.get_mut(identity) else {
@@ -201,43 +207,52 @@ impl Dispatcher {
                 Settled::WrongTask(reason) => out.push(wrong_task(identity, reason)),
                 Settled::Unknown => {}
             },
-            WorkerMessage::Results { results } => {
-                let mut freed: Vec<Arc<str>> = Vec::new();
-                let (mut wrong, mut first) = (0, String::new());
-                for r in results {
-                    match self.settle(identity, r, out) {
-                        Settled::Freed(pool) => {
-                            if !freed.contains(&pool) {
-                                freed.push(pool);
-                            }
-                        }
-                        Settled::WrongTask(reason) => {
-                            wrong += 1;
-                            if first.is_empty() {
-                                first = reason;
-                            }
-                        }
-                        Settled::Unknown => {}
-                    }
-                }
-                // One error for the whole message, however many entries
-                // were wrong.
-                if wrong == 1 {
-                    out.push(wrong_task(identity, first));
-                } else if wrong > 1 {
-                    let reason = format!("{wrong} results name the wrong task; the first: {first}");
-                    out.push(wrong_task(identity, reason));
-                }
-                for pool in freed {
-                    self.assign(&pool, now, out);
-                }
-            }
+            WorkerMessage::Results { results } => self.settle_all(identity, results, now, out),
             WorkerMessage::Disconnect => self.remove(identity, "worker disconnected", now, out),
         }
     }
 
     /// A result from a registered worker, settling its delivery when it
     /// names it rightly.
+    /// A `results` message: each entry settled as a `result` would be,
+    /// one error for the whole message however many entries name the
+    /// wrong task, and the freed pools offered their waiting tasks once.
+    fn settle_all(
+        &mut self,
+        identity: &[u8],
+        results: Vec<DeliveryResult>,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
+        let mut freed: Vec<Arc<str>> = Vec::new();
+        let (mut wrong, mut first) = (0, String::new());
+        for r in results {
+            match self.settle(identity, r, out) {
+                Settled::Freed(pool) => {
+                    if !freed.contains(&pool) {
+                        freed.push(pool);
+                    }
+                }
+                Settled::WrongTask(reason) => {
+                    wrong += 1;
+                    if first.is_empty() {
+                        first = reason;
+                    }
+                }
+                Settled::Unknown => {}
+            }
+        }
+        if wrong == 1 {
+            out.push(wrong_task(identity, first));
+        } else if wrong > 1 {
+            let reason = format!("{wrong} results name the wrong task; the first: {first}");
+            out.push(wrong_task(identity, reason));
+        }
+        for pool in freed {
+            self.assign(&pool, now, out);
+        }
+    }
+
     fn settle(&mut self, identity: &[u8], r: DeliveryResult, out: &mut Vec<Out>) -> Settled {
         let Some(w) = self.workers.get_mut(identity) else {
             return Settled::Unknown;
@@ -260,17 +275,15 @@ impl Dispatcher {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn register(
-        &mut self,
-        identity: &[u8],
-        pools: Vec<String>,
-        credit: u32,
-        name: Option<String>,
-        batch: bool,
-        now: Instant,
-        out: &mut Vec<Out>,
-    ) {
+    /// A worker's `ready`: a new registration, or a renewed one (its
+    /// pools, credit and batching replaced; what was in flight stays).
+    fn register(&mut self, identity: &[u8], ready: Ready, now: Instant, out: &mut Vec<Out>) {
+        let Ready {
+            pools,
+            credit,
+            name,
+            batch,
+        } = ready;
         let name = name.unwrap_or_else(|| hex(identity));
         let (in_flight, outbox) = match self.workers.remove(identity) {
             Some(old) => {
@@ -576,6 +589,14 @@ fn take_in_flight(
         .into_iter()
         .filter_map(|d| in_flight.remove(&d.delivery).map(|f| (f, d)))
         .collect()
+}
+
+/// What a worker's `ready` asks for.
+struct Ready {
+    pools: Vec<String>,
+    credit: u32,
+    name: Option<String>,
+    batch: bool,
 }
 
 /// What a result did.

@@ -11,22 +11,25 @@ use uuid::Uuid;
 use crate::retry::RetryPolicy;
 
 /// Checks a patch and applies it to `config`.
+/// A setting in seconds: above 0 (or 0 too, with `allow_zero`), at most
+/// 30 days.
+fn secs(name: &str, v: f64, allow_zero: bool) -> Result<f64, String> {
+    if v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0)) && v <= 30.0 * 86400.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{name} must be a number of seconds{} (at most 30 days)",
+            if allow_zero {
+                ", 0 or more"
+            } else {
+                " above 0"
+            }
+        ))
+    }
+}
+
 pub fn apply_patch(config: &mut QueueConfig, p: QueueConfigPatch) -> Result<(), String> {
     let mut c = config.clone();
-    fn secs(name: &str, v: f64, allow_zero: bool) -> Result<f64, String> {
-        if v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0)) && v <= 30.0 * 86400.0 {
-            Ok(v)
-        } else {
-            Err(format!(
-                "{name} must be a number of seconds{} (at most 30 days)",
-                if allow_zero {
-                    ", 0 or more"
-                } else {
-                    " above 0"
-                }
-            ))
-        }
-    }
     if let Some(v) = p.rate {
         if !v.is_finite() || v < 0.0 || (v > 0.0 && v < 0.001) || v > 1e9 {
             return Err(

@@ -103,19 +103,34 @@ pub fn pool_of(url: &str) -> &str {
     }
 }
 
+/// The fields of a task that passed its checks (here, or on the node that
+/// enqueued it), before they are packed into a [`ValidTask`].
+pub struct TaskParts<'a> {
+    pub queue: &'a str,
+    pub url: &'a str,
+    pub method: Method,
+    pub params: &'a [(String, String)],
+    pub body: Option<Vec<u8>>,
+    /// Unix seconds.
+    pub eta: f64,
+    /// Seconds a worker has for each attempt.
+    pub timeout: f64,
+    pub rare: Rare,
+}
+
 impl ValidTask {
-    /// Assembles a task from parts already checked (a peer's record).
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_parts(
-        queue: &str,
-        url: &str,
-        method: Method,
-        params: &[(String, String)],
-        body: Option<Vec<u8>>,
-        eta: f64,
-        timeout: f64,
-        rare: Rare,
-    ) -> ValidTask {
+    /// Packs checked parts (a fresh enqueue's, or a peer's record).
+    pub fn from_parts(parts: TaskParts<'_>) -> ValidTask {
+        let TaskParts {
+            queue,
+            url,
+            method,
+            params,
+            body,
+            eta,
+            timeout,
+            rare,
+        } = parts;
         let (payload, raw) = match body {
             Some(b) => {
                 let mut v = SmallVec::from_vec(b);
@@ -245,50 +260,9 @@ pub fn validate_known(
     } else {
         normalize_url(&spec.url)?
     };
-    let method = match spec.method.as_deref() {
-        None | Some("") => Method::Post,
-        Some(m) => Method::parse(m).ok_or_else(|| {
-            format!(
-                "task.method must be one of {}, not {m:?}",
-                METHODS.join(", ")
-            )
-        })?,
-    };
-    if spec.body.is_some() && !spec.params.is_empty() {
-        return Err("params and body are exclusive".into());
-    }
-    let body_len = match &spec.body {
-        Some(b) => b.len(),
-        None => spec.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum(),
-    };
-    if body_len > protocol::MAX_TASK_BODY_BYTES {
-        return Err(format!(
-            "the task body exceeds {} bytes",
-            protocol::MAX_TASK_BODY_BYTES
-        ));
-    }
-    let eta = match (spec.countdown, spec.eta) {
-        (Some(_), Some(_)) => return Err("task.countdown and task.eta are exclusive".into()),
-        (Some(c), None) => {
-            if !c.is_finite() || c < 0.0 {
-                return Err("task.countdown must be a number of seconds, 0 or more".into());
-            }
-            if c > MAX_ETA_AHEAD_SECS {
-                return Err("task.countdown is more than 30 days ahead".into());
-            }
-            now + c
-        }
-        (None, Some(e)) => {
-            if !e.is_finite() {
-                return Err("task.eta must be a unix time in seconds".into());
-            }
-            if e > now + MAX_ETA_AHEAD_SECS {
-                return Err("task.eta is more than 30 days ahead".into());
-            }
-            e.max(now)
-        }
-        (None, None) => now,
-    };
+    let method = method_of(spec.method.as_deref())?;
+    check_payload(&spec)?;
+    let eta = eta_of(spec.countdown, spec.eta, now)?;
     if let Some(name) = &spec.name {
         if !is_valid_task_name(name) {
             return Err(protocol::limits::TASK_NAME_RULE.into());
@@ -303,6 +277,94 @@ pub fn validate_known(
             ))
         }
     };
+    check_headers(&spec)?;
+    let callback_url = callback("callback_url", spec.callback_url)?;
+    let failure_callback_url = callback("failure_callback_url", spec.failure_callback_url)?;
+    if let Some(k) = &spec.idempotency_key {
+        if !(1..=500).contains(&k.len()) || !k.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err("the idempotency key must be 1 to 500 visible ASCII characters".into());
+        }
+    }
+    Ok(ValidTask::from_parts(TaskParts {
+        queue,
+        url: &url,
+        method,
+        params: &spec.params,
+        body: spec.body.map(|b| b.into_vec()),
+        eta,
+        timeout,
+        rare: Rare {
+            name: spec.name,
+            content_type: spec.content_type,
+            headers: spec.headers,
+            callback_url,
+            failure_callback_url,
+            idempotency_key: spec.idempotency_key,
+        },
+    }))
+}
+
+/// `task.method`: POST when absent.
+fn method_of(method: Option<&str>) -> Result<Method, String> {
+    match method {
+        None | Some("") => Ok(Method::Post),
+        Some(m) => Method::parse(m).ok_or_else(|| {
+            format!(
+                "task.method must be one of {}, not {m:?}",
+                METHODS.join(", ")
+            )
+        }),
+    }
+}
+
+/// Params or a raw body, not both, within [`protocol::MAX_TASK_BODY_BYTES`].
+fn check_payload(spec: &TaskSpec) -> Result<(), String> {
+    if spec.body.is_some() && !spec.params.is_empty() {
+        return Err("params and body are exclusive".into());
+    }
+    let body_len = match &spec.body {
+        Some(b) => b.len(),
+        None => spec.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum(),
+    };
+    if body_len > protocol::MAX_TASK_BODY_BYTES {
+        return Err(format!(
+            "the task body exceeds {} bytes",
+            protocol::MAX_TASK_BODY_BYTES
+        ));
+    }
+    Ok(())
+}
+
+/// The task's eta (unix seconds) from a countdown or an eta (not both): a
+/// past eta means now, and at most [`MAX_ETA_AHEAD_SECS`] ahead.
+fn eta_of(countdown: Option<f64>, eta: Option<f64>, now: f64) -> Result<f64, String> {
+    match (countdown, eta) {
+        (Some(_), Some(_)) => Err("task.countdown and task.eta are exclusive".into()),
+        (Some(c), None) => {
+            if !c.is_finite() || c < 0.0 {
+                return Err("task.countdown must be a number of seconds, 0 or more".into());
+            }
+            if c > MAX_ETA_AHEAD_SECS {
+                return Err("task.countdown is more than 30 days ahead".into());
+            }
+            Ok(now + c)
+        }
+        (None, Some(e)) => {
+            if !e.is_finite() {
+                return Err("task.eta must be a unix time in seconds".into());
+            }
+            if e > now + MAX_ETA_AHEAD_SECS {
+                return Err("task.eta is more than 30 days ahead".into());
+            }
+            Ok(e.max(now))
+        }
+        (None, None) => Ok(now),
+    }
+}
+
+/// Header names are HTTP tokens; values and the content type hold no
+/// control characters (no header injection).
+fn check_headers(spec: &TaskSpec) -> Result<(), String> {
     for (k, v) in &spec.headers {
         if k.is_empty() || !k.bytes().all(is_token_byte) {
             return Err(format!("header name {k:?} is not a valid HTTP header name"));
@@ -316,30 +378,7 @@ pub fn validate_known(
             return Err("content_type has a control character".into());
         }
     }
-    let callback_url = callback("callback_url", spec.callback_url)?;
-    let failure_callback_url = callback("failure_callback_url", spec.failure_callback_url)?;
-    if let Some(k) = &spec.idempotency_key {
-        if !(1..=500).contains(&k.len()) || !k.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err("the idempotency key must be 1 to 500 visible ASCII characters".into());
-        }
-    }
-    Ok(ValidTask::from_parts(
-        queue,
-        &url,
-        method,
-        &spec.params,
-        spec.body.map(|b| b.into_vec()),
-        eta,
-        timeout,
-        Rare {
-            name: spec.name,
-            content_type: spec.content_type,
-            headers: spec.headers,
-            callback_url,
-            failure_callback_url,
-            idempotency_key: spec.idempotency_key,
-        },
-    ))
+    Ok(())
 }
 
 /// Parses and checks a task URL; returns its normalized form.

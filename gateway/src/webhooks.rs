@@ -175,6 +175,22 @@ pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, S
             .unwrap_or(0);
         sign(&task.signing_secrets, &task.id, now, &body).map(|s| (now, s))
     };
+    let h = headers(task, signature, content_type);
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = h;
+    Ok(req)
+}
+
+/// A webhook's headers: the task's own, then the `X-Task-*` headers, the
+/// signature's, the content type and the user agent (which replace any
+/// of the task's with the same name).
+fn headers(
+    task: &DeliveredTask,
+    signature: Option<(u64, String)>,
+    content_type: Option<HeaderValue>,
+) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(11 + task.headers.len());
     for (k, v) in &task.headers {
         if let (Ok(k), Ok(v)) = (
@@ -213,11 +229,7 @@ pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, S
         h.insert(CONTENT_TYPE, ct);
     }
     h.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = h;
-    Ok(req)
+    h
 }
 
 /// Performs one attempt and turns its outcome into a result.

@@ -9,7 +9,7 @@
 use super::admit::Held;
 use super::*;
 use crate::placement::place;
-use crate::validate::{Method, Rare};
+use crate::validate::{Method, Rare, TaskParts};
 
 /// How long an enqueue waits for the other holders' acknowledgements, and
 /// a forwarded request for the peers' answers.
@@ -165,15 +165,15 @@ pub(super) fn new_record(
 fn spec_of(r: &ReplicaRecord) -> ValidTask {
     // A peer's record was validated where it was enqueued; an unknown
     // method (a newer peer) falls back to POST rather than losing the task.
-    ValidTask::from_parts(
-        &r.queue,
-        &r.url,
-        Method::parse(&r.method).unwrap_or(Method::Post),
-        &r.params,
-        r.body.as_ref().map(|b| b.to_vec()),
-        r.eta,
-        r.timeout,
-        Rare {
+    ValidTask::from_parts(TaskParts {
+        queue: &r.queue,
+        url: &r.url,
+        method: Method::parse(&r.method).unwrap_or(Method::Post),
+        params: &r.params,
+        body: r.body.as_ref().map(|b| b.to_vec()),
+        eta: r.eta,
+        timeout: r.timeout,
+        rare: Rare {
             name: r.name.clone(),
             content_type: r.content_type.clone(),
             headers: r.headers.clone(),
@@ -181,7 +181,7 @@ fn spec_of(r: &ReplicaRecord) -> ValidTask {
             failure_callback_url: r.failure_callback_url.clone(),
             idempotency_key: r.idempotency_key.clone(),
         },
-    )
+    })
 }
 
 impl Store {
@@ -624,17 +624,7 @@ impl Store {
                 }
             }
             PeerMessage::StoreResult { req, from, outcome } => {
-                let done = match self.pending.get_mut(&req) {
-                    Some(Pending::Store(p)) => {
-                        p.answers.insert(from, outcome);
-                        let remote = p.holders.iter().filter(|h| **h != me).count();
-                        p.answers.len() >= remote
-                    }
-                    _ => false,
-                };
-                if done {
-                    self.decide_store(req, now_us);
-                }
+                self.on_store_result(req, from, outcome, now_us)
             }
             PeerMessage::Discard { id } => {
                 if let Ok(uid) = Uuid::parse_str(&id) {
@@ -655,34 +645,55 @@ impl Store {
                     });
                 }
             }
-            PeerMessage::Reply { req, body, .. } => {
-                let found = !matches!(
-                    body,
-                    ReplyBody::Error {
-                        code: ErrorCode::NotFound,
-                        ..
-                    }
-                );
-                let mut finished = false;
-                if let Some(Pending::Request(p)) = self.pending.get_mut(&req) {
-                    p.outstanding = p.outstanding.saturating_sub(1);
-                    if found && !p.answered {
-                        p.answered = true;
-                        self.outbox.push(Event::Reply {
-                            identity: p.identity.clone(),
-                            reply: ClientReply {
-                                request_id: p.request_id.clone(),
-                                body,
-                            },
-                        });
-                    }
-                    finished = p.outstanding == 0;
-                }
-                if finished {
-                    self.pending_expired(req, now_us, out);
-                }
-            }
+            PeerMessage::Reply { req, body, .. } => self.on_peer_reply(req, body, now_us, out),
             PeerMessage::Raft { .. } | PeerMessage::Join { .. } => {}
+        }
+    }
+
+    /// A holder's answer to a `store`: the enqueue is decided once every
+    /// other holder answered.
+    fn on_store_result(&mut self, req: u64, from: u64, outcome: StoreOutcome, now_us: u64) {
+        let me = self.cluster.me;
+        let done = match self.pending.get_mut(&req) {
+            Some(Pending::Store(p)) => {
+                p.answers.insert(from, outcome);
+                let remote = p.holders.iter().filter(|h| **h != me).count();
+                p.answers.len() >= remote
+            }
+            _ => false,
+        };
+        if done {
+            self.decide_store(req, now_us);
+        }
+    }
+
+    /// A peer's answer to a forwarded request: the first one that found
+    /// the task is the client's; `not_found` only when every peer says so.
+    fn on_peer_reply(&mut self, req: u64, body: ReplyBody, now_us: u64, out: &mut Vec<Event>) {
+        let found = !matches!(
+            body,
+            ReplyBody::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        );
+        let mut finished = false;
+        if let Some(Pending::Request(p)) = self.pending.get_mut(&req) {
+            p.outstanding = p.outstanding.saturating_sub(1);
+            if found && !p.answered {
+                p.answered = true;
+                self.outbox.push(Event::Reply {
+                    identity: p.identity.clone(),
+                    reply: ClientReply {
+                        request_id: p.request_id.clone(),
+                        body,
+                    },
+                });
+            }
+            finished = p.outstanding == 0;
+        }
+        if finished {
+            self.pending_expired(req, now_us, out);
         }
     }
 
