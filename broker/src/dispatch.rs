@@ -580,6 +580,35 @@ impl Dispatcher {
     }
 }
 
+/// Carries out `out` in order, with the actions that doing so adds (a
+/// failed send gives its tasks back, which may go to other workers), and
+/// has the dispatcher's outboxes flushed (`flush`) before each pass, until
+/// nothing is left. The I/O loop and the simulation both carry out the
+/// dispatcher's actions through it; `act` is theirs.
+pub fn carry_out<C>(
+    ctx: &mut C,
+    out: &mut Vec<Out>,
+    mut flush: impl FnMut(&mut C, &mut Vec<Out>),
+    mut act: impl FnMut(&mut C, Out, &mut Vec<Out>),
+) {
+    let mut i = 0;
+    loop {
+        flush(ctx, out);
+        if i == out.len() {
+            break;
+        }
+        while i < out.len() {
+            // `act` may push more actions: they are handled in order.
+            let action = std::mem::replace(&mut out[i], Out::Schedule(Command::Shutdown));
+            i += 1;
+            if !matches!(action, Out::Schedule(Command::Shutdown)) {
+                act(ctx, action, out);
+            }
+        }
+    }
+    out.clear();
+}
+
 /// The deliveries among `tasks` still counted in flight, taken out of it.
 fn take_in_flight(
     in_flight: &mut BTreeMap<u64, InFlight>,

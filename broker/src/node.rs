@@ -25,7 +25,7 @@ use protocol::{
     ReplyBody, WorkerMessage,
 };
 
-use crate::dispatch::{DispatchConfig, Dispatcher, Out};
+use crate::dispatch::{self, DispatchConfig, Dispatcher, Out};
 use crate::election::{self, ElectionConfig, FromElection, ToElection};
 use crate::membership::{Decision, Membership};
 use crate::scheduler::{self, Figures};
@@ -751,27 +751,17 @@ impl IoLoop {
     /// Carries out the dispatcher's actions: commands to the store, and
     /// messages to workers (what cannot be sent goes back to it).
     fn carry_out(&mut self, out: &mut Vec<Out>, now: Instant) {
-        let mut i = 0;
-        loop {
-            // Outboxes first; `unsent` may assign more, so again until done.
-            self.dispatcher.flush(out);
-            if i == out.len() {
-                break;
-            }
-            while i < out.len() {
-                // `unsent` may push more actions; handle them in order.
-                let action = std::mem::replace(&mut out[i], Out::Schedule(Command::Shutdown));
-                i += 1;
-                match action {
-                    Out::Schedule(Command::Shutdown) => {}
-                    Out::Schedule(cmd) => {
-                        let _ = self.commands.send(cmd);
-                    }
-                    Out::Send(identity, msg) => self.send_worker(identity, msg, now, out),
+        dispatch::carry_out(
+            self,
+            out,
+            |io, out| io.dispatcher.flush(out),
+            |io, action, out| match action {
+                Out::Schedule(cmd) => {
+                    let _ = io.commands.send(cmd);
                 }
-            }
-        }
-        out.clear();
+                Out::Send(identity, msg) => io.send_worker(identity, msg, now, out),
+            },
+        );
     }
 
     fn send_worker(

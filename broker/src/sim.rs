@@ -893,39 +893,32 @@ impl Sim {
 
     fn carry_out(&mut self, id: u64, mut out: Vec<Out>) {
         let now = self.now;
-        let mut i = 0;
-        loop {
-            if let Some(n) = self.nodes.get_mut(&id) {
-                n.dispatcher.flush(&mut out);
-            }
-            if i == out.len() {
-                break;
-            }
-            while i < out.len() {
-                let action = std::mem::replace(&mut out[i], Out::Schedule(Command::Shutdown));
-                i += 1;
-                match action {
-                    Out::Schedule(Command::Shutdown) => {}
-                    Out::Schedule(cmd) => self.apply(id, cmd),
-                    Out::Send(identity, msg) => {
-                        let Some(worker) = parse_worker(&identity) else {
-                            continue;
-                        };
-                        if let Some(n) = self.nodes.get_mut(&id) {
-                            n.dispatcher.sent(&identity, now);
-                        }
-                        self.send(
-                            Some(id),
-                            Msg::ToWorker {
-                                worker,
-                                identity,
-                                msg,
-                            },
-                        );
-                    }
+        crate::dispatch::carry_out(
+            self,
+            &mut out,
+            |sim, out| {
+                if let Some(n) = sim.nodes.get_mut(&id) {
+                    n.dispatcher.flush(out);
                 }
-            }
-        }
+            },
+            |sim, action, _| match action {
+                Out::Schedule(cmd) => sim.apply(id, cmd),
+                Out::Send(identity, msg) => {
+                    let Some(worker) = parse_worker(&identity) else {
+                        return;
+                    };
+                    if let Some(n) = sim.nodes.get_mut(&id) {
+                        n.dispatcher.sent(&identity, now);
+                    }
+                    let msg = Msg::ToWorker {
+                        worker,
+                        identity,
+                        msg,
+                    };
+                    sim.send(Some(id), msg);
+                }
+            },
+        );
     }
 
     fn decide(&mut self, id: u64, decisions: Vec<Decision>) {

@@ -531,7 +531,7 @@ impl Link {
 
     /// Sends again, under the same request id, what has waited past
     /// `resend_after` (ZeroMQ takes it to a live broker, and the brokers
-    /// act on a request id once, even across brokers: PROTOCOL.md §7.4),
+    /// act on a request id once, even across brokers: PROTOCOL.md §7.2, §16.8),
     /// and gives up on what has waited past its deadline.
     fn resend_and_expire(&mut self, now: Instant) {
         let mut expired = Vec::new();
