@@ -384,38 +384,50 @@ fn an_unanswered_request_is_resent_under_its_request_id() {
         answer(&broker, who, again.request_id);
         let got = rt.block_on(call).unwrap();
         assert!(matches!(got, Ok(ReplyBody::Pong { .. })), "{got:?}");
-        // An enqueue that waits for its first attempt goes once.
-        let waiting = {
-            let link = link.clone();
-            rt.spawn(async move {
-                let wait = ClientCommand::Enqueue {
-                    queue: "q".into(),
-                    task: task(1),
-                    wait: Some(1.0),
-                };
-                link.request_with(wait, Duration::from_secs(1)).await
-            })
+        // An enqueue that waits for its first attempt goes once, and so do
+        // `run` and `purge_queue` (a resend may reach another broker, which
+        // would act on them again).
+        let wait = ClientCommand::Enqueue {
+            queue: "q".into(),
+            task: task(1),
+            wait: Some(1.0),
         };
-        let (who, first) = next_request(&broker);
-        broker.set_rcvtimeo(1500).unwrap();
-        let mut frames = Vec::new();
-        let resent = loop {
-            match broker.recv_multipart(0) {
-                Ok(mut parts) => {
-                    parts.remove(0);
-                    let r: protocol::ClientRequest = protocol::decode(&parts).unwrap();
-                    if r.request_id != "roster" {
-                        frames.push(r.request_id);
-                        break true;
+        let purge = ClientCommand::PurgeQueue { queue: "q".into() };
+        let run_now = ClientCommand::Run {
+            queue: "q".into(),
+            id: "00000000-0000-4000-8000-000000000000".into(),
+        };
+        for (command, extra) in [
+            (wait, Duration::from_secs(1)),
+            (purge, Duration::ZERO),
+            (run_now, Duration::ZERO),
+        ] {
+            let what = format!("{command:?}");
+            let call = {
+                let link = link.clone();
+                rt.spawn(async move { link.request_with(command, extra).await })
+            };
+            let (who, first) = next_request(&broker);
+            // Four resend intervals of silence: nothing comes again.
+            broker.set_rcvtimeo(1200).unwrap();
+            let again = loop {
+                match broker.recv_multipart(0) {
+                    Ok(mut parts) => {
+                        parts.remove(0);
+                        let r: protocol::ClientRequest = protocol::decode(&parts).unwrap();
+                        if r.request_id != "roster" {
+                            break Some(r.request_id);
+                        }
                     }
+                    Err(_) => break None,
                 }
-                Err(_) => break false,
-            }
-        };
-        assert!(!resent, "a wait was resent: {frames:?}");
-        answer(&broker, who, first.request_id);
-        let got = rt.block_on(waiting).unwrap();
-        assert!(got.is_ok(), "{got:?}");
+            };
+            broker.set_rcvtimeo(10_000).unwrap();
+            assert_eq!(again, None, "resent: {what}");
+            answer(&broker, who, first.request_id);
+            let got = rt.block_on(call).unwrap();
+            assert!(got.is_ok(), "{got:?}");
+        }
         link.stop();
     });
 }

@@ -316,7 +316,8 @@ struct Pending {
     /// The request as sent, to send again under the same request id.
     frames: Vec<Vec<u8>>,
     /// When to send it again (`None`: never; a `wait` is not resent, as a
-    /// resend would be answered at once, without the attempt's result).
+    /// resend would be answered at once, without the attempt's result, and
+    /// neither are `run` and `purge_queue`: see [`resendable`]).
     resend_at: Option<Instant>,
 }
 
@@ -457,8 +458,10 @@ impl Link {
         let mut next = None;
         while let Some(r) = next.take().or_else(|| self.ch.requests.try_recv().ok()) {
             let deadline = now + self.config.request_timeout + r.extra;
-            let resend_at = (r.extra.is_zero()).then(|| now + self.config.resend_after);
+            let waits = !r.extra.is_zero();
             let (command, waiting, after) = gather(r, &self.ch.requests);
+            let resend_at =
+                (!waits && resendable(&command)).then(|| now + self.config.resend_after);
             next = after;
             n += waiting.callers();
             if let Waiting::Coalesced(txs) = &waiting {
@@ -577,6 +580,19 @@ impl Link {
         self.workers.push(reg);
         Ok(())
     }
+}
+
+/// Whether a command may be sent again under its request id when no
+/// answer comes. A resend may reach another broker, and only enqueues are
+/// deduplicated across brokers (PROTOCOL.md §7.2); of the rest, only what
+/// is harmless to repeat is resent. Not `run` (a second broker that holds
+/// a copy would run it again) nor `purge_queue` (a second purge would
+/// remove tasks enqueued in between).
+fn resendable(command: &ClientCommand) -> bool {
+    !matches!(
+        command,
+        ClientCommand::Run { .. } | ClientCommand::PurgeQueue { .. }
+    )
 }
 
 /// The request `first` and, when it is a plain enqueue, the plain enqueues

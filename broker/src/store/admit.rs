@@ -281,6 +281,18 @@ impl Store {
         }
     }
 
+    /// The task remembered for a request key that this node holds (a copy
+    /// it stores for that request, or the task it answered with).
+    pub(super) fn held_for(&self, key: &str, queue: &str) -> Option<Uuid> {
+        match self.recent.get(key, queue)? {
+            ReplyBody::Enqueued { id, .. } => {
+                let id = Uuid::parse_str(&id).ok()?;
+                self.tasks.get(&id).map(|_| id)
+            }
+            _ => None,
+        }
+    }
+
     /// Remembers a change's reply, so a resend of its request gets it
     /// again instead of acting twice.
     pub(super) fn remember(&mut self, reply: &ClientReply, now_us: u64) {

@@ -147,8 +147,18 @@ impl Recent {
             self.pop_oldest();
         }
         let k = key(request_id);
-        if self.position(k).is_some() {
-            return; // the first reply stands
+        if let Some(pos) = self.position(k) {
+            // The first reply stands; but a copy stored here for another
+            // coordinator (marked `replicas` 0) gives way to this node's
+            // own answer to the same request.
+            let head = self.head;
+            let held = self.entries.get_mut(pos.wrapping_sub(head) as usize);
+            if let (Some(e), Some((id, eta, replicas))) = (held, compact(body)) {
+                if e.replicas == 0 && !e.id.is_nil() {
+                    (e.id, e.eta, e.replicas) = (id, eta, replicas);
+                }
+            }
+            return;
         }
         let mut e = Entry {
             key: k,

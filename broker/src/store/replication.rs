@@ -426,11 +426,17 @@ impl Store {
             body,
         };
         self.remember(&reply, now_us);
-        if let ReplyBody::Enqueued { replicas, .. } = reply.body {
+        if let ReplyBody::Enqueued {
+            ref id, replicas, ..
+        } = reply.body
+        {
+            // The task the answer names (another coordinator's, after a
+            // resend), whose first attempt the caller waits for.
+            let id = Uuid::parse_str(id).unwrap_or(p.id);
             let held = Held {
                 identity: &p.identity,
                 request_id: &reply.request_id,
-                id: p.id,
+                id,
                 queue: &p.spec.queue,
                 eta: p.spec.eta,
                 replicas,
@@ -445,9 +451,21 @@ impl Store {
         });
     }
 
+    /// Forgets a copy refused elsewhere (its name taken, or another task
+    /// kept for its request), freeing its name at once; a delivery of it
+    /// under way is revoked and its queue may dispatch the next task.
+    fn drop_copy(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
+        let Some(queue) = self.tasks.get(&id).map(|t| t.spec.queue.to_string()) else {
+            return;
+        };
+        self.free_keys(id);
+        self.remove_task(id, out);
+        self.pump(&queue, now_us, out);
+    }
+
     /// A holder had the request's task already (as `id`): the copies made
     /// for this resend go, and the answer is the first one's task.
-    fn answer_resend(&mut self, p: &PendingStore, id: String) -> ReplyBody {
+    fn answer_resend(&mut self, p: &PendingStore, id: Uuid, now_us: u64) -> ReplyBody {
         for (h, o) in &p.answers {
             if matches!(o, StoreOutcome::Stored) {
                 self.outbox.push(Event::ToPeer {
@@ -460,18 +478,18 @@ impl Store {
         }
         if p.local {
             let mut out = Vec::new();
-            self.free_keys(p.id);
-            self.remove_task(p.id, &mut out);
+            self.drop_copy(p.id, now_us, &mut out);
             self.outbox.append(&mut out);
         }
         self.stats.duplicate_requests += 1;
+        let wanted = id.to_string();
         let copies = p
             .answers
             .values()
-            .filter(|o| matches!(o, StoreOutcome::Resent { .. }))
+            .filter(|o| matches!(o, StoreOutcome::Resent { id } if *id == wanted))
             .count();
         ReplyBody::Enqueued {
-            id,
+            id: wanted,
             queue: p.spec.queue.to_string(),
             eta: p.spec.eta,
             result: None,
@@ -489,12 +507,21 @@ impl Store {
                 .values()
                 .filter(|o| matches!(o, StoreOutcome::Stored))
                 .count() as u32;
-        let resent = p.answers.values().find_map(|o| match o {
-            StoreOutcome::Resent { id } => Some(id.clone()),
-            _ => None,
-        });
-        if let Some(id) = resent {
-            return self.answer_resend(p, id);
+        // Other tasks for the same request, held by the holders: the
+        // smallest id wins, whichever coordinator decides first, so two
+        // coordinators of one request (a resend that crossed the first
+        // store) keep the same task and not none.
+        let first = p
+            .answers
+            .values()
+            .filter_map(|o| match o {
+                StoreOutcome::Resent { id } => Uuid::parse_str(id).ok(),
+                _ => None,
+            })
+            .filter(|id| *id != p.id)
+            .min();
+        if let Some(first) = first.filter(|first| *first < p.id) {
+            return self.answer_resend(p, first, now_us);
         }
         if !p.local {
             let verdict = p.holders.iter().find_map(|h| p.answers.get(h));
@@ -628,8 +655,7 @@ impl Store {
             }
             PeerMessage::Discard { id } => {
                 if let Ok(uid) = Uuid::parse_str(&id) {
-                    self.free_keys(uid);
-                    self.remove_task(uid, out);
+                    self.drop_copy(uid, now_us, out);
                 }
             }
             PeerMessage::Request { req, from, command } => {
@@ -757,8 +783,12 @@ impl Store {
         }
         let request = record.request.as_deref().filter(|_| check);
         if let Some(key) = request {
-            if let Some(ReplyBody::Enqueued { id, .. }) = self.remembered(key, &record.queue) {
-                return StoreOutcome::Resent { id };
+            if let Some(first) = self.held_for(key, &record.queue) {
+                if first != id {
+                    return StoreOutcome::Resent {
+                        id: first.to_string(),
+                    };
+                }
             }
         }
         let mut spec = spec_of(&record);

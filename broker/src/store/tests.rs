@@ -1073,3 +1073,116 @@ fn a_resend_to_a_node_that_holds_nothing_finds_the_task_on_the_holders() {
     assert_eq!(*replicas, 1);
     assert_eq!((n2.len(), n3.len()), (1, 0), "no second task anywhere");
 }
+
+/// Two coordinators of one request (the resend crossed the first store)
+/// whose copies reached the two holders in opposite orders: each holder
+/// answers one coordinator `resent` with the other's task. Both must
+/// settle on the same task, and it must survive.
+#[test]
+fn crossed_resends_keep_one_task_and_not_none() {
+    let members = vec![1, 2, 3, 4];
+    let mk = |me: u64| {
+        let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(me));
+        let roster = Command::Roster {
+            me,
+            members: members.clone(),
+            replicas: 2,
+        };
+        s.apply(roster, T0, &mut Vec::new());
+        s
+    };
+    let mut nodes: BTreeMap<u64, Store> = (1..=4).map(|id| (id, mk(id))).collect();
+    // A request whose holders are 3 and 4; nodes 1 and 2 coordinate.
+    let rid = (0..)
+        .map(|i| format!("x{i}"))
+        .find(|r| {
+            let h = crate::placement::place(r, &members, 2);
+            h.contains(&3) && h.contains(&4)
+        })
+        .unwrap();
+    let mut from_a = Vec::new();
+    let mut from_b = Vec::new();
+    nodes
+        .get_mut(&1)
+        .unwrap()
+        .apply(enqueue_request(&rid, one("default")), T0, &mut from_a);
+    nodes
+        .get_mut(&2)
+        .unwrap()
+        .apply(enqueue_request(&rid, one("default")), T0, &mut from_b);
+    let peer = |events: &mut Vec<Event>, to: u64| -> Vec<PeerMessage> {
+        let mut taken = Vec::new();
+        events.retain(|e| match e {
+            Event::ToPeer { to: t, msg } if *t == to => {
+                taken.push(msg.clone());
+                false
+            }
+            _ => true,
+        });
+        taken
+    };
+    // Node 3 hears A first, node 4 hears B first.
+    let mut back: Vec<(u64, Event)> = Vec::new();
+    let to_3: Vec<PeerMessage> = peer(&mut from_a, 3)
+        .into_iter()
+        .chain(peer(&mut from_b, 3))
+        .collect();
+    let to_4: Vec<PeerMessage> = peer(&mut from_b, 4)
+        .into_iter()
+        .chain(peer(&mut from_a, 4))
+        .collect();
+    for (holder, msgs) in [(3, to_3), (4, to_4)] {
+        for msg in msgs {
+            let mut out = Vec::new();
+            nodes
+                .get_mut(&holder)
+                .unwrap()
+                .apply(Command::Peer(msg), T0 + 10, &mut out);
+            back.extend(out.into_iter().map(|e| (holder, e)));
+        }
+    }
+    // The holders' answers go back to the coordinators, which decide and
+    // send their discards; those reach the holders.
+    let mut replies = Vec::new();
+    let mut discards = Vec::new();
+    for (_, e) in back {
+        if let Event::ToPeer { to, msg } = e {
+            let mut out = Vec::new();
+            nodes
+                .get_mut(&to)
+                .unwrap()
+                .apply(Command::Peer(msg), T0 + 20, &mut out);
+            for e in out {
+                match e {
+                    Event::Reply { reply, .. } => replies.push(reply.body),
+                    Event::ToPeer { to, msg } => discards.push((to, msg)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    for (to, msg) in discards {
+        nodes
+            .get_mut(&to)
+            .unwrap()
+            .apply(Command::Peer(msg), T0 + 30, &mut Vec::new());
+    }
+    let ids: Vec<String> = replies
+        .iter()
+        .map(|r| match r {
+            ReplyBody::Enqueued { id, .. } => id.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{replies:?}");
+    assert_eq!(ids[0], ids[1], "the coordinators answered different tasks");
+    let kept = Uuid::parse_str(&ids[0]).unwrap();
+    let holding: Vec<u64> = nodes
+        .iter()
+        .filter(|(_, s)| s.task_state(&kept).is_some())
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(!holding.is_empty(), "the answered task is held nowhere");
+    let all: usize = nodes.values().map(|s| s.len()).sum();
+    assert_eq!(all, holding.len(), "another task of the request is left");
+}
