@@ -4,12 +4,14 @@
 //! ```sh
 //! cargo run -p miyamoto-broker --example simulate -- --seed 42           # replay seed 42
 //! cargo run -p miyamoto-broker --example simulate -- --seed 42 --trace   # with every fault
+//! cargo run -p miyamoto-broker --example simulate -- --seed 42 --trace --watch 6cbf  # and task 6cbf…
 //! cargo run --release -p miyamoto-broker --example simulate -- --seeds 10000 --from 1000
 //! ```
 //!
 //! Exits 1 when a seed breaks an invariant, after printing its report and
 //! the command that replays it.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
     let mut trace = false;
     let mut faulty: Option<u64> = None;
     let mut calm: Option<u64> = None;
+    let mut watch: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().and_then(|v| v.parse::<u64>().ok());
@@ -33,9 +36,10 @@ fn main() -> ExitCode {
             "--faulty-secs" => faulty = value(),
             "--calm-secs" => calm = value(),
             "--trace" => trace = true,
+            "--watch" => watch = it.next().cloned(),
             other => {
                 eprintln!(
-                    "unknown argument {other:?}; use --seed N [--trace] | --seeds N [--from S] [--faulty-secs T] [--calm-secs T]"
+                    "unknown argument {other:?}; use --seed N [--trace] | --seeds N [--from S] [--faulty-secs T] [--calm-secs T] [--watch TASK_ID_PREFIX]"
                 );
                 return ExitCode::from(2);
             }
@@ -49,7 +53,8 @@ fn main() -> ExitCode {
     let mut failed = 0;
     for s in &list {
         let mut config = SimConfig::new(*s);
-        config.trace = trace;
+        config.trace = trace || watch.is_some();
+        config.watch = watch.clone();
         if let Some(t) = faulty {
             config.faulty = Duration::from_secs(t);
         }
@@ -57,9 +62,15 @@ fn main() -> ExitCode {
             config.calm = Duration::from_secs(t);
         }
         let report = sim::run(config);
+        // A trace may be long and piped into `head`: stop quietly when the
+        // reader has gone.
+        let mut stdout = std::io::stdout().lock();
         for line in &report.trace {
-            println!("{line}");
+            if writeln!(stdout, "{line}").is_err() {
+                return ExitCode::SUCCESS;
+            }
         }
+        drop(stdout);
         if list.len() == 1 || !report.ok() {
             println!("{}", report.summary());
         }

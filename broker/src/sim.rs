@@ -81,8 +81,12 @@ pub struct SimConfig {
     pub faulty: Duration,
     /// Virtual time without faults at the end.
     pub calm: Duration,
-    /// Record every step (for a replay).
+    /// Record the faults and the producers' requests and replies (for a
+    /// replay).
     pub trace: bool,
+    /// With `trace`: also every state change of the tasks whose id starts
+    /// with this, and every peer message but Raft's.
+    pub watch: Option<String>,
     /// A fault the product must not survive, to prove the checks bite.
     pub sabotage: Option<Sabotage>,
 }
@@ -108,6 +112,7 @@ impl SimConfig {
             faulty: Duration::from_secs(60),
             calm: Duration::from_secs(30),
             trace: false,
+            watch: None,
             sabotage: None,
         }
     }
@@ -686,7 +691,7 @@ impl Sim {
         }
         match msg {
             Msg::Peer { to, msg } => {
-                if self.config.trace && std::env::var("SIM_WATCH").is_ok() {
+                if self.config.trace && self.config.watch.is_some() {
                     let line = match &msg {
                         PeerMessage::Raft { .. } => None,
                         m => Some(format!("peer message from {from:?} to {to}: {m:?}")),
@@ -1441,8 +1446,11 @@ impl Sim {
         };
         let changes = n.store.take_changes();
         if self.config.trace {
-            if let Ok(w) = std::env::var("SIM_WATCH") {
-                for c in changes.iter().filter(|c| c.id.to_string().starts_with(&w)) {
+            if let Some(w) = &self.config.watch {
+                for c in changes
+                    .iter()
+                    .filter(|c| c.id.to_string().starts_with(w.as_str()))
+                {
                     let at = self.now.duration_since(self.base).as_micros();
                     self.report.trace.push(format!(
                         "{at:>10} node {id}: task {} -> {:?}",
