@@ -28,21 +28,8 @@ cargo build --release --bins
 bash bench/baselines/setup.sh
 PY=${BENCH_VENV:-target/bench-venv}/bin/python
 
-PIDS=()
-stop_all() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    PIDS=()
-}
+source bench/common.sh
 trap stop_all EXIT
-
-wait_http() {
-    for _ in $(seq 1 200); do
-        curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0
-        sleep 0.05
-    done
-    echo "node on :$1 never became ready" >&2; exit 1
-}
 
 # A fresh single node: broker on 7500..7503, HTTP on 7600.
 single() {
@@ -62,25 +49,7 @@ separate() {
 }
 
 # A fresh 3-node cluster (replication factor $1) and a gateway on 7600.
-cluster() {
-    "$BIN" broker --port 7500 --node-id b1 --replicas "$1" >"$OUT/b1.log" 2>&1 &
-    PIDS+=($!)
-    sleep 0.5
-    "$BIN" broker --port 7510 --node-id b2 --replicas "$1" --join tcp://127.0.0.1:7500 >"$OUT/b2.log" 2>&1 &
-    PIDS+=($!)
-    sleep 0.5
-    "$BIN" broker --port 7520 --node-id b3 --replicas "$1" --join tcp://127.0.0.1:7510 >"$OUT/b3.log" 2>&1 &
-    PIDS+=($!)
-    "$BIN" gateway --listen 127.0.0.1:7600 --broker tcp://127.0.0.1:7500 >"$OUT/gw.log" 2>&1 &
-    PIDS+=($!)
-    wait_http 7600
-    for _ in $(seq 1 100); do
-        n=$(curl -sf http://127.0.0.1:7600/cluster | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d["nodes"]) if d["leader"] else 0)' 2>/dev/null || echo 0)
-        [ "$n" = 3 ] && sleep 2 && return 0
-        sleep 0.1
-    done
-    echo "cluster never formed" >&2; exit 1
-}
+cluster() { start_cluster "$BIN" "$1"; }
 
 bench() {
     local label=$1; shift

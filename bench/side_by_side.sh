@@ -41,21 +41,8 @@ if [ -z "$BASEBIN" ]; then
     BASEBIN=target/side-by-side/target/release/miyamoto
 fi
 
-PIDS=()
-stop_all() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    PIDS=()
-}
+source bench/common.sh
 trap stop_all EXIT
-
-wait_http() {
-    for _ in $(seq 1 200); do
-        curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0
-        sleep 0.05
-    done
-    echo "node on :$1 never became ready" >&2; exit 1
-}
 
 # A fresh standalone node of binary $1.
 single() {
@@ -65,24 +52,7 @@ single() {
 }
 
 # A fresh 3-node cluster of binary $1 at RF 2, with a gateway.
-cluster() {
-    "$1" broker --port 7500 --node-id c1 --replicas 2 >"$OUT/side-c1.log" 2>&1 &
-    PIDS+=($!)
-    sleep 0.5
-    "$1" broker --port 7510 --node-id c2 --replicas 2 --join tcp://127.0.0.1:7500 >"$OUT/side-c2.log" 2>&1 &
-    PIDS+=($!)
-    "$1" broker --port 7520 --node-id c3 --replicas 2 --join tcp://127.0.0.1:7500 >"$OUT/side-c3.log" 2>&1 &
-    PIDS+=($!)
-    "$1" gateway --listen 127.0.0.1:7600 --broker tcp://127.0.0.1:7500 >"$OUT/side-gw.log" 2>&1 &
-    PIDS+=($!)
-    wait_http 7600
-    for _ in $(seq 1 100); do
-        n=$("$CAND" cluster --broker tcp://127.0.0.1:7500 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["nodes"]))' 2>/dev/null || echo 0)
-        [ "$n" = 3 ] && return 0
-        sleep 0.1
-    done
-    echo "cluster never formed" >&2; exit 1
-}
+cluster() { start_cluster "$1" 2; }
 
 bench() {
     local label=$1; shift
