@@ -343,7 +343,7 @@ impl Store {
     /// The queue, created with the defaults on first use.
     pub(super) fn queue_mut(&mut self, name: &str, now_us: u64) -> &mut Queue {
         let defaults = &self.config.queue_defaults;
-        let share = self.cluster.members.len().max(1) as u32;
+        let share = self.cluster.share();
         self.queues.entry(name.to_string()).or_insert_with(|| {
             let mut q = Queue::new(defaults.clone(), now_us);
             q.share = share;
@@ -418,20 +418,7 @@ impl Store {
             result: None,
             replicas: 1,
         };
-        let holders = self
-            .cluster
-            .holders_for(&placement_key(&spec, &id.to_string()));
-        // Copies for the other holders, acknowledged later (asynchronously);
-        // a single node builds no record at all.
-        if !holders.is_empty() {
-            let store = PeerMessage::Store {
-                req: 0,
-                from: self.cluster.me,
-                record: new_record(id, &spec, is_callback, now_us, holders.clone()),
-                check: true,
-            };
-            self.send_to_others(&holders, store);
-        }
+        let holders = self.copy_unacknowledged(id, &spec, is_callback, now_us);
         self.insert_task(id, spec, is_callback, now_us, holders);
         reply
     }

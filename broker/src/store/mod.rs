@@ -48,7 +48,6 @@ use protocol::limits::{
     MAX_BATCH_TASKS as MAX_BATCH, MAX_REQUEST_ID_BYTES, MAX_RESPONSE_BYTES, MAX_WAIT_SECS,
 };
 use protocol::{EventBody, PeerMessage, ReplicaRecord, StoreOutcome};
-use replication::{new_record, placement_key};
 use timers::Timer;
 use views::waiter_reply;
 

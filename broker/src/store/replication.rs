@@ -5,6 +5,21 @@
 //!
 //! Still sans-IO: peers are reached through [`Event::ToPeer`] and
 //! [`Event::Publish`], and their answers come back as commands.
+//!
+//! The interface the rest of the store uses, and nothing else:
+//! * the view of the roster (`self.cluster`): [`ClusterView::is_clustered`],
+//!   [`ClusterView::share`] (a queue's limit share) and
+//!   [`ClusterView::replica_index`];
+//! * for requests (`admit`): `enqueue_replicated`,
+//!   `enqueue_batch_replicated`, `store_pending_for`, `forward`,
+//!   `broadcast`, and `copy_unacknowledged` for an enqueue answered at once;
+//! * for the lifecycle: `publish_for` and `publish_finished` (the events
+//!   that keep replicas in step), and `retime`;
+//! * commands from the I/O loop: `on_peer`, `on_event`, `on_roster`, and
+//!   `pending_expired` for the timers.
+//!
+//! The state it keeps (`pending`, `pending_ids`, `next_req`) is touched
+//! only here.
 
 use super::admit::Held;
 use super::*;
@@ -38,6 +53,11 @@ impl ClusterView {
             return Vec::new();
         }
         place(key, &self.members, self.replicas.max(1))
+    }
+
+    /// How many members share a queue's limits (1 on a single node).
+    pub fn share(&self) -> u32 {
+        self.members.len().max(1) as u32
     }
 
     /// This node's replica index among `holders` (0 when it holds alone).
@@ -185,6 +205,31 @@ fn spec_of(r: &ReplicaRecord) -> ValidTask {
 }
 
 impl Store {
+    /// An enqueue answered at once (a callback report in a cluster, or any
+    /// enqueue of a single node): its holders, and copies for the others,
+    /// not waited for. A single node sends nothing and gets no holders.
+    pub(super) fn copy_unacknowledged(
+        &mut self,
+        id: Uuid,
+        spec: &ValidTask,
+        is_callback: bool,
+        now_us: u64,
+    ) -> Vec<u64> {
+        let holders = self
+            .cluster
+            .holders_for(&placement_key(spec, &id.to_string()));
+        if !holders.is_empty() {
+            let store = PeerMessage::Store {
+                req: 0,
+                from: self.cluster.me,
+                record: new_record(id, spec, is_callback, now_us, holders.clone()),
+                check: true,
+            };
+            self.send_to_others(&holders, store);
+        }
+        holders
+    }
+
     /// Sends `msg` to every node of `to` except this one; returns how many.
     pub(super) fn send_to_others(&mut self, to: &[u64], msg: PeerMessage) -> usize {
         let me = self.cluster.me;
@@ -956,12 +1001,12 @@ impl Store {
     ) {
         members.sort_unstable();
         members.dedup();
-        let share = members.len().max(1) as u32;
         self.cluster = ClusterView {
             me,
             members,
             replicas: replicas.max(1) as usize,
         };
+        let share = self.cluster.share();
         for q in self.queues.values_mut() {
             q.share = share;
         }
