@@ -118,3 +118,43 @@ fn timeout_and_refused_connection_are_failed_attempts() {
         assert!(!t["last_error"].as_str().unwrap_or("").is_empty());
     });
 }
+
+/// A target answers 429 with a `Retry-After` past any duration
+/// (u64::MAX seconds): the node holds the queue back for at most its
+/// longest slow-down, retries the task later, and goes on delivering.
+/// This one answer once panicked the scheduler thread (issue 13).
+#[test]
+fn a_retry_after_past_any_duration_does_not_stop_the_node() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let rx = Receiver::start();
+        rx.answer([Answer {
+            status: 429,
+            headers: vec![("retry-after", "18446744073709551615".into())],
+            delay: Duration::ZERO,
+            body: "slow down",
+        }]);
+        let (status, v) = post_form(
+            &node.url("/queue/hostile"),
+            &format!("task.url={}", rx.url("/hostile")),
+        );
+        assert_eq!(status, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let first = rx.expect(Duration::from_secs(10));
+        assert_eq!(first.header("x-task-id"), id);
+        let t = wait_task(&node, "hostile", &id, Duration::from_secs(5), |t| {
+            t["state"] == "retrying"
+        });
+        assert_eq!(t["last_status"], 429);
+        // The node still answers, and delivers another queue's task.
+        let (status, _) = http("GET", &node.url("/health"), &[], Vec::new());
+        assert_eq!(status, 200);
+        let (status, v) = post_form(
+            &node.url("/queue/other"),
+            &format!("task.url={}", rx.url("/other")),
+        );
+        assert_eq!(status, 200, "{v}");
+        let other = rx.expect(Duration::from_secs(10));
+        assert_eq!(other.header("x-task-id"), v["id"].as_str().unwrap());
+    });
+}

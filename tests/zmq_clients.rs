@@ -484,3 +484,72 @@ fn a_batched_worker_does_not_sit_on_the_result_of_a_slow_job() {
         reach(&mut p, "slow", &second.task.id, TaskState::Succeeded, lost);
     });
 }
+
+/// A pull worker answers 503 with `retry_after` 1e20 (and another 429
+/// with 1e308): the node holds the queue back for at most its longest
+/// slow-down and goes on serving. This once panicked the scheduler
+/// thread (issue 13).
+#[test]
+fn a_worker_retry_after_past_any_duration_does_not_stop_the_node() {
+    use protocol::{BrokerMessage, DeliveryResult, Outcome, WorkerMessage};
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let mut p = Producer::connect(&node.client_endpoint()).unwrap();
+        let ctx = zmq::Context::new();
+        let raw = ctx.socket(zmq::DEALER).unwrap();
+        raw.set_linger(0).unwrap();
+        raw.set_rcvtimeo(10_000).unwrap();
+        raw.connect(&node.worker_endpoint()).unwrap();
+        let ready = WorkerMessage::Ready {
+            pools: vec!["hostile".into()],
+            credit: 2,
+            name: Some("hostile".into()),
+            batch: false,
+        };
+        raw.send_multipart(protocol::encode(&ready), 0).unwrap();
+        // Two queues: the first answer holds its queue back (60 s at most).
+        for (queue, status, retry_after) in [("hostile", 503, 1e20), ("hostile2", 429, 1e308)] {
+            let (id, _) = p.enqueue(queue, zmq_task("hostile", &[])).unwrap();
+            let (delivery, task) = loop {
+                let parts = raw.recv_multipart(0).expect("a task for the raw worker");
+                match protocol::decode::<BrokerMessage, _>(&parts).unwrap() {
+                    BrokerMessage::Task { delivery, task } => break (delivery, task),
+                    _ => continue,
+                }
+            };
+            assert_eq!(task.id, id);
+            let result = WorkerMessage::Result(DeliveryResult {
+                delivery,
+                task_id: id.clone(),
+                outcome: Outcome::Failure,
+                status: Some(status),
+                reason: Some("slow down".into()),
+                retry_after: Some(retry_after),
+                responded: true,
+                body: None,
+                no_retry: false,
+            });
+            raw.send_multipart(protocol::encode(&result), 0).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let t = p.get(queue, &id).expect("the node still answers");
+                if t.state == TaskState::Retrying {
+                    assert_eq!(t.last_status, Some(status));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "stuck in {:?}", t.state);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // The node still delivers: another pool's task to a real worker.
+        let mut w = Worker::connect(&node.worker_endpoint(), &["fine"], 1).unwrap();
+        let (id, _) = p.enqueue("fine", zmq_task("fine", &[])).unwrap();
+        let job = w
+            .next(Duration::from_secs(10))
+            .unwrap()
+            .expect("the node still delivers");
+        assert_eq!(job.task.id, id);
+        w.report(&job, Outcome::Success, None).unwrap();
+        assert_eq!(p.ping().unwrap(), format!("node-{}", node.base));
+    });
+}

@@ -483,7 +483,7 @@ impl Dispatcher {
                 break;
             };
             let deadline = now
-                + Duration::from_secs_f64(waiting.timeout.clamp(0.0, 86400.0))
+                + protocol::limits::clamp_secs(waiting.timeout, Duration::from_secs(86400))
                 + self.config.result_grace;
             w.in_flight.insert(
                 waiting.delivery,

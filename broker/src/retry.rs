@@ -29,6 +29,9 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The longest retry delay a `Retry-After` can ask for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 86400);
+
 impl RetryPolicy {
     /// Delay before retry number `n` (1 for the first retry):
     /// `e = min(n-1, max_doublings)`,
@@ -61,8 +64,8 @@ impl RetryPolicy {
     pub fn next_delay(&self, attempts: u32, retry_after: Option<f64>) -> Duration {
         let backoff = self.backoff(attempts);
         match retry_after {
-            Some(s) if s.is_finite() && s > 0.0 => {
-                backoff.max(Duration::from_secs_f64(s.min(30.0 * 86400.0)))
+            Some(s) if !s.is_nan() && s > 0.0 => {
+                backoff.max(protocol::limits::clamp_secs(s, MAX_RETRY_AFTER))
             }
             _ => backoff,
         }

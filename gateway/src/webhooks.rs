@@ -257,7 +257,9 @@ pub async fn deliver(
             return result;
         }
     };
-    let timeout = Duration::from_secs_f64(task.timeout.clamp(0.001, 86400.0));
+    // The broker's number, through the one gate: a NaN panicked here once.
+    let timeout = protocol::limits::clamp_secs(task.timeout, Duration::from_secs(86400))
+        .max(Duration::from_millis(1));
     let attempt = async {
         let resp = client.request(req).await?;
         let status = resp.status();

@@ -44,6 +44,21 @@ pub fn batch_has_room(count: usize, bytes: usize, size: usize) -> bool {
     count == 0 || (count < MAX_BATCHED && bytes + size <= MAX_BATCHED_BYTES)
 }
 
+/// Seconds that came from outside (a client, a worker, a peer, a webhook
+/// target's `Retry-After`) as a `Duration` in `[0, max]`: NaN and
+/// negative values give 0, anything at or past `max` gives `max`. The one
+/// gate for such numbers: `Duration::from_secs_f64` panics on the values
+/// it turns away (NaN, negative, or past `u64::MAX` seconds).
+pub fn clamp_secs(secs: f64, max: std::time::Duration) -> std::time::Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        return std::time::Duration::ZERO;
+    }
+    if secs >= max.as_secs_f64() {
+        return max;
+    }
+    std::time::Duration::from_secs_f64(secs)
+}
+
 /// What a queue name must match, as error messages say it.
 pub const QUEUE_NAME_RULE: &str = "queue names must match [A-Za-z0-9-]{1,100}";
 
@@ -114,6 +129,20 @@ mod tests {
         assert_eq!(decode_signing_secret("AQI="), Some(vec![1, 2]));
         assert_eq!(decode_signing_secret("whsec_!!"), None);
         assert_eq!(decode_signing_secret("whsec_"), None);
+    }
+
+    #[test]
+    fn seconds_from_outside_never_panic() {
+        use std::time::Duration;
+        let max = Duration::from_secs(60);
+        assert_eq!(clamp_secs(1.5, max), Duration::from_millis(1500));
+        for huge in [1e20, 1e308, f64::INFINITY, u64::MAX as f64] {
+            assert_eq!(clamp_secs(huge, max), max);
+        }
+        for none in [f64::NAN, -1.0, f64::NEG_INFINITY, 0.0, -0.0] {
+            assert_eq!(clamp_secs(none, max), Duration::ZERO);
+        }
+        assert_eq!(clamp_secs(f64::MAX, Duration::MAX), Duration::MAX);
     }
 
     #[test]

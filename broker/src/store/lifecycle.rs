@@ -364,11 +364,12 @@ impl Store {
     /// A 429 or 503 holds the whole queue back for its `Retry-After` (1 s
     /// without one, [`MAX_QUEUE_SLOWDOWN`] at most).
     fn slow_down(&mut self, queue: &str, retry_after: Option<f64>, now_us: u64) {
+        // A worker's or a target's number: through the one gate (a
+        // `Retry-After` of 1e20 s panicked the scheduler here once).
         let hold = retry_after
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or(Duration::from_secs(1))
-            .min(MAX_QUEUE_SLOWDOWN);
+            .filter(|s| !s.is_nan() && *s > 0.0)
+            .map(|s| protocol::limits::clamp_secs(s, MAX_QUEUE_SLOWDOWN))
+            .unwrap_or(Duration::from_secs(1));
         if let Some(q) = self.queues.get_mut(queue) {
             q.slow_until_us = q.slow_until_us.max(now_us + hold.as_micros() as u64);
         }
