@@ -461,3 +461,90 @@ fn a_request_to_a_broker_that_is_gone_is_resent_to_another() {
         link.stop();
     });
 }
+
+/// A roster that names an endpoint libzmq refuses does not stop the link:
+/// it goes on answering through the brokers it has (issue 13: this ended
+/// the link thread, and the gateway answered 503 for good).
+#[test]
+fn a_roster_naming_a_bad_endpoint_does_not_stop_the_link() {
+    use protocol::{ClusterInfo, NodeInfo};
+    run(LIMIT, |_h| {
+        let base = free_base();
+        let ctx = zmq::Context::new();
+        let bad = "tcp://*:7000";
+        // libzmq refuses it (so the test shows the case it claims to).
+        let probe = ctx.socket(zmq::DEALER).unwrap();
+        assert!(probe.connect(bad).is_err(), "{bad} was accepted");
+        let broker = stand_in(&ctx, base);
+        let link = link_to(&[base]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Answer roster requests with the bad endpoint; hold the ping
+        // until the link has had a roster, then answer it.
+        let call = rt.spawn(ping(link.clone()));
+        let mut rosters = 0;
+        let mut held = None;
+        let first = loop {
+            let mut parts = broker.recv_multipart(0).expect("a request from the link");
+            let identity = parts.remove(0);
+            let req: protocol::ClientRequest = protocol::decode(&parts).unwrap();
+            if req.request_id != "roster" {
+                held = Some((identity, req.request_id));
+            } else {
+                let node = |id: u64, client: &str| NodeInfo {
+                    id,
+                    name: format!("n{id}"),
+                    client: client.into(),
+                    worker: client.into(),
+                    alive: true,
+                    leader: id == 1,
+                    tasks: 0,
+                };
+                let cluster = ClusterInfo {
+                    node: 1,
+                    leader: Some(1),
+                    term: 1,
+                    epoch: 1,
+                    replicas: 2,
+                    replica_offset: 5.0,
+                    nodes: vec![node(1, &format!("tcp://127.0.0.1:{base}")), node(2, bad)],
+                    re_replicated: 0,
+                };
+                let reply = protocol::ClientReply {
+                    request_id: req.request_id,
+                    body: ReplyBody::Cluster { cluster },
+                };
+                let mut frames = vec![identity];
+                frames.extend(protocol::encode(&reply));
+                broker.send_multipart(frames, 0).unwrap();
+                rosters += 1;
+            }
+            if rosters > 0 {
+                if let Some((who, id)) = held.take() {
+                    // Time for the link to read the roster first.
+                    std::thread::sleep(Duration::from_millis(200));
+                    answer(&broker, who, id.clone());
+                    break id;
+                }
+            }
+        };
+        let got = rt.block_on(call).unwrap();
+        assert!(matches!(got, Ok(ReplyBody::Pong { .. })), "{got:?}");
+        // And again, well after the bad roster was read (resends of the
+        // first ping may still be on the way: they are not this one).
+        let again = rt.spawn(ping(link.clone()));
+        let (who, req) = loop {
+            let (who, req) = next_request(&broker);
+            if req.request_id != first {
+                break (who, req);
+            }
+        };
+        answer(&broker, who, req.request_id);
+        let got = rt.block_on(again).unwrap();
+        assert!(matches!(got, Ok(ReplyBody::Pong { .. })), "{got:?}");
+        link.stop();
+    });
+}

@@ -325,6 +325,9 @@ struct Pending {
 /// tasks in it (well below the 2 MiB a message may hold).
 const COALESCE_MAX: usize = 128;
 const COALESCE_BYTES: usize = 1 << 20;
+/// The most brokers the link connects to (a roster naming more is not
+/// followed past it).
+const MAX_BROKERS: usize = 256;
 /// Poll timeout when nothing is due sooner.
 const LINK_TICK: Duration = Duration::from_millis(100);
 /// How often the roster is asked for, to learn the other brokers.
@@ -573,11 +576,26 @@ impl Link {
             Some(l) if l.endpoint == endpoint => (l.client.clone(), l.worker.clone()),
             _ => (endpoint.to_string(), worker),
         };
-        self.client.connect(&client_at)?;
+        if self.known.len() >= MAX_BROKERS {
+            tracing::warn!(broker = %endpoint, "too many brokers known; not connecting to another");
+            return Ok(());
+        }
+        // Remembered even when it fails, so a bad endpoint in a roster is
+        // tried once, not every time the roster comes.
         self.known.push(endpoint.to_string());
+        // An endpoint a roster names may be one libzmq refuses: the link
+        // goes on with the brokers it has.
+        if let Err(e) = self.client.connect(&client_at) {
+            tracing::warn!(broker = %endpoint, error = %e, "cannot connect to a broker the roster names");
+            return Ok(());
+        }
         tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
-        let reg = Registration::new(&self.ctx, &self.config, &worker_at)?;
-        self.workers.push(reg);
+        match Registration::new(&self.ctx, &self.config, &worker_at) {
+            Ok(reg) => self.workers.push(reg),
+            Err(e) => {
+                tracing::warn!(broker = %endpoint, error = %e, "cannot register for a broker's webhook tasks");
+            }
+        }
         Ok(())
     }
 }
