@@ -339,6 +339,16 @@ fn answer(s: &zmq::Socket, identity: Vec<u8>, request_id: String) {
     s.send_multipart(frames, 0).unwrap();
 }
 
+/// A runtime whose spawned calls run while the test's thread plays the
+/// broker.
+fn calls_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A ping through `link`, sent again while no broker is connected yet.
 async fn ping(link: BrokerLink) -> Result<ReplyBody, gateway::broker_link::LinkError> {
     loop {
@@ -370,12 +380,7 @@ fn an_unanswered_request_is_resent_under_its_request_id() {
         let ctx = zmq::Context::new();
         let broker = stand_in(&ctx, base);
         let link = link_to(&[base]);
-        // Spawned calls run while this thread plays the broker.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = calls_runtime();
         let call = rt.spawn(ping(link.clone()));
         // The first copy goes unanswered; the resend is answered.
         let (_, first) = next_request(&broker);
@@ -442,12 +447,7 @@ fn a_request_to_a_broker_that_is_gone_is_resent_to_another() {
         // Only A is up: the first send can only go there.
         let a = stand_in(&ctx, a_base);
         let link = link_to(&[a_base, b_base]);
-        // Spawned calls run while this thread plays the broker.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = calls_runtime();
         let call = rt.spawn(ping(link.clone()));
         let (_, first) = next_request(&a);
         // A dies without answering; B comes up.
@@ -477,11 +477,7 @@ fn a_roster_naming_a_bad_endpoint_does_not_stop_the_link() {
         assert!(probe.connect(bad).is_err(), "{bad} was accepted");
         let broker = stand_in(&ctx, base);
         let link = link_to(&[base]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = calls_runtime();
         // Answer roster requests with the bad endpoint; hold the ping
         // until the link has had a roster, then answer it.
         let call = rt.spawn(ping(link.clone()));
