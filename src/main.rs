@@ -103,6 +103,8 @@ struct StandaloneArgs {
         value_delimiter = ','
     )]
     signing_secrets: Vec<String>,
+    #[command(flatten)]
+    http: gateway::cli::HttpArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -142,6 +144,7 @@ struct TaskRef {
 
 fn main() -> ExitCode {
     client::logging::init();
+    client::logging::exit_on_panic();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -338,13 +341,14 @@ fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         worker,
     });
     let webhooks = gateway::cli::webhook_config(&args.signing_secrets)?;
+    let limits = args.http.limits()?;
     let rt = tokio_runtime()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         tracing::info!(%listen, broker = %endpoint, "miyamoto standalone ready");
-        gateway::serve(listener, link, webhooks, async {
+        gateway::serve(listener, link, webhooks, limits, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

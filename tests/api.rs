@@ -310,7 +310,7 @@ fn separate_gateway_survives_a_broker_restart() {
         let base = free_base();
         let http_port = free_port();
         let broker = h.broker(base);
-        h.spawn(&[
+        let pid = h.spawn(&[
             "gateway",
             "--listen",
             &format!("127.0.0.1:{http_port}"),
@@ -320,6 +320,7 @@ fn separate_gateway_survives_a_broker_restart() {
         let node = Node {
             base,
             http: http_port,
+            pid,
         };
         node.wait_ready();
         let rx = Receiver::start();

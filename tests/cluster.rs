@@ -46,7 +46,7 @@ impl Cluster {
             }
         }
         let http_port = free_port();
-        h.spawn(&[
+        let gateway_pid = h.spawn(&[
             "gateway",
             "--listen",
             &format!("127.0.0.1:{http_port}"),
@@ -56,6 +56,7 @@ impl Cluster {
         let gateway = Node {
             base: bases[0],
             http: http_port,
+            pid: gateway_pid,
         };
         gateway.wait_ready();
         let c = Cluster {

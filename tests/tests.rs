@@ -7,6 +7,7 @@ mod util;
 mod api;
 mod bench;
 mod cluster;
+mod hardening;
 mod link;
 mod python;
 mod queues;

@@ -89,6 +89,53 @@ impl Harness {
         pid
     }
 
+    /// Starts `miyamoto ARGS` with extra environment variables.
+    pub fn spawn_env(&self, args: &[&str], env: &[(&str, &str)]) -> u32 {
+        let log = log_file(args);
+        let child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn miyamoto");
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        pid
+    }
+
+    /// Waits up to `wait` for one of this test's processes to end; its
+    /// exit status, or `None` if it is still running.
+    pub fn wait_exit(&self, pid: u32, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + wait;
+        loop {
+            {
+                let mut children = self.children.lock().unwrap();
+                let c = children.iter_mut().find(|c| c.id() == pid)?;
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Some(status);
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of one of this test's processes, in bytes.
+    pub fn rss_bytes(&self, pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
     /// Starts `miyamoto ARGS` and hands back its stdout lines.
     pub fn spawn_piped(&self, args: &[&str]) -> (u32, mpsc::Receiver<String>) {
         let log = log_file(args);
@@ -181,15 +228,19 @@ impl Harness {
 
     /// `miyamoto standalone` with extra arguments.
     pub fn standalone_with(&self, extra: &[&str]) -> Node {
+        self.standalone_env(extra, &[])
+    }
+
+    /// `miyamoto standalone` with extra arguments and environment.
+    pub fn standalone_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let base = free_base();
         let http = free_port();
         let listen = format!("127.0.0.1:{http}");
         let base_s = base.to_string();
         let mut args = vec!["standalone", "--port", &base_s, "--listen", &listen];
         args.extend_from_slice(extra);
-        let pid = self.spawn(&args);
-        let _ = pid;
-        let node = Node { base, http };
+        let pid = self.spawn_env(&args, env);
+        let node = Node { base, http, pid };
         node.wait_ready();
         node
     }
@@ -217,6 +268,7 @@ fn log_file(args: &[&str]) -> std::fs::File {
 pub struct Node {
     pub base: u16,
     pub http: u16,
+    pub pid: u32,
 }
 
 impl Node {

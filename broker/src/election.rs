@@ -157,6 +157,7 @@ pub fn run(config: ElectionConfig, pair: zmq::Socket) {
     };
     let mut next_tick = Instant::now() + TICK;
     loop {
+        client::logging::test_fault_point("election");
         let wait = next_tick.saturating_duration_since(Instant::now());
         match pair.poll(zmq::POLLIN, wait.as_millis().max(1) as i64) {
             Ok(n) if n > 0 => {

@@ -395,6 +395,7 @@ impl IoLoop {
         let mut next_tick = Instant::now() + self.tick_every;
         let mut out = Vec::new();
         loop {
+            client::logging::test_fault_point("io");
             let wait = next_tick.saturating_duration_since(Instant::now());
             let Some(ready) = self.poll(wait) else {
                 return;

@@ -38,6 +38,7 @@ pub fn spawn(
             let mut store = Store::new(config, now_micros(), TaskIds::Random);
             let mut out = Vec::new();
             loop {
+                client::logging::test_fault_point("scheduler");
                 let now = now_micros();
                 store.fire_due(now, &mut out);
                 flush(&mut out, &events, &bell);

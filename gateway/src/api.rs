@@ -1,13 +1,13 @@
 //! The REST API: routing, request parsing and the JSON answers. Every
-//! request passes through [`handle`], the one place where authentication
-//! will sit.
+//! request passes through [`Api::handle`], the one place where
+//! authentication will sit.
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use hyper::{Method, Request, Response, StatusCode};
 use std::time::Duration;
 
@@ -18,16 +18,51 @@ use protocol::{
 use serde_json::{json, Map, Value};
 
 use crate::broker_link::{BrokerLink, LinkError};
-use protocol::limits::{MAX_BATCH_TASKS as MAX_BATCH, MAX_LIST_LIMIT, MAX_WAIT_SECS};
+use protocol::limits::{MAX_BATCH_TASKS as MAX_BATCH, MAX_LIST_LIMIT};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// How much of a body over [`MAX_REQUEST_BYTES`] is read (and thrown
+/// away) so that a client that writes its whole body before reading
+/// still gets its `413`; past it the connection is closed.
+pub const MAX_DRAINED_BYTES: usize = 8 * 1024 * 1024;
+
 type Resp = Response<Full<Bytes>>;
 
-/// Answers one HTTP request.
-pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, Infallible> {
-    let method = req.method().clone();
+/// The API's state: the link to the brokers and the HTTP bounds.
+#[derive(Clone)]
+pub struct Api {
+    link: BrokerLink,
+    body_timeout: Duration,
+}
+
+impl Api {
+    pub fn new(link: BrokerLink, limits: crate::HttpLimits) -> Api {
+        Api {
+            link,
+            body_timeout: limits.body_timeout,
+        }
+    }
+
+    /// Answers one HTTP request.
+    pub async fn handle(self, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        handle(req, self.link, self.body_timeout).await
+    }
+}
+
+/// Answers one HTTP request. `HEAD` is answered as `GET` (hyper sends
+/// the headers only).
+async fn handle(
+    req: Request<Incoming>,
+    link: BrokerLink,
+    body_timeout: Duration,
+) -> Result<Resp, Infallible> {
+    client::logging::test_fault_point("http");
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
     let path = req.uri().path().trim_end_matches('/').to_string();
     let query: Vec<(String, String)> = req
         .uri()
@@ -37,9 +72,13 @@ pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, In
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let q = |name: &str| -> String { name.to_string() };
     let resp = match (segments.as_slice(), &method) {
-        (["queue"], &Method::POST) => enqueue(req, DEFAULT_QUEUE.into(), &query, link).await,
-        (["queue", queue], &Method::POST) => enqueue(req, q(queue), &query, link).await,
-        (["queue", queue], &Method::PUT) => configure(req, q(queue), link).await,
+        (["queue"], &Method::POST) => {
+            enqueue(req, DEFAULT_QUEUE.into(), &query, link, body_timeout).await
+        }
+        (["queue", queue], &Method::POST) => {
+            enqueue(req, q(queue), &query, link, body_timeout).await
+        }
+        (["queue", queue], &Method::PUT) => configure(req, q(queue), link, body_timeout).await,
         (["queue", queue], &Method::GET) => {
             reply(&link, ClientCommand::GetQueue { queue: q(queue) }).await
         }
@@ -53,7 +92,9 @@ pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, In
         (["queue", queue, "purge"], &Method::POST) => {
             reply(&link, ClientCommand::PurgeQueue { queue: q(queue) }).await
         }
-        (["queue", queue, "batch"], &Method::POST) => batch(req, q(queue), link).await,
+        (["queue", queue, "batch"], &Method::POST) => {
+            batch(req, q(queue), link, body_timeout).await
+        }
         (["queue", queue, "tasks"], &Method::GET) => list_tasks(q(queue), &query, link).await,
         (["queue", queue, "tasks", id], &Method::GET) => {
             let cmd = ClientCommand::Get {
@@ -79,12 +120,12 @@ pub async fn handle(req: Request<Incoming>, link: BrokerLink) -> Result<Resp, In
         (["health"], &Method::GET) => reply(&link, ClientCommand::Ping).await,
         (["cluster"], &Method::GET) => reply(&link, ClientCommand::ClusterInfo).await,
         (["queue"], _) => not_allowed("POST"),
-        (["queue", _], _) => not_allowed("GET, POST, PUT"),
+        (["queue", _], _) => not_allowed("GET, HEAD, POST, PUT"),
         (["queues"], _) | (["health"], _) | (["cluster"], _) | (["queue", _, "tasks"], _) => {
-            not_allowed("GET")
+            not_allowed("GET, HEAD")
         }
         (["queue", _, "pause" | "resume" | "purge" | "batch"], _) => not_allowed("POST"),
-        (["queue", _, "tasks", _], _) => not_allowed("GET, DELETE"),
+        (["queue", _, "tasks", _], _) => not_allowed("GET, HEAD, DELETE"),
         (["queue", _, "tasks", _, "run"], _) => not_allowed("POST"),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -246,39 +287,96 @@ fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
     }
 }
 
-/// Reads a request body of at most [`MAX_REQUEST_BYTES`].
-async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), Resp> {
-    let too_big = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body exceeds {MAX_REQUEST_BYTES} bytes"),
-        )
-    };
+/// Reads a request body of at most [`MAX_REQUEST_BYTES`] within
+/// `deadline`. A longer body gets `413` once it has been read (up to
+/// [`MAX_DRAINED_BYTES`], so that a client writing all of it first still
+/// reads the answer), or at once when the client waits for
+/// `100-continue`; a body slower than `deadline` gets `408`.
+async fn read_body(req: Request<Incoming>, deadline: Duration) -> Result<(String, Bytes), Resp> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
-        return Err(too_big());
-    }
+    let waits_for_continue = req
+        .headers()
+        .get(EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => Ok((content_type, b.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
-        Err(e) => Err(error(
+    let over = declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64);
+    if over && (waits_for_continue || declared > Some(MAX_DRAINED_BYTES as u64)) {
+        return Err(too_big(false));
+    }
+    match tokio::time::timeout(deadline, collect(req.into_body())).await {
+        Ok(Ok(b)) => Ok((content_type, b)),
+        Ok(Err(BodyError::TooBig { drained })) => Err(too_big(drained)),
+        Ok(Err(BodyError::Broken(e))) => Err(error(
             StatusCode::BAD_REQUEST,
             format!("cannot read the body: {e}"),
         )),
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs_f64()
+                ),
+            );
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            Err(r)
+        }
     }
+}
+
+enum BodyError {
+    /// Over [`MAX_REQUEST_BYTES`]; `drained` when all of it was read.
+    TooBig { drained: bool },
+    Broken(hyper::Error),
+}
+
+/// The body, or how it failed; past [`MAX_REQUEST_BYTES`] the rest is
+/// read and dropped, up to [`MAX_DRAINED_BYTES`].
+async fn collect(mut body: Incoming) -> Result<Bytes, BodyError> {
+    let mut out = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Broken)?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > MAX_DRAINED_BYTES {
+            return Err(BodyError::TooBig { drained: false });
+        }
+        if seen <= MAX_REQUEST_BYTES {
+            out.extend_from_slice(data);
+        } else {
+            out = bytes::BytesMut::new();
+        }
+    }
+    if seen > MAX_REQUEST_BYTES {
+        return Err(BodyError::TooBig { drained: true });
+    }
+    Ok(out.freeze())
+}
+
+/// `413`; the connection closes unless the whole body was read.
+fn too_big(drained: bool) -> Resp {
+    let mut r = error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body exceeds {MAX_REQUEST_BYTES} bytes"),
+    );
+    if !drained {
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 async fn enqueue(
@@ -286,20 +384,16 @@ async fn enqueue(
     queue: String,
     query: &[(String, String)],
     link: BrokerLink,
+    body_timeout: Duration,
 ) -> Resp {
     if let Err(rule) = protocol::limits::check_queue_name(&queue) {
         return error(StatusCode::BAD_REQUEST, rule);
     }
     let wait = match query.iter().find(|(k, _)| k == "wait") {
         None => None,
-        Some((_, v)) => match v.parse::<f64>() {
-            Ok(w) if w.is_finite() && w >= 0.0 => Some(w.min(MAX_WAIT_SECS)),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("wait must be a number of seconds (at most {MAX_WAIT_SECS})"),
-                )
-            }
+        Some((_, v)) => match v.trim().parse::<f64>().map(protocol::limits::check_wait) {
+            Ok(Ok(w)) => Some(w),
+            _ => return error(StatusCode::BAD_REQUEST, protocol::limits::WAIT_RULE),
         },
     };
     let idempotency_key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
@@ -312,7 +406,7 @@ async fn enqueue(
             )
         }
     };
-    let (content_type, body) = match read_body(req).await {
+    let (content_type, body) = match read_body(req, body_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -348,33 +442,39 @@ async fn enqueue(
     render(answer)
 }
 
-async fn batch(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp {
-    let (_, body) = match read_body(req).await {
+/// A batch body: a JSON array of at most [`MAX_BATCH`] tasks, each
+/// parsed or refused on its own.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<Result<TaskSpec, String>>, String> {
+    let items = match strict_json(body)? {
+        Value::Array(items) => items,
+        _ => return Err("a batch is a JSON array of tasks".into()),
+    };
+    if items.len() > MAX_BATCH {
+        return Err(format!("a batch holds at most {MAX_BATCH} tasks"));
+    }
+    Ok(items.into_iter().map(parse_json_value).collect())
+}
+
+async fn batch(
+    req: Request<Incoming>,
+    queue: String,
+    link: BrokerLink,
+    body_timeout: Duration,
+) -> Resp {
+    let (_, body) = match read_body(req, body_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let items: Vec<Value> = match serde_json::from_slice(&body) {
-        Ok(Value::Array(items)) => items,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "a batch is a JSON array of tasks"),
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not valid JSON: {e}"),
-            )
-        }
+    let items = match parse_batch(&body) {
+        Ok(items) => items,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    if items.len() > MAX_BATCH {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("a batch holds at most {MAX_BATCH} tasks"),
-        );
-    }
     // Items that do not parse are answered here, in place; the others go
     // to the broker in one request.
     let mut parsed = Vec::with_capacity(items.len());
     let mut tasks = Vec::new();
     for item in items {
-        match parse_json_value(item) {
+        match item {
             Ok(spec) => {
                 parsed.push(None);
                 tasks.push(spec);
@@ -399,12 +499,17 @@ async fn batch(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp 
     json_ok(serde_json::to_vec(&out).unwrap_or_default())
 }
 
-async fn configure(req: Request<Incoming>, queue: String, link: BrokerLink) -> Resp {
-    let (_, body) = match read_body(req).await {
+async fn configure(
+    req: Request<Incoming>,
+    queue: String,
+    link: BrokerLink,
+    body_timeout: Duration,
+) -> Resp {
+    let (_, body) = match read_body(req, body_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let config: QueueConfigPatch = match serde_json::from_slice(&body) {
+    let config = match parse_queue_patch(&body) {
         Ok(c) => c,
         Err(e) => {
             return error(
@@ -414,6 +519,15 @@ async fn configure(req: Request<Incoming>, queue: String, link: BrokerLink) -> R
         }
     };
     reply(&link, ClientCommand::ConfigureQueue { queue, config }).await
+}
+
+/// A `PUT /queue/{q}` body: a JSON object (serde would take an array as
+/// the fields in order), no key twice.
+pub fn parse_queue_patch(body: &[u8]) -> Result<QueueConfigPatch, String> {
+    match strict_json(body)? {
+        v @ Value::Object(_) => serde_json::from_value(v).map_err(|e| e.to_string()),
+        _ => Err("the body must be a JSON object".into()),
+    }
 }
 
 async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink) -> Resp {
@@ -472,12 +586,18 @@ fn is_json(content_type: &str, body: &[u8]) -> bool {
 pub fn parse_form(body: &[u8]) -> Result<TaskSpec, String> {
     let mut spec = TaskSpec::default();
     let mut eta_field = None;
+    let mut seen: Vec<String> = Vec::new();
     for (k, v) in form_urlencoded::parse(body) {
         let (k, v) = (k.into_owned(), v.into_owned());
         let Some(field) = k.strip_prefix("task.") else {
             spec.params.push((k, v));
             continue;
         };
+        // Parameters may repeat (they are lists); the task's fields not.
+        if seen.iter().any(|f| *f == field) {
+            return Err(format!("the field {k:?} is given twice"));
+        }
+        seen.push(field.to_string());
         match field {
             "url" => spec.url = v,
             "method" => spec.method = Some(v),
@@ -522,9 +642,82 @@ pub fn parse_eta(v: &str) -> Result<f64, String> {
 /// The JSON body: `{"url", "method", "params", "body", "content_type",
 /// "headers", "countdown", "eta", "name", "timeout"}`.
 pub fn parse_json(body: &[u8]) -> Result<TaskSpec, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
-    parse_json_value(value)
+    parse_json_value(strict_json(body)?)
+}
+
+/// A JSON document in which no object names a key twice (serde_json
+/// would keep the last one silently).
+pub fn strict_json(body: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice::<Strict>(body)
+        .map(|s| s.0)
+        .map_err(|e| format!("the body is not valid JSON: {e}"))
+}
+
+/// A `Value` whose objects are checked for repeated keys as they are
+/// read.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        serde::Deserialize::deserialize(d).map(|s: Strict| s.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(v) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {key:?} is given twice"
+                )));
+            }
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// One task as a JSON value (an enqueue body, or an item of a batch).
@@ -583,10 +776,11 @@ fn string(k: &str, v: Value) -> Result<String, String> {
     }
 }
 
+/// A JSON number (a string holding one is refused: JSON numbers are
+/// numbers).
 fn seconds(k: &str, v: Value) -> Result<f64, String> {
     match &v {
         Value::Number(n) => n.as_f64().ok_or_else(|| format!("{k} must be a number")),
-        Value::String(s) => number(k, s),
         _ => Err(format!("{k} must be a number of seconds")),
     }
 }
@@ -763,5 +957,32 @@ mod tests {
         assert!(parse_json(br#"{"url": "x", "nope": 1}"#).is_err());
         assert!(parse_json(b"{not json").is_err());
         assert!(parse_json(br#"{"url": "x", "countdown": "abc"}"#).is_err());
+    }
+
+    #[test]
+    fn json_numbers_are_numbers_and_keys_come_once() {
+        let e = parse_json(br#"{"url": "x", "countdown": "5"}"#).unwrap_err();
+        assert!(e.contains("countdown must be a number"), "{e}");
+        let e = parse_json(br#"{"url": "x", "url": "y"}"#).unwrap_err();
+        assert!(e.contains("\"url\" is given twice"), "{e}");
+        let e = parse_json(br#"{"url": "x", "params": {"a": 1, "a": 2}}"#).unwrap_err();
+        assert!(e.contains("\"a\" is given twice"), "{e}");
+        let e = parse_batch(br#"[{"url": "x", "name": "a", "name": "b"}]"#).unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
+        assert!(parse_json(br#"{"url": "x", "params": {"a": [1, 2]}}"#).is_ok());
+    }
+
+    #[test]
+    fn a_task_field_comes_once_in_a_form() {
+        let e = parse_form(b"task.url=http://a/&task.url=http://b/").unwrap_err();
+        assert!(e.contains("\"task.url\" is given twice"), "{e}");
+        assert!(parse_form(b"task.url=http://a/&p=1&p=2").is_ok());
+    }
+
+    #[test]
+    fn a_queue_patch_is_an_object() {
+        assert!(parse_queue_patch(b"[]").is_err());
+        assert!(parse_queue_patch(b"{}").is_ok());
+        assert!(parse_queue_patch(br#"{"paused": true, "paused": false}"#).is_err());
     }
 }

@@ -199,8 +199,10 @@ impl BrokerLink {
                     jobs: job_tx,
                     coalesced: counter,
                 };
+                // Crash-only: a gateway without its link answers 503 for
+                // good, so it ends (the binaries exit on a panic).
                 if let Err(e) = run(config, channels, &thread_stop) {
-                    tracing::error!(error = %e, "broker link stopped");
+                    panic!("the broker link stopped: {e}");
                 }
             })?;
         Ok((
@@ -385,6 +387,7 @@ fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::E
     // Which worker sockets were readable, reused across iterations.
     let mut readable: Vec<bool> = Vec::new();
     loop {
+        client::logging::test_fault_point("broker-link");
         let client_readable = link.poll(&mut readable)?;
         if stop.load(Ordering::Acquire) {
             return Ok(());

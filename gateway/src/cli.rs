@@ -28,6 +28,45 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     pub signing_secrets: Vec<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// The HTTP server's bounds (see `LIMITS.md`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Seconds to receive a request's headers, counted from when the
+    /// connection is ready for one (so also the longest a kept-alive
+    /// connection may sit idle).
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds to receive a request's body; a slower one gets 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Connections served at once; past it a new connection is answered
+    /// 503 and closed (default: half the file descriptors, 16 to 16384).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+}
+
+impl HttpArgs {
+    /// The bounds, with the seconds checked.
+    pub fn limits(&self) -> anyhow::Result<crate::HttpLimits> {
+        let secs = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v <= 86400.0 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(anyhow::anyhow!("--{name} must be a number of seconds from 0 to 86400"))
+            }
+        };
+        Ok(crate::HttpLimits {
+            header_timeout: secs("header-timeout", self.header_timeout)?,
+            body_timeout: secs("body-timeout", self.body_timeout)?,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(crate::default_max_connections),
+        })
+    }
 }
 
 impl GatewayArgs {
@@ -72,7 +111,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, brokers = ?args.broker, "gateway listening");
     let webhooks = args.webhook_config()?;
-    crate::serve(listener, link, webhooks, async {
+    let limits = args.http.limits()?;
+    crate::serve(listener, link, webhooks, limits, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

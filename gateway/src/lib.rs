@@ -14,12 +14,60 @@ pub mod cli;
 pub mod webhooks;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use broker_link::{BrokerLink, LinkConfig};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// The HTTP server's bounds (see `LIMITS.md`).
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Longest time to receive a request's headers, counted from when the
+    /// connection is ready for one: so also the longest a kept-alive
+    /// connection may sit idle (hyper keeps one timer for both).
+    pub header_timeout: Duration,
+    /// Longest time to receive a request's body.
+    pub body_timeout: Duration,
+    /// Connections served at once; past it, a new connection is answered
+    /// `503` and closed.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// Half the process's file descriptors (the other half is for the
+/// webhooks' connections and ZeroMQ), between 16 and 16,384.
+pub fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given and nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    let fds = if ok { lim.rlim_cur as usize } else { 1024 };
+    (fds / 2).clamp(16, 16_384)
+}
+
+/// Connections over the cap being told `503` at once, at most; more are
+/// closed without a word.
+const MAX_REFUSING: usize = 64;
+
+/// What a connection over the cap is told before it is closed.
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 78\r\n\r\n{\"status\":\"error\",\"reason\":\"too many connections to this gateway; try again\"}\n";
 
 /// Serves the REST API on `listener` and dispatches webhooks until
 /// `shutdown` completes.
@@ -27,6 +75,7 @@ pub async fn serve(
     listener: TcpListener,
     link_config: LinkConfig,
     webhook_config: webhooks::WebhookConfig,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let concurrency = link_config.concurrency as usize;
@@ -37,6 +86,9 @@ pub async fn serve(
         concurrency,
         webhook_config,
     ));
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let api = api::Api::new(link.clone(), limits.clone());
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -45,25 +97,55 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            refuse(stream, &refusing);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let link = link.clone();
+        let api = api.clone();
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            let service = service_fn(move |req| api::handle(req, link.clone()));
+            let service = service_fn(move |req| api.clone().handle(req));
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     link.stop();
     dispatcher.abort();
     Ok(())
+}
+
+/// Tells a connection over the cap `503`, reading what it sent for up to
+/// a second so that closing does not reset the answer away.
+fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>) {
+    let Ok(permit) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _ = stream.write_all(BUSY_RESPONSE).await;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let drain = async {
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        drop(permit);
+    });
 }

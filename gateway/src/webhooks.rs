@@ -151,7 +151,7 @@ pub fn build_request(task: &mut DeliveredTask) -> Result<Request<Full<Bytes>>, S
             Bytes::from(b.into_vec()),
             // A content type that is no header value is left out.
             match &task.content_type {
-                Some(ct) => HeaderValue::from_str(ct).ok(),
+                Some(ct) => HeaderValue::from_bytes(ct.as_bytes()).ok(),
                 None => Some(OCTET_STREAM),
             },
         ),
@@ -192,10 +192,15 @@ fn headers(
     content_type: Option<HeaderValue>,
 ) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(11 + task.headers.len());
+    // The broker refuses at enqueue what is skipped here; the check is
+    // kept for tasks that reached a broker some other way (a peer).
     for (k, v) in &task.headers {
+        if !protocol::limits::is_allowed_task_header(k) {
+            continue;
+        }
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
+            HeaderValue::from_bytes(v.as_bytes()),
         ) {
             h.append(k, v);
         }
@@ -281,8 +286,16 @@ pub async fn deliver(
             result.responded = true;
             result.status = Some(status.as_u16());
             result.no_retry = no_retry;
+            let (body, cut_short) = match body {
+                Ok(b) => (b, None),
+                Err((b, reason)) => (b, Some(reason)),
+            };
             result.body = Some(body.into());
-            if status.is_success() {
+            if let Some(reason) = cut_short {
+                // A 2xx whose body did not arrive whole is not a success:
+                // the worker may not have finished (see README, Retries).
+                result.reason = Some(reason);
+            } else if status.is_success() {
                 result.outcome = Outcome::Success;
             } else {
                 result.reason = Some(format!("HTTP {}", status.as_u16()));
@@ -309,8 +322,12 @@ pub async fn deliver(
 }
 
 /// The first `max` bytes of a body. A longer body is cut there, which
-/// also gives up its connection.
-async fn read_prefix(mut body: hyper::body::Incoming, max: usize) -> Vec<u8> {
+/// also gives up its connection. `Err` carries what was read and why the
+/// body ended before its end (a reset, a short `Content-Length`).
+async fn read_prefix(
+    mut body: hyper::body::Incoming,
+    max: usize,
+) -> Result<Vec<u8>, (Vec<u8>, String)> {
     let mut out = Vec::new();
     while out.len() < max {
         match body.frame().await {
@@ -320,10 +337,14 @@ async fn read_prefix(mut body: hyper::body::Incoming, max: usize) -> Vec<u8> {
                     out.extend_from_slice(&data[..take]);
                 }
             }
-            _ => break,
+            Some(Err(e)) => {
+                let reason = format!("the response was cut short after {} bytes: {e}", out.len());
+                return Err((out, reason));
+            }
+            None => break,
         }
     }
-    out
+    Ok(out)
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date; returns seconds from now.

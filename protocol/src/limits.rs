@@ -13,8 +13,21 @@ pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
 /// Most tasks in one `enqueue_batch` (and `POST /queue/{q}/batch`).
 pub const MAX_BATCH_TASKS: usize = 1000;
 
-/// Longest `wait` of an enqueue, in seconds; a longer one is shortened.
+/// Longest `wait` of an enqueue, in seconds.
 pub const MAX_WAIT_SECS: f64 = 300.0;
+
+/// What a `wait` must be, as error messages say it (HTTP and ZeroMQ).
+pub const WAIT_RULE: &str = "wait must be a number of seconds from 0 to 300";
+
+/// A `wait` as given, or [`WAIT_RULE`] when it is not finite, negative,
+/// or past [`MAX_WAIT_SECS`].
+pub fn check_wait(wait: f64) -> Result<f64, &'static str> {
+    if wait.is_finite() && (0.0..=MAX_WAIT_SECS).contains(&wait) {
+        Ok(wait)
+    } else {
+        Err(WAIT_RULE)
+    }
+}
 
 /// How much of a worker's answer is kept with a task and sent back by a
 /// gateway, in bytes; the rest is cut off.
@@ -57,6 +70,70 @@ pub fn clamp_secs(secs: f64, max: std::time::Duration) -> std::time::Duration {
         return max;
     }
     std::time::Duration::from_secs_f64(secs)
+}
+
+/// Request headers a task may not set: they would change how the webhook
+/// is framed (`Content-Length`, `Transfer-Encoding`, `TE`, `Trailer`) or
+/// routed (`Host`, `Connection`, `Upgrade`, `Keep-Alive`, `Expect`,
+/// `Proxy-*`). Compared without case.
+pub const FORBIDDEN_TASK_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "keep-alive",
+];
+
+/// Whether a task may set a request header of this name (see
+/// [`FORBIDDEN_TASK_HEADERS`]; `Proxy-*` is refused too).
+pub fn is_allowed_task_header(name: &str) -> bool {
+    let forbidden = FORBIDDEN_TASK_HEADERS
+        .iter()
+        .any(|f| f.eq_ignore_ascii_case(name));
+    let proxy = name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-");
+    !forbidden && !proxy
+}
+
+/// RFC 9110 `token` (`tchar`s only, at least one): a header name.
+pub fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// RFC 9110 `field-value`: visible characters (and `obs-text`, bytes of
+/// 0x80 and more) with spaces and tabs only between them. Empty is valid.
+pub fn is_header_value(value: &str) -> bool {
+    let b = value.as_bytes();
+    let vchar = |c: u8| (0x21..=0x7e).contains(&c) || c >= 0x80;
+    let inner = |c: u8| vchar(c) || c == b' ' || c == b'\t';
+    match (b.first(), b.last()) {
+        (None, _) | (_, None) => true,
+        (Some(&f), Some(&l)) => vchar(f) && vchar(l) && b.iter().all(|&c| inner(c)),
+    }
+}
+
+/// Why a task's request header is refused, or `None` when it may be set.
+pub fn check_task_header(name: &str, value: &str) -> Option<String> {
+    if !is_header_name(name) {
+        return Some(format!("header name {name:?} is not a valid HTTP header name"));
+    }
+    if !is_allowed_task_header(name) {
+        return Some(format!(
+            "header {name:?} may not be set by a task: it would change how the request is framed or routed"
+        ));
+    }
+    if !is_header_value(value) {
+        return Some(format!(
+            "header {name:?} has a value that is not an HTTP field value (control characters, or spaces at its ends)"
+        ));
+    }
+    None
 }
 
 /// What a queue name must match, as error messages say it.
@@ -143,6 +220,31 @@ mod tests {
             assert_eq!(clamp_secs(none, max), Duration::ZERO);
         }
         assert_eq!(clamp_secs(f64::MAX, Duration::MAX), Duration::MAX);
+    }
+
+    #[test]
+    fn task_headers() {
+        assert!(check_task_header("X-Custom", "a b\tc é").is_none());
+        assert!(check_task_header("Authorization", "").is_none());
+        for name in ["Host", "content-length", "Transfer-Encoding", "CONNECTION", "Upgrade", "TE", "Expect", "Keep-Alive", "Proxy-Authorization", "proxy-x", "Trailer"] {
+            let e = check_task_header(name, "x").unwrap();
+            assert!(e.contains(name), "{e}");
+        }
+        assert!(check_task_header("X-Proxy-Ok", "x").is_none());
+        for value in ["a\x01b", "a\x7fb", "a\r\nb", "a\0", " lead", "trail ", "\t"] {
+            assert!(check_task_header("X-A", value).is_some(), "{value:?}");
+        }
+        assert!(check_task_header("a b", "x").is_some());
+        assert!(check_task_header("", "x").is_some());
+    }
+
+    #[test]
+    fn one_rule_for_wait() {
+        assert_eq!(check_wait(0.0), Ok(0.0));
+        assert_eq!(check_wait(300.0), Ok(300.0));
+        for bad in [300.5, 1e308, f64::INFINITY, f64::NAN, -1.0] {
+            assert_eq!(check_wait(bad), Err(WAIT_RULE));
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     client::logging::init();
+    client::logging::exit_on_panic();
     let args = broker::cli::BrokerArgs::parse();
     match broker::cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -102,6 +102,11 @@ impl Store {
         if let Some(Err(rule)) = queue.map(protocol::limits::check_queue_name) {
             return Some(error(ErrorCode::BadRequest, rule));
         }
+        if let ClientCommand::Enqueue { wait: Some(w), .. } = command {
+            if let Err(rule) = protocol::limits::check_wait(*w) {
+                return Some(error(ErrorCode::BadRequest, rule));
+            }
+        }
         None
     }
 

@@ -1,0 +1,12 @@
+//! The gateway's JSON enqueue body (`gateway::api::parse_json`); a task it
+//! accepts is checked as the broker will see it (`check_task_spec`:
+//! encoding, both decoders, `broker::validate::validate`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(spec) = gateway::api::parse_json(data) {
+        fuzz_common::check_task_spec(spec);
+    }
+});

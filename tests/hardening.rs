@@ -1,0 +1,338 @@
+//! Issue 13's findings, each reproduced on real processes: what a
+//! careless client, a hostile webhook target or an attacker on the HTTP
+//! port sends must not stop the node, and after each the node still
+//! enqueues and delivers.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A real enqueue delivered to a real receiver: the node still works.
+pub fn round_trip(node: &Node) {
+    let rx = Receiver::start();
+    let (status, v) = post_form(
+        &node.url("/queue/still-alive"),
+        &format!("task.url={}", rx.url("/alive")),
+    );
+    assert_eq!(status, 200, "enqueue after the attack: {v}");
+    let seen = rx.expect(Duration::from_secs(15));
+    assert_eq!(seen.target, "/alive");
+}
+
+/// Reads whatever the server sends until it closes, or `wait` passes;
+/// `None` if it was still open then.
+fn read_until_closed(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left.min(Duration::from_millis(200))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return Some(got),
+        }
+    }
+}
+
+/// Reads until a response's head has arrived (or the connection closed,
+/// or `wait` passed), and returns what was read.
+fn read_head(s: &mut TcpStream, wait: Duration) -> String {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn connect(node: &Node) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", node.http)).unwrap()
+}
+
+#[test]
+fn a_panicking_thread_ends_the_process() {
+    run(LIMIT, |h| {
+        for thread in ["scheduler", "io", "election", "broker-link", "http"] {
+            let fault = format!("{thread}:1");
+            let node = h.standalone_env(&[], &[("MIYAMOTO_TEST_PANIC", &fault)]);
+            // Passes through every thread's loop (the http handler's too).
+            let _ = try_http("GET", &node.url("/health"), &[], "");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let status = loop {
+                let _ = try_http("GET", &node.url("/health"), &[], "");
+                if let Some(s) = h.wait_exit(node.pid, Duration::from_millis(200)) {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "a panic in {thread} left the process running"
+                );
+            };
+            assert_eq!(status.code(), Some(70), "{thread}: {status:?}");
+        }
+        // Without the fault, the same node runs on.
+        let node = h.standalone();
+        assert!(h.wait_exit(node.pid, Duration::from_secs(2)).is_none());
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn headers_that_would_change_the_framing_are_refused_at_enqueue() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let rx = Receiver::start();
+        for name in [
+            "Host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+            "Upgrade",
+            "TE",
+            "Expect",
+            "Keep-Alive",
+            "Proxy-Authorization",
+            "Trailer",
+        ] {
+            let (status, v) = post_form(
+                &node.url("/queue"),
+                &format!("task.url={}&task.header.{name}=x", rx.url("/w")),
+            );
+            assert_eq!(status, 400, "{name}: {v}");
+            let reason = v["reason"].as_str().unwrap();
+            assert!(reason.contains(name), "{name}: {reason}");
+        }
+        for value in ["a%01b", "a%7Fb", "%20lead"] {
+            let (status, v) = post_form(
+                &node.url("/queue"),
+                &format!("task.url={}&task.header.X-A={value}", rx.url("/w")),
+            );
+            assert_eq!(status, 400, "{value}: {v}");
+            assert!(v["reason"].as_str().unwrap().contains("X-A"), "{v}");
+        }
+        // The same rule over JSON.
+        let (status, v) = send_json(
+            "POST",
+            &node.url("/queue"),
+            &serde_json::json!({"url": rx.url("/w"), "headers": {"content-length": "1"}}),
+        );
+        assert_eq!(status, 400, "{v}");
+        // What is accepted arrives whole, with the real Host.
+        let (status, v) = post_form(
+            &node.url("/queue"),
+            &format!(
+                "task.url={}&task.header.X-Ok=a%20b%C3%A9&task.header.X-Proxy-Note=1",
+                rx.url("/w")
+            ),
+        );
+        assert_eq!(status, 200, "{v}");
+        let seen = rx.expect(Duration::from_secs(10));
+        assert_eq!(seen.headers["x-ok"].as_bytes(), "a bé".as_bytes());
+        assert_eq!(seen.header("x-proxy-note"), "1");
+        assert_eq!(seen.header("host"), rx.addr.to_string());
+        round_trip(&node);
+    });
+}
+
+/// A receiver that answers `200` with a `Content-Length` of 100 and then
+/// closes after 10 bytes, once per connection.
+fn short_receiver() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789");
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_response_cut_short_is_a_failed_attempt() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let addr = short_receiver();
+        let (status, v) = post_form(&node.url("/queue"), &format!("task.url=http://{addr}/w"));
+        assert_eq!(status, 200, "{v}");
+        let id = v["id"].as_str().unwrap();
+        let t = wait_task(&node, "default", id, Duration::from_secs(15), |t| {
+            !t["last_error"].is_null()
+        });
+        assert_ne!(t["state"], "succeeded", "{t}");
+        let err = t["last_error"].as_str().unwrap_or("");
+        assert!(err.contains("cut short after 10 bytes"), "{t}");
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn slow_and_idle_http_clients_are_cut_off() {
+    run(LIMIT, |h| {
+        let node = h.standalone_with(&["--header-timeout", "1", "--body-timeout", "2"]);
+        // Slowloris: a header a byte at a time, never finished.
+        let mut slow = connect(&node);
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let t0 = Instant::now();
+        let mut trickle = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..60 {
+                if trickle.write_all(b"X").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        // An idle connection that never sends anything.
+        let mut idle = connect(&node);
+        // A kept-alive connection that went quiet after one request.
+        let mut kept = connect(&node);
+        kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        // A chunked upload at a byte a second.
+        let mut upload = connect(&node);
+        upload
+            .write_all(b"POST /queue HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\n")
+            .unwrap();
+        let mut up = upload.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..60 {
+                if up.write_all(b"1\r\na\r\n").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        let wait = Duration::from_secs(10);
+        assert!(read_until_closed(&mut slow, wait).is_some(), "slowloris still open");
+        assert!(read_until_closed(&mut idle, wait).is_some(), "idle still open");
+        let kept_got = read_until_closed(&mut kept, wait).expect("kept-alive still open");
+        assert!(String::from_utf8_lossy(&kept_got).starts_with("HTTP/1.1 200"));
+        let got = read_until_closed(&mut upload, wait).expect("slow upload still open");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn connections_past_the_cap_are_told_503() {
+    run(LIMIT, |h| {
+        let node = h.standalone_with(&["--max-connections", "20", "--header-timeout", "2"]);
+        let held: Vec<TcpStream> = (0..20).map(|_| connect(&node)).collect();
+        // Give the gateway time to accept all of them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            let mut extra = connect(&node);
+            let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+            let got = read_until_closed(&mut extra, Duration::from_secs(5)).unwrap_or_default();
+            let text = String::from_utf8_lossy(&got).to_string();
+            if text.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+                break text;
+            }
+        };
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("too many connections"), "{answer}");
+        // The idle ones are cut off at the header timeout; then it serves.
+        drop(held);
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn a_body_over_the_limit_gets_its_413_after_being_written_whole() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let body = vec![b'a'; 2 * 1024 * 1024];
+        let mut s = connect(&node);
+        let head = format!(
+            "POST /queue HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).expect("the whole body is read, not reset");
+        let text = read_head(&mut s, Duration::from_secs(10));
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        // With Expect: 100-continue the answer comes at once, unread.
+        let mut s = connect(&node);
+        let head = "POST /queue HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000000\r\n\r\n";
+        s.write_all(head.as_bytes()).unwrap();
+        let text = read_head(&mut s, Duration::from_secs(10));
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn the_smaller_parsing_findings() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let rx = Receiver::start();
+        let url = rx.url("/w");
+        // One rule for wait, in the same words.
+        for wait in ["1e308", "Infinity", "-1", "301", "NaN"] {
+            let (status, v) = post_form(
+                &node.url(&format!("/queue?wait={wait}")),
+                &format!("task.url={url}"),
+            );
+            assert_eq!(status, 400, "wait={wait}: {v}");
+            assert_eq!(v["reason"], "wait must be a number of seconds from 0 to 300");
+        }
+        // JSON numbers are numbers.
+        let (status, v) = send_json(
+            "POST",
+            &node.url("/queue"),
+            &serde_json::json!({"url": url, "countdown": "5"}),
+        );
+        assert_eq!(status, 400, "{v}");
+        // A task field or JSON key given twice.
+        let (status, v) = post_form(
+            &node.url("/queue"),
+            &format!("task.url={url}&task.url=http://other/"),
+        );
+        assert_eq!(status, 400, "{v}");
+        assert!(v["reason"].as_str().unwrap().contains("twice"), "{v}");
+        let (status, v) = http(
+            "POST",
+            &node.url("/queue"),
+            &[("Content-Type", "application/json")],
+            format!(r#"{{"url": "{url}", "name": "a", "name": "b"}}"#),
+        );
+        assert_eq!(status, 400, "{v}");
+        // Parameters may repeat: they are lists.
+        let (status, v) = post_form(&node.url("/queue"), &format!("task.url={url}&p=1&p=2"));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(&rx.expect(Duration::from_secs(10)).body[..], b"p=1&p=2");
+        // PUT takes an object only.
+        let (status, v) = http("PUT", &node.url("/queue/x"), &[], "[]");
+        assert_eq!(status, 400, "{v}");
+        // HEAD works where GET does.
+        let (status, _) = http("HEAD", &node.url("/health"), &[], "");
+        assert_eq!(status, 200);
+        let (status, _) = http("HEAD", &node.url("/queues"), &[], "");
+        assert_eq!(status, 200);
+        round_trip(&node);
+    });
+}
