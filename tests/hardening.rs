@@ -336,3 +336,44 @@ fn the_smaller_parsing_findings() {
         round_trip(&node);
     });
 }
+
+#[test]
+fn a_receiver_that_never_answers_does_not_starve_another_queue() {
+    let _quiet = heavy();
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let hog = Receiver::start();
+        hog.answer_all(Answer {
+            status: 200,
+            headers: vec![],
+            delay: Duration::from_secs(120),
+            body: "",
+        });
+        let tasks: Vec<serde_json::Value> = (0..400)
+            .map(|i| serde_json::json!({"url": hog.url(&format!("/hog/{i}")), "timeout": 600}))
+            .collect();
+        let (status, v) = send_json(
+            "POST",
+            &node.url("/queue/hog/batch"),
+            &serde_json::Value::Array(tasks),
+        );
+        assert_eq!(status, 200, "{v}");
+        // The hog takes every slot it may: wait until it has them all.
+        let mut taken = 0;
+        while hog.next(Duration::from_secs(3)).is_some() {
+            taken += 1;
+        }
+        assert!(taken >= 200, "only {taken} hog deliveries started");
+        assert!(taken < 256, "the hog took every one of the 256 slots");
+        let victim = Receiver::start();
+        let t0 = now();
+        let (status, v) = post_form(
+            &node.url("/queue/victim"),
+            &format!("task.url={}", victim.url("/v")),
+        );
+        assert_eq!(status, 200, "{v}");
+        let seen = victim.expect(Duration::from_secs(10));
+        let waited = seen.at - t0;
+        assert!(waited < 1.0, "the other queue's task waited {waited:.3} s");
+    });
+}

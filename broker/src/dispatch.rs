@@ -12,7 +12,7 @@
 //! actions of a whole pass, so the tasks freed by a pass's results travel
 //! together.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use protocol::{
     BrokerMessage, DeliveredTask, DeliveryResult, Dispatched, ErrorCode, WorkerMessage,
 };
 
+use crate::fair::{host_of, FairLines, Flow};
 use crate::store::Command;
 
 /// Heartbeat and liveness settings of the worker dialogue.
@@ -62,6 +63,8 @@ struct Waiting {
 struct InFlight {
     task_id: String,
     pool: Arc<str>,
+    /// Its queue and host, as the pool's fair lines count it.
+    flow: Flow,
     deadline: Instant,
     timeout: f64,
 }
@@ -84,7 +87,9 @@ struct Worker {
 
 struct Pool {
     name: Arc<str>,
-    waiting: VecDeque<Waiting>,
+    /// Tasks waiting for a worker, and deliveries out, by queue and host
+    /// (see [`crate::fair`]).
+    lines: FairLines<Waiting>,
     /// Identities of the workers serving the pool, for round robin.
     members: Vec<Vec<u8>>,
     next: usize,
@@ -94,10 +99,21 @@ impl Pool {
     fn new(name: &str) -> Pool {
         Pool {
             name: name.into(),
-            waiting: VecDeque::new(),
+            lines: FairLines::default(),
             members: Vec::new(),
             next: 0,
         }
+    }
+
+    /// Nothing waits, nothing is out, no worker serves it: forgotten.
+    fn is_unused(&self) -> bool {
+        self.lines.is_idle() && self.members.is_empty()
+    }
+}
+
+impl Waiting {
+    fn push_to(self, lines: &mut FairLines<Waiting>, front: bool) {
+        lines.push_keyed(self, front, |w| (&w.task.queue, host_of(&w.task.url)));
     }
 }
 
@@ -139,7 +155,7 @@ impl Dispatcher {
 
     /// Tasks waiting for a worker with credit, over all pools.
     pub fn waiting(&self) -> usize {
-        self.pools.values().map(|p| p.waiting.len()).sum()
+        self.pools.values().map(|p| p.lines.waiting()).sum()
     }
 
     /// A message from a worker, or `Err` with why it could not be decoded.
@@ -260,6 +276,7 @@ impl Dispatcher {
         match w.in_flight.remove(&r.delivery) {
             Some(f) if f.task_id == r.task_id => {
                 out.push(Out::Schedule(Command::Result(r)));
+                release(&mut self.pools, &f);
                 Settled::Freed(f.pool)
             }
             Some(f) => {
@@ -339,6 +356,9 @@ impl Dispatcher {
         for p in pools {
             if let Some(pool) = self.pools.get_mut(p) {
                 pool.members.retain(|m| m != identity);
+                if pool.is_unused() {
+                    self.pools.remove(p);
+                }
             }
         }
     }
@@ -354,6 +374,7 @@ impl Dispatcher {
         let back = take_in_flight(&mut w.in_flight, std::mem::take(&mut w.outbox));
         self.give_back(back, now, out);
         for (delivery, f) in w.in_flight {
+            release(&mut self.pools, &f);
             out.push(Out::Schedule(Command::Lost {
                 delivery,
                 task_id: f.task_id,
@@ -378,10 +399,10 @@ impl Dispatcher {
             task,
         };
         match self.pools.get_mut(&pool) {
-            Some(p) => p.waiting.push_back(waiting),
+            Some(p) => waiting.push_to(&mut p.lines, false),
             None => {
                 let mut p = Pool::new(&pool);
-                p.waiting.push_back(waiting);
+                waiting.push_to(&mut p.lines, false);
                 self.pools.insert(pool.clone(), p);
             }
         }
@@ -391,8 +412,9 @@ impl Dispatcher {
     /// A cancelled task: drop it if it still waits for a worker.
     pub fn on_revoke(&mut self, delivery: u64) {
         for p in self.pools.values_mut() {
-            p.waiting.retain(|w| w.delivery != delivery);
+            p.lines.remove_where(|w| w.delivery == delivery);
         }
+        self.pools.retain(|_, p| !p.is_unused());
     }
 
     /// Puts deliveries that never reached their worker back in front of
@@ -403,15 +425,17 @@ impl Dispatcher {
             if !pools.contains(&f.pool) {
                 pools.push(f.pool.clone());
             }
-            self.pools
+            release(&mut self.pools, &f);
+            let waiting = Waiting {
+                delivery: d.delivery,
+                timeout: f.timeout,
+                task: d.task,
+            };
+            let pool = self
+                .pools
                 .entry(f.pool.to_string())
-                .or_insert_with(|| Pool::new(&f.pool))
-                .waiting
-                .push_front(Waiting {
-                    delivery: d.delivery,
-                    timeout: f.timeout,
-                    task: d.task,
-                });
+                .or_insert_with(|| Pool::new(&f.pool));
+            waiting.push_to(&mut pool.lines, true);
         }
         for pool in pools {
             self.assign(&pool, now, out);
@@ -461,7 +485,13 @@ impl Dispatcher {
         let Some(pool) = self.pools.get_mut(pool_name) else {
             return;
         };
-        while !pool.waiting.is_empty() && !pool.members.is_empty() {
+        // The pool's capacity: the credit of its workers.
+        let capacity = pool
+            .members
+            .iter()
+            .filter_map(|m| self.workers.get(m))
+            .fold(0u32, |c, w| c.saturating_add(w.window));
+        while pool.lines.waiting() > 0 && !pool.members.is_empty() {
             let n = pool.members.len();
             let mut chosen = None;
             for i in 0..n {
@@ -474,12 +504,16 @@ impl Dispatcher {
                 }
             }
             let Some(idx) = chosen else { break };
-            pool.next = (idx + 1) % n;
-            let identity = pool.members[idx].clone();
-            let Some(waiting) = pool.waiting.pop_front() else {
+            // The fair lines choose which task (or none, when the queues
+            // waiting have their share).
+            let Some((flow, waiting)) = pool.lines.pop(capacity) else {
                 break;
             };
+            pool.next = (idx + 1) % n;
+            let identity = pool.members[idx].clone();
             let Some(w) = self.workers.get_mut(&identity) else {
+                pool.lines.release(&flow);
+                waiting.push_to(&mut pool.lines, true);
                 break;
             };
             let deadline = now
@@ -490,6 +524,7 @@ impl Dispatcher {
                 InFlight {
                     task_id: waiting.task.id.clone(),
                     pool: pool.name.clone(),
+                    flow,
                     deadline,
                     timeout: waiting.timeout,
                 },
@@ -563,6 +598,7 @@ impl Dispatcher {
                 .collect();
             for d in overdue {
                 if let Some(f) = w.in_flight.remove(&d) {
+                    release(&mut self.pools, &f);
                     out.push(Out::Schedule(Command::Lost {
                         delivery: d,
                         task_id: f.task_id,
@@ -607,6 +643,17 @@ pub fn carry_out<C>(
         }
     }
     out.clear();
+}
+
+/// A delivery out ended: its pool's fair lines count it no more, and a
+/// pool left unused is forgotten.
+fn release(pools: &mut BTreeMap<String, Pool>, f: &InFlight) {
+    if let Some(pool) = pools.get_mut(&*f.pool) {
+        pool.lines.release(&f.flow);
+        if pool.is_unused() {
+            pools.remove(&*f.pool);
+        }
+    }
 }
 
 /// The deliveries among `tasks` still counted in flight, taken out of it.

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod clock;
 pub mod dispatch;
 pub mod election;
+pub mod fair;
 pub mod membership;
 pub mod node;
 pub mod placement;
