@@ -377,3 +377,131 @@ fn a_receiver_that_never_answers_does_not_starve_another_queue() {
         assert!(waited < 1.0, "the other queue's task waited {waited:.3} s");
     });
 }
+
+#[test]
+fn a_flood_of_large_enqueues_meets_the_memory_budget() {
+    let _quiet = heavy();
+    run(Duration::from_secs(180), |h| {
+        const BUDGET: u64 = 64 << 20;
+        let node = h.standalone_with(&["--max-pending-bytes", "64MiB"]);
+        let rx = Receiver::start();
+        // Accepted before the flood, due during it.
+        let (status, v) = post_form(
+            &node.url("/queue/early"),
+            &format!("task.url={}&task.countdown=3", rx.url("/early")),
+        );
+        assert_eq!(status, 200, "{v}");
+        let base_rss = h.rss_bytes(node.pid);
+        let body = "x".repeat(900 * 1024);
+        let task = serde_json::json!({"url": rx.url("/big"), "body": body, "countdown": 600});
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..200 {
+            let (status, v) = send_json("POST", &node.url("/queue/flood"), &task);
+            match status {
+                200 => {
+                    assert_eq!(refused, 0, "accepted after a refusal: {v}");
+                    accepted += 1;
+                }
+                429 => {
+                    assert!(v["reason"].as_str().unwrap().contains("--max-pending-bytes"), "{v}");
+                    refused += 1;
+                }
+                other => panic!("{other}: {v}"),
+            }
+        }
+        assert!(refused > 0, "no refusal after {accepted} tasks of 900 KiB");
+        // 64 MiB of ~901 KiB tasks: the one that crosses the budget is taken.
+        assert!((60..=74).contains(&accepted), "{accepted} accepted");
+        // The refusal says when to retry.
+        let (status, _) = try_http(
+            "POST",
+            &node.url("/queue/flood"),
+            &[("Content-Type", "application/json")],
+            task.to_string(),
+        )
+        .unwrap();
+        assert_eq!(status, 429);
+        // What was accepted is still delivered.
+        assert_eq!(rx.expect(Duration::from_secs(15)).target, "/early");
+        let rss = h.rss_bytes(node.pid);
+        // The budget plus a stated overhead: the request buffers of the
+        // gateway and the allocator's slack (LIMITS.md).
+        let overhead = 96u64 << 20;
+        assert!(
+            rss < base_rss + BUDGET + overhead,
+            "RSS {} MiB from {} MiB",
+            rss >> 20,
+            base_rss >> 20
+        );
+        let (status, v) = http("POST", &node.url("/queue/flood/purge"), &[], "");
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["removed"].as_u64(), Some(accepted));
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn rejected_enqueues_make_no_queue_and_thousands_of_queues_page() {
+    let _quiet = heavy();
+    run(Duration::from_secs(180), |h| {
+        let node = h.standalone();
+        // A thousand enqueues answered 400, each to a fresh queue name.
+        for i in 0..1000 {
+            let (status, _) = post_form(&node.url(&format!("/queue/junk-{i}")), "task.url=nope");
+            assert_eq!(status, 400);
+        }
+        let (status, v) = http("GET", &node.url("/queues"), &[], "");
+        assert_eq!(status, 200);
+        assert_eq!(v["queues"].as_array().unwrap().len(), 0, "{v}");
+        // 8,000 queues, each made by a request that succeeds.
+        for i in 0..8000 {
+            let (status, v) = http("POST", &node.url(&format!("/queue/q-{i:05}/pause")), &[], "");
+            assert_eq!(status, 200, "{v}");
+        }
+        let mut seen = 0;
+        let mut cursor = String::new();
+        loop {
+            let url = node.url(&format!("/queues?limit=1000&cursor={cursor}"));
+            let (status, v) = http("GET", &url, &[], "");
+            assert_eq!(status, 200, "{v}");
+            seen += v["queues"].as_array().unwrap().len();
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 8000);
+        round_trip(&node);
+    });
+}
+
+#[test]
+fn a_full_task_listing_is_cut_to_fit_a_message() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let rx = Receiver::start();
+        let body = "y".repeat(900 * 1024);
+        for _ in 0..5 {
+            let task = serde_json::json!({"url": rx.url("/x"), "body": body, "countdown": 600});
+            let (status, v) = send_json("POST", &node.url("/queue/big"), &task);
+            assert_eq!(status, 200, "{v}");
+        }
+        let mut seen = 0;
+        let mut cursor = String::new();
+        let mut pages = 0;
+        loop {
+            let url = node.url(&format!("/queue/big/tasks?view=full&limit=5&cursor={cursor}"));
+            let (status, v) = http("GET", &url, &[], "");
+            assert_eq!(status, 200, "{v}");
+            pages += 1;
+            seen += v["tasks"].as_array().unwrap().len();
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 5);
+        assert!(pages >= 3, "{pages} pages");
+        round_trip(&node);
+    });
+}

@@ -53,6 +53,38 @@ pub struct BrokerArgs {
     /// Seconds of silence after which a worker is forgotten and its tasks retried.
     #[arg(long, default_value_t = 5.0)]
     pub worker_expiry: f64,
+    /// Memory for tasks, in bytes (suffixes K, M, G, KiB, MiB, GiB);
+    /// past it enqueues are answered busy (HTTP 429). Default: a quarter
+    /// of the machine's memory.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_pending_bytes: Option<u64>,
+    /// Tasks held, in every state; past it enqueues are answered busy.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub max_tasks: usize,
+    /// Queues known; past it a task for a new queue is answered busy.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_queues: usize,
+}
+
+/// `1048576`, `64M`, `64MiB`, `2G`… (K, M, G are 1024-based, as
+/// memory is counted).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes (e.g. 512M, 4GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?}: the unit must be K, M, G or T")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 impl BrokerArgs {
@@ -103,6 +135,13 @@ impl BrokerArgs {
                 queue_defaults,
                 queues,
                 replica_offset: secs("replica-offset", self.replica_offset)?,
+                limits: crate::store::StoreLimits {
+                    max_task_bytes: self
+                        .max_pending_bytes
+                        .unwrap_or_else(crate::store::default_task_bytes),
+                    max_tasks: self.max_tasks,
+                    max_queues: self.max_queues,
+                },
             },
             dispatch: DispatchConfig {
                 heartbeat_interval: secs("heartbeat-interval", self.heartbeat_interval)?,

@@ -309,6 +309,21 @@ impl Queue {
         }
     }
 
+    /// Nothing in it and nothing about it to remember: no task in any
+    /// state, no name or key, not paused, no slow-down running, and the
+    /// default settings. Such a queue is forgotten (and made anew, the
+    /// same, by its next task).
+    pub fn is_unused(&self, defaults: &QueueConfig, now_us: u64) -> bool {
+        self.counts.values().all(|&n| n == 0)
+            && self.running == 0
+            && self.ready.is_empty()
+            && self.wake.is_none()
+            && self.keys.is_empty()
+            && !self.paused
+            && self.slow_until_us <= now_us
+            && self.config == *defaults
+    }
+
     /// Whether a concurrency slot is free.
     pub fn has_slot(&self) -> bool {
         let cap = self.config.max_concurrent;

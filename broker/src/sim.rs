@@ -433,6 +433,11 @@ fn store_config(id: u64) -> StoreConfig {
         queue_defaults: defaults,
         queues: vec![(LIMITED.to_string(), limited)],
         replica_offset: Duration::from_secs(2),
+        limits: crate::store::StoreLimits {
+            max_task_bytes: u64::MAX,
+            max_tasks: usize::MAX,
+            max_queues: usize::MAX,
+        },
     }
 }
 

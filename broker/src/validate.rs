@@ -177,6 +177,31 @@ impl ValidTask {
         self.raw.then_some(&self.payload[..])
     }
 
+    /// Bytes the task holds on the heap of its own (the shared queue name
+    /// and URL are not counted): its payload past the inline bytes and
+    /// its rare fields.
+    pub fn heap_bytes(&self) -> usize {
+        let payload = if self.payload.spilled() {
+            self.payload.capacity()
+        } else {
+            0
+        };
+        let rare = self.rare.as_deref().map_or(0, |r| {
+            let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+            std::mem::size_of::<Rare>()
+                + text(&r.name)
+                + text(&r.content_type)
+                + text(&r.callback_url)
+                + text(&r.failure_callback_url)
+                + text(&r.idempotency_key)
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 48)
+                    .sum::<usize>()
+        });
+        payload + rare
+    }
+
     /// The rarely used fields (all empty for most tasks).
     pub fn rare(&self) -> &Rare {
         static EMPTY: Rare = Rare {

@@ -14,6 +14,11 @@ use std::sync::Arc;
 /// High-water mark (messages) for every socket, both directions.
 pub const HWM: i32 = 100_000;
 
+/// `ZMQ_MAXMSGSIZE` of every socket, in bytes: one frame larger than the
+/// largest body a decoder takes (`protocol::frames::MAX_BODY_BYTES`) and a little
+/// room disconnects its sender before libzmq has read it whole.
+pub const MAX_FRAME_BYTES: i64 = protocol::frames::MAX_BODY_BYTES as i64 + 4096;
+
 /// Makes a ROUTER that reports unroutable identities (ROUTER_MANDATORY)
 /// and lets a reconnecting peer reclaim its identity (ROUTER_HANDOVER).
 /// Send on it with `DONTWAIT`: a full or vanished peer must never block
@@ -60,6 +65,7 @@ fn common(s: &zmq::Socket) -> zmq::Result<()> {
     s.set_sndhwm(HWM)?;
     s.set_rcvhwm(HWM)?;
     s.set_tcp_keepalive(1)?;
+    s.set_maxmsgsize(MAX_FRAME_BYTES)?;
     Ok(())
 }
 

@@ -393,14 +393,14 @@ impl Harness {
         for (id, s) in &self.states {
             assert_eq!(self.store.task_state(id), *s, "task_state of {id}");
         }
-        let mut out_per_queue: HashMap<&str, u64> = HashMap::new();
+        let mut out_per_queue: HashMap<String, u64> = HashMap::new();
         for (d, (id, q)) in &self.out_deliveries {
             assert_eq!(
                 self.store.task_state(id),
                 Some(Running),
                 "delivery {d} is out but its task is not running"
             );
-            *out_per_queue.entry(q.as_str()).or_default() += 1;
+            *out_per_queue.entry(q.clone()).or_default() += 1;
         }
         let Some(ReplyBody::Queues { queues }) = self.peek(ClientCommand::ListQueues) else {
             panic!("list_queues failed");

@@ -82,7 +82,7 @@ async fn handle(
         (["queue", queue], &Method::GET) => {
             reply(&link, ClientCommand::GetQueue { queue: q(queue) }).await
         }
-        (["queues"], &Method::GET) => reply(&link, ClientCommand::ListQueues).await,
+        (["queues"], &Method::GET) => list_queues(&query, link).await,
         (["queue", queue, "pause"], &Method::POST) => {
             reply(&link, ClientCommand::PauseQueue { queue: q(queue) }).await
         }
@@ -256,9 +256,15 @@ fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
             StatusCode::OK,
             serde_json::to_value(queue).unwrap_or(Value::Null),
         ),
-        ReplyBody::Queues { queues } => (
+        ReplyBody::Queues {
+            queues,
+            next_cursor,
+        } => (
             StatusCode::OK,
-            json!({"queues": serde_json::to_value(queues).unwrap_or(Value::Null)}),
+            json!({
+                "queues": serde_json::to_value(queues).unwrap_or(Value::Null),
+                "next_cursor": next_cursor,
+            }),
         ),
         ReplyBody::Purged { queue, removed } => (
             StatusCode::OK,
@@ -278,6 +284,7 @@ fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,
                 ErrorCode::Conflict => StatusCode::CONFLICT,
                 ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Busy => StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::Malformed | ErrorCode::UnsupportedVersion | ErrorCode::Internal => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
@@ -530,6 +537,34 @@ pub fn parse_queue_patch(body: &[u8]) -> Result<QueueConfigPatch, String> {
     }
 }
 
+/// `?limit=N`: 1 to [`MAX_LIST_LIMIT`], or the default when absent.
+fn list_limit(query: &[(String, String)]) -> Result<Option<u32>, Resp> {
+    match query.iter().find(|(n, _)| n == "limit") {
+        None => Ok(None),
+        Some((_, l)) => match l.parse::<u32>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(Some(n)),
+            _ => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be 1 to {MAX_LIST_LIMIT}"),
+            )),
+        },
+    }
+}
+
+/// `GET /queues?limit=N&cursor=C`: a page of queues by name.
+async fn list_queues(query: &[(String, String)], link: BrokerLink) -> Resp {
+    let limit = match list_limit(query) {
+        Ok(l) => l,
+        Err(resp) => return resp,
+    };
+    let cursor = query
+        .iter()
+        .find(|(n, _)| n == "cursor")
+        .map(|(_, v)| v.clone())
+        .filter(|c| !c.is_empty());
+    reply(&link, ClientCommand::ListQueues { limit, cursor }).await
+}
+
 async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink) -> Resp {
     let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let state = match get("state") {
@@ -539,17 +574,9 @@ async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink)
             Err(_) => return error(StatusCode::BAD_REQUEST, format!("unknown state {s:?}")),
         },
     };
-    let limit = match get("limit") {
-        None => None,
-        Some(l) => match l.parse::<u32>() {
-            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Some(n),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("limit must be 1 to {MAX_LIST_LIMIT}"),
-                )
-            }
-        },
+    let limit = match list_limit(query) {
+        Ok(l) => l,
+        Err(resp) => return resp,
     };
     let full = match get("view") {
         None | Some("basic") => false,
@@ -867,9 +894,16 @@ fn error(status: StatusCode, reason: impl Into<String>) -> Resp {
     json_response(status, json!({"status": "error", "reason": reason.into()}))
 }
 
+/// A JSON answer; a `429` (a broker's `busy`) says when to retry.
 fn json_response(status: StatusCode, v: Value) -> Resp {
     let mut r = json_ok(v.to_string().into_bytes());
     *r.status_mut() = status;
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            HeaderValue::from(protocol::limits::BUSY_RETRY_SECS),
+        );
+    }
     r
 }
 

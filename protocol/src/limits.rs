@@ -13,6 +13,25 @@ pub const MAX_TASK_BODY_BYTES: usize = 1024 * 1024;
 /// Most tasks in one `enqueue_batch` (and `POST /queue/{q}/batch`).
 pub const MAX_BATCH_TASKS: usize = 1000;
 
+/// The retry hint of a `busy` answer (HTTP `429` with `Retry-After`), in
+/// seconds.
+pub const BUSY_RETRY_SECS: u32 = 1;
+
+/// Longest error text kept with a task (a worker's `reason`), in bytes;
+/// the rest is cut off.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 /// Longest `wait` of an enqueue, in seconds.
 pub const MAX_WAIT_SECS: f64 = 300.0;
 
@@ -36,7 +55,13 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 100;
 
-/// Page size of a task listing: the default and the largest.
+/// Bytes of tasks or queues one listing reply carries at most (by a
+/// bound on each entry's encoded size); past it the page ends early and
+/// `next_cursor` goes on from there, so a reply always fits in a message
+/// (2 MiB). The first entry is always sent.
+pub const MAX_LIST_REPLY_BYTES: usize = 1024 * 1024;
+
+/// Page size of a task or queue listing: the default and the largest.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 pub const MAX_LIST_LIMIT: u32 = 1000;
 

@@ -94,7 +94,15 @@ pub enum ClientCommand {
     /// A queue's configuration and live figures; [`ReplyBody::Queue`].
     GetQueue { queue: String },
     /// Every known queue; [`ReplyBody::Queues`].
-    ListQueues,
+    ListQueues {
+        /// At most this many queues ([`crate::limits::DEFAULT_LIST_LIMIT`]
+        /// by default, [`crate::limits::MAX_LIST_LIMIT`] at most).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        /// The `next_cursor` of the page before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
+    },
     /// Accept tasks but dispatch none; [`ReplyBody::Queue`].
     PauseQueue { queue: String },
     /// Undo a pause; [`ReplyBody::Queue`].
@@ -241,6 +249,9 @@ pub enum ReplyBody {
     },
     Queues {
         queues: Vec<QueueInfo>,
+        /// Pass back as `cursor` for the next page; absent on the last.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_cursor: Option<String>,
     },
     Purged {
         queue: String,
@@ -284,6 +295,11 @@ pub enum ErrorCode {
     /// The task is not in a state that allows the request (e.g. `run` on
     /// a running or succeeded task).
     Conflict,
+    /// The node is at one of its limits (its memory budget for tasks, its
+    /// task cap, its queue cap): nothing was stored. Retry after
+    /// `limits::BUSY_RETRY_SECS` or more, with backoff; the node keeps
+    /// delivering what it holds meanwhile.
+    Busy,
 }
 
 /// Lifecycle of a task.
@@ -782,7 +798,10 @@ mod tests {
                 ClientCommand::ListTasks { queue: queue.clone(), state: Some(TaskState::Failed), limit: Some(5), cursor: Some(id.clone()), full: true },
                 ClientCommand::ConfigureQueue { queue: queue.clone(), config: QueueConfigPatch { rate: Some(2.5), max_attempts: Some(-1), signing_secrets: Some(vec!["whsec_AA==".into()]), ..Default::default() } },
                 ClientCommand::GetQueue { queue: queue.clone() },
-                ClientCommand::ListQueues,
+                ClientCommand::ListQueues {
+                    limit: None,
+                    cursor: None,
+                },
                 ClientCommand::PauseQueue { queue: queue.clone() },
                 ClientCommand::ResumeQueue { queue: queue.clone() },
                 ClientCommand::PurgeQueue { queue: queue.clone() },

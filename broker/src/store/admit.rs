@@ -38,7 +38,7 @@ fn is_mutating(command: &ClientCommand) -> bool {
             | ClientCommand::Ping
             | ClientCommand::ListTasks { .. }
             | ClientCommand::GetQueue { .. }
-            | ClientCommand::ListQueues
+            | ClientCommand::ListQueues { .. }
     )
 }
 
@@ -105,6 +105,24 @@ impl Store {
         if let ClientCommand::Enqueue { wait: Some(w), .. } = command {
             if let Err(rule) = protocol::limits::check_wait(*w) {
                 return Some(error(ErrorCode::BadRequest, rule));
+            }
+        }
+        let new_tasks = match command {
+            ClientCommand::Enqueue { .. } => 1,
+            ClientCommand::EnqueueBatch { tasks, .. } => tasks.len(),
+            _ => 0,
+        };
+        // Commands that make the queue they name count against the cap.
+        let makes_queue = matches!(
+            command,
+            ClientCommand::ConfigureQueue { .. }
+                | ClientCommand::PauseQueue { .. }
+                | ClientCommand::ResumeQueue { .. }
+        );
+        if new_tasks > 0 || makes_queue {
+            if let Some(busy) = self.over_limits(queue.unwrap_or(""), new_tasks) {
+                self.stats.busy += 1;
+                return Some(busy);
             }
         }
         None
@@ -222,7 +240,7 @@ impl Store {
             ClientCommand::GetQueue { queue } => ReplyBody::Queue {
                 queue: self.queue_info(&queue, now_us),
             },
-            ClientCommand::ListQueues => self.list_queues(now_us),
+            ClientCommand::ListQueues { limit, cursor } => self.list_queues(limit, cursor, now_us),
             cmd @ (ClientCommand::ConfigureQueue { .. }
             | ClientCommand::PauseQueue { .. }
             | ClientCommand::ResumeQueue { .. }
@@ -364,7 +382,11 @@ impl Store {
         spec: TaskSpec,
         now_us: u64,
     ) -> Result<ValidTask, ReplyBody> {
-        let default_timeout = self.queue_mut(queue, now_us).config.timeout;
+        // Read, not created: a queue is made only by a task stored in it.
+        let default_timeout = self
+            .queues
+            .get(queue)
+            .map_or(self.config.queue_defaults.timeout, |q| q.config.timeout);
         let urls = &self.urls;
         let mut t = validate_known(queue, spec, micros_to_secs(now_us), default_timeout, |u| {
             urls.contains(u)

@@ -33,6 +33,7 @@ impl Store {
         let (queue, from, to, delivery) = match change {
             Change::Insert(task) => {
                 let (queue, to) = (task.spec.queue.clone(), task.state);
+                self.task_bytes += task.footprint();
                 self.tasks.insert(task);
                 (queue, None, Some(to), None)
             }
@@ -56,6 +57,7 @@ impl Store {
             }
             Change::Remove => {
                 let t = self.tasks.remove(&id)?;
+                self.task_bytes = self.task_bytes.saturating_sub(t.footprint());
                 let delivery = (t.state == TaskState::Running)
                     .then(|| t.delivery())
                     .flatten();
@@ -342,7 +344,7 @@ impl Store {
     fn record_attempt(&mut self, id: Uuid, v: &Verdict) -> Option<(Arc<String>, AttemptResult)> {
         let task = self.tasks.get_mut(&id)?;
         task.last_status = v.status;
-        task.set_last_response(v.body.clone().map(|mut b| {
+        let kept = task.set_last_response(v.body.clone().map(|mut b| {
             b.truncate(MAX_RESPONSE_BYTES);
             b
         }));
@@ -358,6 +360,7 @@ impl Store {
             body: task.last_response().map(ByteBuf::from),
             error,
         };
+        self.task_bytes = self.task_bytes.saturating_add_signed(kept);
         Some((task.spec.queue.clone(), attempt))
     }
 

@@ -124,6 +124,8 @@ pub struct StoreConfig {
     pub queues: Vec<(String, QueueConfig)>,
     /// Seconds between replicas' fire times (replica i fires at eta + i × offset).
     pub replica_offset: Duration,
+    /// What the node may hold (see `LIMITS.md`).
+    pub limits: StoreLimits,
 }
 
 impl Default for StoreConfig {
@@ -133,9 +135,56 @@ impl Default for StoreConfig {
             queue_defaults: QueueConfig::default(),
             queues: Vec::new(),
             replica_offset: Duration::from_secs(5),
+            limits: StoreLimits::default(),
         }
     }
 }
+
+/// The bounds of what a node holds. Past one, a client's enqueue (and
+/// its first use of a queue) is answered `busy`; what is held already
+/// is kept and delivered. Copies from peers are always taken: they were
+/// acknowledged, or are about to be, by another node's admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreLimits {
+    /// Memory for tasks, by [`Store::task_bytes`]'s count, in bytes.
+    pub max_task_bytes: u64,
+    /// Tasks held, in every state.
+    pub max_tasks: usize,
+    /// Queues known.
+    pub max_queues: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_task_bytes: default_task_bytes(),
+            max_tasks: 10_000_000,
+            max_queues: 10_000,
+        }
+    }
+}
+
+/// A quarter of the machine's memory, or 1 GiB when it cannot be read.
+pub fn default_task_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb.saturating_mul(1024));
+    total.map_or(1 << 30, |b| b / 4)
+}
+
+/// What a task costs beyond its own fields' heap bytes: the task itself,
+/// its slot in the table, its timer and its place in its queue's index,
+/// rounded up (`BENCHMARKS.md` measures under 300 bytes for a pending
+/// task).
+const TASK_OVERHEAD_BYTES: u64 = 320;
+
+/// How often queues left with nothing are looked for.
+const QUEUE_SWEEP_EVERY_US: u64 = 60_000_000;
 
 /// Counters for operators and tests.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -150,6 +199,8 @@ pub struct Stats {
     pub stale_results: u64,
     /// Task copies sent to restore the replication factor.
     pub re_replicated: u64,
+    /// Enqueues answered `busy` (a limit reached).
+    pub busy: u64,
 }
 
 struct Task {
@@ -193,6 +244,16 @@ impl Task {
         self.run.as_ref().and_then(|r| r.error.clone())
     }
 
+    /// What the task counts against the memory budget: fixed for its
+    /// life but for the answer it keeps, which `Store::keep_response`
+    /// accounts for as it changes.
+    fn footprint(&self) -> u64 {
+        TASK_OVERHEAD_BYTES
+            + self.spec.heap_bytes() as u64
+            + protocol::limits::MAX_ERROR_BYTES as u64
+            + self.last_response_ref().map_or(0, |r| r.len() as u64)
+    }
+
     fn last_response(&self) -> Option<Vec<u8>> {
         self.last_response_ref().cloned()
     }
@@ -209,14 +270,22 @@ impl Task {
         self.run.as_ref().and_then(|r| r.delivery)
     }
 
-    fn set_last_error(&mut self, error: Option<String>) {
+    fn set_last_error(&mut self, mut error: Option<String>) {
+        if let Some(e) = &mut error {
+            protocol::limits::truncate_utf8(e, protocol::limits::MAX_ERROR_BYTES);
+        }
         let clear = error.is_none();
         self.update_run(clear, |r| r.error = error);
     }
 
-    fn set_last_response(&mut self, response: Option<Vec<u8>>) {
+    /// Keeps `response`; returns the change in bytes kept, for the
+    /// memory budget.
+    fn set_last_response(&mut self, response: Option<Vec<u8>>) -> i64 {
+        let before = self.last_response_ref().map_or(0, |r| r.len() as i64);
+        let after = response.as_ref().map_or(0, |r| r.len() as i64);
         let clear = response.is_none();
         self.update_run(clear, |r| r.response = response);
+        after - before
     }
 
     fn set_first_attempt_us(&mut self, at: Option<u64>) {
@@ -317,6 +386,10 @@ pub struct Store {
     /// here passed validation, in its normalized form.
     queue_names: Interner,
     urls: Interner,
+    /// Σ footprint of the tasks held (see [`StoreLimits`]).
+    task_bytes: u64,
+    /// When queues left with nothing are next looked for (unix µs).
+    queue_sweep_at_us: u64,
     pub stats: Stats,
 }
 
@@ -422,8 +495,60 @@ impl Store {
             next_req: 1,
             queue_names: Interner::default(),
             urls: Interner::default(),
+            task_bytes: 0,
+            queue_sweep_at_us: now_us + QUEUE_SWEEP_EVERY_US,
             stats: Stats::default(),
         }
+    }
+
+    /// What the tasks held count against the memory budget, in bytes.
+    pub fn task_bytes(&self) -> u64 {
+        self.task_bytes
+    }
+
+    /// Queues known.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Why a client's enqueue of `new_tasks` tasks to `queue` cannot be
+    /// taken now (a `busy` answer), or `None`.
+    pub(super) fn over_limits(&self, queue: &str, new_tasks: usize) -> Option<ReplyBody> {
+        let l = &self.config.limits;
+        let reason = if self.task_bytes >= l.max_task_bytes {
+            format!(
+                "this node's memory budget for tasks is spent ({} of {} bytes, --max-pending-bytes); nothing was stored: retry later",
+                self.task_bytes, l.max_task_bytes
+            )
+        } else if self.tasks.len().saturating_add(new_tasks) > l.max_tasks {
+            format!(
+                "this node holds {} tasks, and may hold {} (--max-tasks); nothing was stored: retry later",
+                self.tasks.len(),
+                l.max_tasks
+            )
+        } else if !self.queues.contains_key(queue) && self.queues.len() >= l.max_queues {
+            format!(
+                "this node has {} queues, the most it may have (--max-queues); queues left empty are forgotten after a minute or two: retry later",
+                self.queues.len()
+            )
+        } else {
+            return None;
+        };
+        Some(error(ErrorCode::Busy, reason))
+    }
+
+    /// Forgets the queues left with nothing: no task, no name or key
+    /// remembered, not paused, the default settings, and not configured
+    /// at start. Runs every [`QUEUE_SWEEP_EVERY_US`].
+    pub(super) fn sweep_queues(&mut self, now_us: u64) {
+        if now_us < self.queue_sweep_at_us {
+            return;
+        }
+        self.queue_sweep_at_us = now_us + QUEUE_SWEEP_EVERY_US;
+        let (defaults, configured) = (&self.config.queue_defaults, &self.config.queues);
+        self.queues.retain(|name, q| {
+            !q.is_unused(defaults, now_us) || configured.iter().any(|(n, _)| n == name)
+        });
     }
 
     /// Records every change of a task's state from now on, for
@@ -560,7 +685,7 @@ fn command_queue(c: &ClientCommand) -> Option<&str> {
         | ClientCommand::PauseQueue { queue }
         | ClientCommand::ResumeQueue { queue }
         | ClientCommand::PurgeQueue { queue } => Some(queue),
-        ClientCommand::ListQueues | ClientCommand::Ping | ClientCommand::ClusterInfo => None,
+        ClientCommand::ListQueues { .. } | ClientCommand::Ping | ClientCommand::ClusterInfo => None,
     }
 }
 

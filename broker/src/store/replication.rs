@@ -983,7 +983,8 @@ impl Store {
         }
         let queue = t.spec.queue.to_string();
         t.merge_attempts(attempts, executions, last_status, last_error);
-        t.set_last_response(response.map(|b| b.into_vec()));
+        let kept = t.set_last_response(response.map(|b| b.into_vec()));
+        self.task_bytes = self.task_bytes.saturating_add_signed(kept);
         self.transition(id, state, out);
         self.finish(id, now_us, out);
         self.pump(&queue, now_us, out);

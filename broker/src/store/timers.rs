@@ -107,6 +107,7 @@ impl Store {
             self.pump(&queue, now_us, out);
         }
         self.expire_requests(now_us);
+        self.sweep_queues(now_us);
         out.append(&mut self.outbox);
     }
 

@@ -15,11 +15,43 @@ impl Store {
     }
 
     /// Every queue this node knows, by name.
-    pub(super) fn list_queues(&self, now_us: u64) -> ReplyBody {
-        let mut names: Vec<&String> = self.queues.keys().collect();
+    /// Queues by name, a page at a time: after `cursor` (the last name
+    /// of the page before), at most `limit`, cut short to fit
+    /// [`protocol::limits::MAX_LIST_REPLY_BYTES`].
+    pub(super) fn list_queues(
+        &self,
+        limit: Option<u32>,
+        cursor: Option<String>,
+        now_us: u64,
+    ) -> ReplyBody {
+        let limit = limit
+            .unwrap_or(protocol::limits::DEFAULT_LIST_LIMIT)
+            .clamp(1, protocol::limits::MAX_LIST_LIMIT) as usize;
+        let after = cursor.unwrap_or_default();
+        let mut names: Vec<&String> = self
+            .queues
+            .keys()
+            .filter(|n| n.as_str() > after.as_str())
+            .collect();
         names.sort();
+        let mut queues = Vec::new();
+        let mut bytes = 0;
+        let mut next_cursor = None;
+        for name in names {
+            let info = self.queue_info(name, now_us);
+            let size = queue_info_size_bound(&info);
+            let full = queues.len() == limit
+                || (!queues.is_empty() && bytes + size > protocol::limits::MAX_LIST_REPLY_BYTES);
+            if full {
+                next_cursor = queues.last().map(|q: &QueueInfo| q.name.clone());
+                break;
+            }
+            bytes += size;
+            queues.push(info);
+        }
         ReplyBody::Queues {
-            queues: names.iter().map(|n| self.queue_info(n, now_us)).collect(),
+            queues,
+            next_cursor,
         }
     }
 
@@ -75,6 +107,7 @@ impl Store {
         };
         let range = q.index.after(start);
         let mut tasks = Vec::new();
+        let mut bytes = 0;
         let mut last = None;
         let mut next_cursor = None;
         for (created, id) in range {
@@ -87,12 +120,18 @@ impl Store {
             if state.is_some_and(|s| s != t.state) {
                 continue;
             }
-            if tasks.len() == limit {
+            let info = self.info(id, full);
+            let size = task_info_size_bound(&info);
+            // A page ends at `limit` or when it would outgrow a message.
+            if tasks.len() == limit
+                || (!tasks.is_empty() && bytes + size > protocol::limits::MAX_LIST_REPLY_BYTES)
+            {
                 // More match: the next page starts after the last one returned.
                 next_cursor = last.map(|(c, i)| make_cursor(c, i));
                 break;
             }
-            tasks.push(self.info(id, full));
+            bytes += size;
+            tasks.push(info);
             last = Some((created, id));
         }
         ReplyBody::Tasks { tasks, next_cursor }
@@ -199,4 +238,25 @@ pub(super) fn delivered_task(t: &Task, signing_secrets: Vec<String>) -> Delivere
         execution_count: t.executions,
         signing_secrets,
     }
+}
+
+/// At least the MessagePack size of a task's entry in a listing: its
+/// variable parts plus room for every fixed field and key.
+fn task_info_size_bound(t: &TaskInfo) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let mut n = 512 + t.id.len() + t.queue.len() + t.url.len() + t.method.len();
+    n += text(&t.name) + text(&t.last_error);
+    if let Some(d) = &t.detail {
+        let bytes = |b: &Option<ByteBuf>| b.as_ref().map_or(0, |b| b.len());
+        n += 256 + bytes(&d.body) + bytes(&d.last_response);
+        n += text(&d.content_type) + text(&d.callback_url) + text(&d.failure_callback_url);
+        let pairs = |p: &[(String, String)]| p.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
+        n += pairs(&d.params) + pairs(&d.headers);
+    }
+    n
+}
+
+/// At least the MessagePack size of a queue's entry in a listing.
+fn queue_info_size_bound(q: &QueueInfo) -> usize {
+    2048 + q.name.len()
 }
