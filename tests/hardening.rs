@@ -39,7 +39,11 @@ fn read_until_closed(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
         match s.read(&mut buf) {
             Ok(0) => return Some(got),
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return Some(got),
         }
     }
@@ -52,11 +56,16 @@ fn read_head(s: &mut TcpStream, wait: Duration) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline && !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -193,7 +202,8 @@ fn slow_and_idle_http_clients_are_cut_off() {
         let node = h.standalone_with(&["--header-timeout", "1", "--body-timeout", "2"]);
         // Slowloris: a header a byte at a time, never finished.
         let mut slow = connect(&node);
-        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
         let t0 = Instant::now();
         let mut trickle = slow.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -225,8 +235,14 @@ fn slow_and_idle_http_clients_are_cut_off() {
             }
         });
         let wait = Duration::from_secs(10);
-        assert!(read_until_closed(&mut slow, wait).is_some(), "slowloris still open");
-        assert!(read_until_closed(&mut idle, wait).is_some(), "idle still open");
+        assert!(
+            read_until_closed(&mut slow, wait).is_some(),
+            "slowloris still open"
+        );
+        assert!(
+            read_until_closed(&mut idle, wait).is_some(),
+            "idle still open"
+        );
         let kept_got = read_until_closed(&mut kept, wait).expect("kept-alive still open");
         assert!(String::from_utf8_lossy(&kept_got).starts_with("HTTP/1.1 200"));
         let got = read_until_closed(&mut upload, wait).expect("slow upload still open");
@@ -272,7 +288,8 @@ fn a_body_over_the_limit_gets_its_413_after_being_written_whole() {
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
-        s.write_all(&body).expect("the whole body is read, not reset");
+        s.write_all(&body)
+            .expect("the whole body is read, not reset");
         let text = read_head(&mut s, Duration::from_secs(10));
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
         // With Expect: 100-continue the answer comes at once, unread.
@@ -298,7 +315,10 @@ fn the_smaller_parsing_findings() {
                 &format!("task.url={url}"),
             );
             assert_eq!(status, 400, "wait={wait}: {v}");
-            assert_eq!(v["reason"], "wait must be a number of seconds from 0 to 300");
+            assert_eq!(
+                v["reason"],
+                "wait must be a number of seconds from 0 to 300"
+            );
         }
         // JSON numbers are numbers.
         let (status, v) = send_json(
@@ -403,7 +423,13 @@ fn a_flood_of_large_enqueues_meets_the_memory_budget() {
                     accepted += 1;
                 }
                 429 => {
-                    assert!(v["reason"].as_str().unwrap().contains("--max-pending-bytes"), "{v}");
+                    assert!(
+                        v["reason"]
+                            .as_str()
+                            .unwrap()
+                            .contains("--max-pending-bytes"),
+                        "{v}"
+                    );
                     refused += 1;
                 }
                 other => panic!("{other}: {v}"),
@@ -455,7 +481,12 @@ fn rejected_enqueues_make_no_queue_and_thousands_of_queues_page() {
         assert_eq!(v["queues"].as_array().unwrap().len(), 0, "{v}");
         // 8,000 queues, each made by a request that succeeds.
         for i in 0..8000 {
-            let (status, v) = http("POST", &node.url(&format!("/queue/q-{i:05}/pause")), &[], "");
+            let (status, v) = http(
+                "POST",
+                &node.url(&format!("/queue/q-{i:05}/pause")),
+                &[],
+                "",
+            );
             assert_eq!(status, 200, "{v}");
         }
         let mut seen = 0;
@@ -490,7 +521,9 @@ fn a_full_task_listing_is_cut_to_fit_a_message() {
         let mut cursor = String::new();
         let mut pages = 0;
         loop {
-            let url = node.url(&format!("/queue/big/tasks?view=full&limit=5&cursor={cursor}"));
+            let url = node.url(&format!(
+                "/queue/big/tasks?view=full&limit=5&cursor={cursor}"
+            ));
             let (status, v) = http("GET", &url, &[], "");
             assert_eq!(status, 200, "{v}");
             pages += 1;

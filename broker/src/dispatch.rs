@@ -301,6 +301,13 @@ impl Dispatcher {
             name,
             batch,
         } = ready;
+        if let Some((code, reason)) = self.refuse_pools(&pools) {
+            out.push(Out::Send(
+                identity.to_vec(),
+                BrokerMessage::Error { code, reason },
+            ));
+            return;
+        }
         let name = name.unwrap_or_else(|| hex(identity));
         let (in_flight, outbox) = match self.workers.remove(identity) {
             Some(old) => {
@@ -350,6 +357,34 @@ impl Dispatcher {
             },
         );
         self.assign_pools(&pools, now, out);
+    }
+
+    /// Why a `ready` naming `pools` is refused: more than
+    /// [`protocol::limits::MAX_POOLS_PER_WORKER`], or new pools past
+    /// [`protocol::limits::MAX_POOLS`].
+    fn refuse_pools(&self, pools: &[String]) -> Option<(ErrorCode, String)> {
+        use protocol::limits::{MAX_POOLS, MAX_POOLS_PER_WORKER};
+        if pools.len() > MAX_POOLS_PER_WORKER {
+            let reason = format!("a worker serves at most {MAX_POOLS_PER_WORKER} pools");
+            return Some((ErrorCode::BadRequest, reason));
+        }
+        let new = pools
+            .iter()
+            .filter(|p| !self.pools.contains_key(*p))
+            .count();
+        if new > 0 && self.pools.len() + new > MAX_POOLS {
+            let reason = format!(
+                "this broker knows {} pools, the most it may ({MAX_POOLS}); retry later",
+                self.pools.len()
+            );
+            return Some((ErrorCode::Busy, reason));
+        }
+        None
+    }
+
+    /// Pools known (served, or with tasks waiting or out).
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
     }
 
     fn leave_pools(&mut self, identity: &[u8], pools: &[String]) {
@@ -506,7 +541,8 @@ impl Dispatcher {
             let Some(idx) = chosen else { break };
             // The fair lines choose which task (or none, when the queues
             // waiting have their share).
-            let Some((flow, waiting)) = pool.lines.pop(capacity) else {
+            let reserve = &*pool.name == protocol::HTTP_POOL;
+            let Some((flow, waiting)) = pool.lines.pop(capacity, reserve) else {
                 break;
             };
             pool.next = (idx + 1) % n;
@@ -1015,5 +1051,48 @@ mod tests {
         d.flush(&mut out);
         assert_eq!(sent_tasks(&out), vec![(b"u".to_vec(), 5)]);
         assert!(batches(&out).is_empty());
+    }
+
+    #[test]
+    fn pools_of_workers_that_left_are_forgotten_and_capped() {
+        let mut d = Dispatcher::new(DispatchConfig::default());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for round in 0..3 {
+            for w in 0..50u8 {
+                let pools = (0..20).map(|p| format!("r{round}-w{w}-p{p}")).collect();
+                let ready = WorkerMessage::Ready {
+                    pools,
+                    credit: 1,
+                    name: None,
+                    batch: false,
+                };
+                d.on_message(&[w], Ok(ready), now, &mut out);
+            }
+            assert_eq!(d.pool_count(), 1000);
+            for w in 0..50u8 {
+                d.on_message(&[w], Ok(WorkerMessage::Disconnect), now, &mut out);
+            }
+            assert_eq!(d.pool_count(), 0, "round {round}");
+        }
+        out.clear();
+        let ready = WorkerMessage::Ready {
+            pools: (0..101).map(|p| format!("p{p}")).collect(),
+            credit: 1,
+            name: None,
+            batch: false,
+        };
+        d.on_message(b"x", Ok(ready), now, &mut out);
+        assert!(matches!(
+            &out[..],
+            [Out::Send(
+                _,
+                BrokerMessage::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            )]
+        ));
+        assert_eq!(d.worker_count(), 0);
     }
 }

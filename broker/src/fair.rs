@@ -6,13 +6,16 @@
 //!
 //! **The share.** The pool's capacity is the credit its workers granted
 //! (for the gateway, its `--concurrency`). Queues take turns, one task a
-//! turn; within a queue, hosts take turns. While more than a reserve of
-//! an eighth of the capacity is free, any queue may take a slot. Within
+//! turn; within a queue, hosts take turns. In the gateways' pool
+//! (`*http`), whose slots a receiver that never answers can hold for a
+//! task's whole timeout, an eighth of the capacity is kept in reserve:
+//! while more than that is free, any queue may take a slot. Within
 //! the reserve, only a queue holding fewer than `capacity / (queues + 1)`
 //! deliveries may (`queues` counts those with tasks waiting or out). So a
 //! queue whose receiver never answers stops growing at seven eighths of
 //! the slots, and a task of another queue finds one of the reserve at
-//! once. A queue's own `max_concurrent` (enforced by the store before a
+//! once. A pull worker's credit is its own parallelism, which a queue
+//! alone should use whole: its pools only take turns. A queue's own `max_concurrent` (enforced by the store before a
 //! task gets here) lowers its use further; it never raises it.
 //!
 //! Every line is removed once it has nothing waiting and nothing out, so
@@ -166,10 +169,10 @@ impl<T> FairLines<T> {
 
     /// The next task to start, by the share of the module docs, counted
     /// out; `None` when nothing waits or no waiting queue may take a slot
-    /// of `capacity` now.
-    pub fn pop(&mut self, capacity: u32) -> Option<(Flow, T)> {
+    /// of `capacity` now. Without `reserve`, queues only take turns.
+    pub fn pop(&mut self, capacity: u32, reserve: bool) -> Option<(Flow, T)> {
         let free = capacity.saturating_sub(self.out);
-        let open = free > capacity / 8;
+        let open = !reserve || free > capacity / 8;
         let share = (capacity / (self.queues.len() as u32 + 1)).max(1);
         for _ in 0..self.turn.len() {
             let queue = self.turn.pop_front()?;
@@ -278,7 +281,7 @@ mod tests {
         for i in 0..5 {
             f.push_back("q", "h", i);
         }
-        let got: Vec<i32> = std::iter::from_fn(|| f.pop(100).map(|(_, t)| t)).collect();
+        let got: Vec<i32> = std::iter::from_fn(|| f.pop(100, true).map(|(_, t)| t)).collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4]);
     }
 
@@ -290,7 +293,7 @@ mod tests {
             f.push_back("a", "h2", ("a2", i));
             f.push_back("b", "h", ("b", i));
         }
-        let order: Vec<&str> = std::iter::from_fn(|| f.pop(100).map(|(_, t)| t.0))
+        let order: Vec<&str> = std::iter::from_fn(|| f.pop(100, true).map(|(_, t)| t.0))
             .take(6)
             .collect();
         assert_eq!(order, vec!["a", "b", "a2", "b", "a", "b"]);
@@ -303,7 +306,7 @@ mod tests {
             f.push_back("hog", "dead", i);
         }
         let mut started = 0;
-        while f.pop(256).is_some() {
+        while f.pop(256, true).is_some() {
             started += 1;
         }
         // Seven eighths, then nothing more while it is alone...
@@ -311,10 +314,23 @@ mod tests {
         assert_eq!(f.waiting(), 176);
         // ...and another queue's task starts at once.
         f.push_back("other", "live", 1000);
-        let (flow, t) = f.pop(256).expect("a slot of the reserve");
+        let (flow, t) = f.pop(256, true).expect("a slot of the reserve");
         assert_eq!((&*flow.queue, t), ("other", 1000));
         f.release(&flow);
         assert_eq!(f.queues(), 1);
+    }
+
+    #[test]
+    fn without_a_reserve_a_queue_alone_takes_every_slot() {
+        let mut f = FairLines::default();
+        for i in 0..20 {
+            f.push_back("q", "", i);
+        }
+        let mut started = 0;
+        while f.pop(15, false).is_some() {
+            started += 1;
+        }
+        assert_eq!(started, 20, "turns only: the credit is the caller's bound");
     }
 
     #[test]
@@ -322,7 +338,7 @@ mod tests {
         let mut f = FairLines::default();
         f.push_back("q", "h", 1);
         f.push_back("q", "h", 2);
-        let (flow, _) = f.pop(10).unwrap();
+        let (flow, _) = f.pop(10, true).unwrap();
         assert_eq!(f.remove_where(|t| *t == 2), 1);
         assert_eq!(f.queues(), 1);
         f.release(&flow);
@@ -339,7 +355,7 @@ mod tests {
         f.push_back("a", "h", 1);
         f.push_back("b", "h", 2);
         f.push_front("b", "h", 0);
-        let (_, t) = f.pop(10).unwrap();
+        let (_, t) = f.pop(10, true).unwrap();
         assert_eq!(t, 0);
     }
 }

@@ -50,7 +50,10 @@ pub fn test_fault_point(thread: &str) {
     let fault = FAULT.get_or_init(|| {
         let v = std::env::var(TEST_PANIC_VAR).ok()?;
         let (name, secs) = v.split_once(':')?;
-        let secs = secs.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0)?;
+        let secs = secs
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)?;
         Some((
             name.to_string(),
             Instant::now() + Duration::from_secs_f64(secs.min(3600.0)),

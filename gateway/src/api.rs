@@ -343,7 +343,9 @@ async fn read_body(req: Request<Incoming>, deadline: Duration) -> Result<(String
 
 enum BodyError {
     /// Over [`MAX_REQUEST_BYTES`]; `drained` when all of it was read.
-    TooBig { drained: bool },
+    TooBig {
+        drained: bool,
+    },
     Broken(hyper::Error),
 }
 
@@ -538,15 +540,12 @@ pub fn parse_queue_patch(body: &[u8]) -> Result<QueueConfigPatch, String> {
 }
 
 /// `?limit=N`: 1 to [`MAX_LIST_LIMIT`], or the default when absent.
-fn list_limit(query: &[(String, String)]) -> Result<Option<u32>, Resp> {
+fn list_limit(query: &[(String, String)]) -> Result<Option<u32>, String> {
     match query.iter().find(|(n, _)| n == "limit") {
         None => Ok(None),
         Some((_, l)) => match l.parse::<u32>() {
             Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(Some(n)),
-            _ => Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be 1 to {MAX_LIST_LIMIT}"),
-            )),
+            _ => Err(format!("limit must be 1 to {MAX_LIST_LIMIT}")),
         },
     }
 }
@@ -555,7 +554,7 @@ fn list_limit(query: &[(String, String)]) -> Result<Option<u32>, Resp> {
 async fn list_queues(query: &[(String, String)], link: BrokerLink) -> Resp {
     let limit = match list_limit(query) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     let cursor = query
         .iter()
@@ -576,7 +575,7 @@ async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink)
     };
     let limit = match list_limit(query) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     let full = match get("view") {
         None | Some("basic") => false,

@@ -56,7 +56,9 @@ impl HttpArgs {
             if v.is_finite() && v > 0.0 && v <= 86400.0 {
                 Ok(std::time::Duration::from_secs_f64(v))
             } else {
-                Err(anyhow::anyhow!("--{name} must be a number of seconds from 0 to 86400"))
+                Err(anyhow::anyhow!(
+                    "--{name} must be a number of seconds from 0 to 86400"
+                ))
             }
         };
         Ok(crate::HttpLimits {

@@ -61,6 +61,14 @@ pub const MAX_REQUEST_ID_BYTES: usize = 100;
 /// (2 MiB). The first entry is always sent.
 pub const MAX_LIST_REPLY_BYTES: usize = 1024 * 1024;
 
+/// Pools one worker's `ready` may name.
+pub const MAX_POOLS_PER_WORKER: usize = 100;
+
+/// Pools a broker's dispatcher knows at once (served, or with tasks
+/// waiting or out); a `ready` that would pass it is answered `busy`.
+/// Pools nobody serves and nothing uses are forgotten at once.
+pub const MAX_POOLS: usize = 10_000;
+
 /// Page size of a task or queue listing: the default and the largest.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 pub const MAX_LIST_LIMIT: u32 = 1000;
@@ -146,7 +154,9 @@ pub fn is_header_value(value: &str) -> bool {
 /// Why a task's request header is refused, or `None` when it may be set.
 pub fn check_task_header(name: &str, value: &str) -> Option<String> {
     if !is_header_name(name) {
-        return Some(format!("header name {name:?} is not a valid HTTP header name"));
+        return Some(format!(
+            "header name {name:?} is not a valid HTTP header name"
+        ));
     }
     if !is_allowed_task_header(name) {
         return Some(format!(
@@ -251,7 +261,19 @@ mod tests {
     fn task_headers() {
         assert!(check_task_header("X-Custom", "a b\tc é").is_none());
         assert!(check_task_header("Authorization", "").is_none());
-        for name in ["Host", "content-length", "Transfer-Encoding", "CONNECTION", "Upgrade", "TE", "Expect", "Keep-Alive", "Proxy-Authorization", "proxy-x", "Trailer"] {
+        for name in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "CONNECTION",
+            "Upgrade",
+            "TE",
+            "Expect",
+            "Keep-Alive",
+            "Proxy-Authorization",
+            "proxy-x",
+            "Trailer",
+        ] {
             let e = check_task_header(name, "x").unwrap();
             assert!(e.contains(name), "{e}");
         }

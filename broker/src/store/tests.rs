@@ -1186,3 +1186,96 @@ fn crossed_resends_keep_one_task_and_not_none() {
     let all: usize = nodes.values().map(|s| s.len()).sum();
     assert_eq!(all, holding.len(), "another task of the request is left");
 }
+
+#[test]
+fn past_a_limit_enqueues_are_busy_and_nothing_is_dropped() {
+    let mut h = Harness::new(QueueConfig::default());
+    h.store.config.limits = StoreLimits {
+        max_task_bytes: u64::MAX,
+        max_tasks: 2,
+        max_queues: 2,
+    };
+    let spec = |url: &str| TaskSpec {
+        url: url.into(),
+        countdown: Some(10.0),
+        ..Default::default()
+    };
+    h.enqueue_id(spec("http://a/"), T0);
+    h.enqueue_id(spec("http://a/"), T0);
+    let busy = h.enqueue(spec("http://a/"), T0);
+    assert!(
+        matches!(&busy, ReplyBody::Error { code: ErrorCode::Busy, reason } if reason.contains("--max-tasks")),
+        "{busy:?}"
+    );
+    assert_eq!(h.store.len(), 2);
+    // The memory budget: what the tasks hold is counted, and freed.
+    h.store.config.limits.max_tasks = 100;
+    let held = h.store.task_bytes();
+    assert!(held >= 2 * TASK_OVERHEAD_BYTES, "{held}");
+    h.store.config.limits.max_task_bytes = held;
+    let busy = h.enqueue(spec("http://a/"), T0);
+    assert!(
+        matches!(&busy, ReplyBody::Error { code: ErrorCode::Busy, reason } if reason.contains("--max-pending-bytes"))
+    );
+    let purged = h.request(
+        ClientCommand::PurgeQueue {
+            queue: "default".into(),
+        },
+        T0,
+    );
+    assert!(
+        matches!(purged, Some(ReplyBody::Purged { removed: 2, .. })),
+        "{purged:?}"
+    );
+    assert_eq!(h.store.task_bytes(), 0);
+    h.enqueue_id(spec("http://a/"), T0);
+}
+
+#[test]
+fn queues_are_made_by_success_only_and_forgotten_when_empty() {
+    let mut h = Harness::new(QueueConfig::default());
+    let bad = h.request(
+        ClientCommand::Enqueue {
+            queue: "fresh".into(),
+            task: TaskSpec {
+                url: "nope".into(),
+                ..Default::default()
+            },
+            wait: None,
+        },
+        T0,
+    );
+    assert!(matches!(
+        bad,
+        Some(ReplyBody::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        })
+    ));
+    assert_eq!(h.store.queue_count(), 0);
+    let id = h.enqueue_id(
+        TaskSpec {
+            url: "http://a/".into(),
+            ..Default::default()
+        },
+        T0,
+    );
+    assert_eq!(h.store.queue_count(), 1);
+    let cancelled = h.request(
+        ClientCommand::Cancel {
+            queue: "default".into(),
+            id,
+        },
+        T0,
+    );
+    assert!(
+        matches!(cancelled, Some(ReplyBody::Cancelled { .. })),
+        "{cancelled:?}"
+    );
+    // Kept while the cancelled task is retained, then forgotten.
+    let later = T0 + 4 * 3600 * 1_000_000;
+    h.fire(later);
+    h.fire(later + QUEUE_SWEEP_EVERY_US);
+    assert_eq!(h.store.len(), 0);
+    assert_eq!(h.store.queue_count(), 0);
+}

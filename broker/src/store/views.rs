@@ -250,7 +250,8 @@ fn task_info_size_bound(t: &TaskInfo) -> usize {
         let bytes = |b: &Option<ByteBuf>| b.as_ref().map_or(0, |b| b.len());
         n += 256 + bytes(&d.body) + bytes(&d.last_response);
         n += text(&d.content_type) + text(&d.callback_url) + text(&d.failure_callback_url);
-        let pairs = |p: &[(String, String)]| p.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
+        let pairs =
+            |p: &[(String, String)]| p.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
         n += pairs(&d.params) + pairs(&d.headers);
     }
     n
