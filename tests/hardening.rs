@@ -538,3 +538,71 @@ fn a_full_task_listing_is_cut_to_fit_a_message() {
         round_trip(&node);
     });
 }
+
+#[test]
+fn churn_of_pools_and_rejected_queues_gives_its_memory_back() {
+    let _quiet = heavy();
+    run(Duration::from_secs(240), |h| {
+        let node = h.standalone();
+        let mut p = client::Producer::connect(&node.client_endpoint()).unwrap();
+        // Enqueues answered bad_request, each to a fresh queue name.
+        let bad = |p: &mut client::Producer, i: usize| {
+            let spec = protocol::TaskSpec {
+                url: "nope".into(),
+                ..Default::default()
+            };
+            let r = p.enqueue(&format!("churn-{i:06}-{}", "q".repeat(80)), spec);
+            assert!(r.is_err(), "{r:?}");
+        };
+        for i in 0..2_000 {
+            bad(&mut p, i);
+        }
+        let warm = h.rss_bytes(node.pid);
+        for i in 2_000..22_000 {
+            bad(&mut p, i);
+        }
+        let after = h.rss_bytes(node.pid);
+        assert!(
+            after < warm + (6 << 20),
+            "20,000 rejected enqueues kept {} KiB",
+            (after.saturating_sub(warm)) >> 10
+        );
+        // Workers with fresh pool names, six rounds, each leaving.
+        let ctx = zmq::Context::new();
+        let mut rss = Vec::new();
+        for round in 0..6 {
+            let workers: Vec<zmq::Socket> = (0..99)
+                .map(|w| {
+                    let s = ctx.socket(zmq::DEALER).unwrap();
+                    s.set_linger(1000).unwrap();
+                    s.connect(&node.worker_endpoint()).unwrap();
+                    let pools = (0..100)
+                        .map(|i| format!("r{round}-w{w}-p{i}-{}", "x".repeat(80)))
+                        .collect();
+                    let ready = protocol::WorkerMessage::Ready {
+                        pools,
+                        credit: 1,
+                        name: None,
+                        batch: false,
+                    };
+                    s.send_multipart(protocol::encode(&ready), 0).unwrap();
+                    s
+                })
+                .collect();
+            p.ping().unwrap();
+            for s in &workers {
+                let bye = protocol::WorkerMessage::Disconnect;
+                s.send_multipart(protocol::encode(&bye), 0).unwrap();
+            }
+            drop(workers);
+            p.ping().unwrap();
+            rss.push(h.rss_bytes(node.pid));
+        }
+        assert!(
+            rss[5] < rss[0] + (8 << 20),
+            "RSS after each round of 9,900 pools: {:?} KiB",
+            rss.iter().map(|r| r >> 10).collect::<Vec<_>>()
+        );
+        round_trip(&node);
+    });
+}

@@ -71,7 +71,10 @@ impl Store {
         };
         let (body, held) = self.apply_here(identity, &request_id, command, now_us, out);
         let reply = ClientReply { request_id, body };
-        if mutating {
+        // An error changed nothing, and a resend is answered the same
+        // afresh: remembering it would only let a stream of bad requests
+        // fill the memory of replies.
+        if mutating && !matches!(reply.body, ReplyBody::Error { .. }) {
             self.remember(&reply, now_us);
         }
         (!held).then_some(reply)
