@@ -606,3 +606,59 @@ fn churn_of_pools_and_rejected_queues_gives_its_memory_back() {
         round_trip(&node);
     });
 }
+
+#[test]
+fn idle_connections_past_the_file_descriptors_do_not_shut_the_gateway() {
+    let _quiet = heavy();
+    run(LIMIT, |h| {
+        // 1,024 file descriptors, as the finding had it; the default cap
+        // is half of them.
+        let (base, http) = (free_base(), free_port());
+        let script = "ulimit -n 1024 && exec \"$0\" \"$@\"";
+        let bin = bin();
+        let child = h.spawn_program(
+            "sh",
+            &[
+                "-c",
+                script,
+                bin.to_str().unwrap(),
+                "standalone",
+                "--port",
+                &base.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--header-timeout",
+                "3",
+            ],
+        );
+        let node = Node {
+            base,
+            http,
+            pid: child.id(),
+        };
+        h.adopt(child);
+        node.wait_ready();
+        let held: Vec<TcpStream> = (0..1100)
+            .filter_map(|_| TcpStream::connect(("127.0.0.1", http)).ok())
+            .collect();
+        assert!(held.len() >= 1000, "only {} connections opened", held.len());
+        // An answer at once (503 while the cap is full), never a hang...
+        let mut s = connect(&node);
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let head = read_head(&mut s, Duration::from_secs(3));
+        assert!(head.starts_with("HTTP/1.1 "), "no answer: {head:?}");
+        // ...and, with the attacker's sockets still open on its side, the
+        // idle ones are cut at the header timeout and the node serves.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = try_http("GET", &node.url("/health"), &[], "") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the gateway never served again");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        round_trip(&node);
+        drop(held);
+    });
+}

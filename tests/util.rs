@@ -205,6 +205,12 @@ impl Harness {
             .unwrap_or_else(|e| panic!("spawn {program}: {e}"))
     }
 
+    /// Makes a process started by [`Harness::spawn_program`] one of this
+    /// test's, killed with the others.
+    pub fn adopt(&self, child: Child) {
+        self.children.lock().unwrap().push(child);
+    }
+
     /// `kill -9` one of this test's processes.
     pub fn kill(&self, pid: u32) {
         let mut children = self.children.lock().unwrap();

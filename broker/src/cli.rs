@@ -89,12 +89,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 impl BrokerArgs {
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
+        // A year at most: `Duration::from_secs_f64` panics past u64 seconds.
         let secs = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
+            if v.is_finite() && v > 0.0 && v <= 365.0 * 86400.0 {
                 Ok(Duration::from_secs_f64(v))
             } else {
                 Err(anyhow::anyhow!(
-                    "--{name} must be a positive number of seconds"
+                    "--{name} must be a positive number of seconds, at most a year"
                 ))
             }
         };
