@@ -662,3 +662,45 @@ fn idle_connections_past_the_file_descriptors_do_not_shut_the_gateway() {
         drop(held);
     });
 }
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn a_100_mb_frame_is_refused_before_it_is_read() {
+    run(LIMIT, |h| {
+        let node = h.standalone();
+        let mut p = client::Producer::connect(&node.client_endpoint()).unwrap();
+        p.ping().unwrap();
+        let before = peak_rss_bytes(node.pid);
+        let ctx = zmq::Context::new();
+        for endpoint in [node.client_endpoint(), node.worker_endpoint()] {
+            let s = ctx.socket(zmq::DEALER).unwrap();
+            s.set_linger(2000).unwrap();
+            s.connect(&endpoint).unwrap();
+            let huge = vec![0x80u8; 100 << 20];
+            s.send_multipart([&b""[..], b"MYM\x01", &huge[..]], 0)
+                .unwrap();
+            drop(s);
+        }
+        drop(ctx);
+        // The node still serves, and never held the frame.
+        p.ping().unwrap();
+        let peak = peak_rss_bytes(node.pid);
+        assert!(
+            peak < before + (50 << 20),
+            "peak RSS went from {} to {} MiB",
+            before >> 20,
+            peak >> 20
+        );
+        round_trip(&node);
+    });
+}
