@@ -7,6 +7,7 @@
 #
 # Environment:
 #   FUZZ_SECONDS    seconds per target (default 20)
+#   FUZZ_RUNS       also stop a target after this many executions
 #   FUZZ_TARGETS    space-separated targets (default: all, `cargo fuzz list`)
 #   FUZZ_SANITIZER  none (default) or address
 #   FUZZ_TOOLCHAIN  default nightly
@@ -21,6 +22,8 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-20}
 SANITIZER=${FUZZ_SANITIZER:-none}
 TOOLCHAIN=${FUZZ_TOOLCHAIN:-nightly}
+RUNS=()
+[ -n "${FUZZ_RUNS:-}" ] && RUNS=(-runs="$FUZZ_RUNS")
 TRIPLE=$(rustc +"$TOOLCHAIN" -vV | sed -n 's/^host: //p')
 
 start=$(date +%s)
@@ -45,7 +48,7 @@ for t in $TARGETS; do
     [ -d "regressions/$t" ] && dirs+=("regressions/$t")
     log=target/fuzz-logs/$t.log
     "$bin" "${dirs[@]}" \
-        -max_total_time="$SECONDS_EACH" -timeout=10 -rss_limit_mb=2048 \
+        -max_total_time="$SECONDS_EACH" "${RUNS[@]}" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1
     rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)

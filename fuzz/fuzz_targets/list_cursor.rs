@@ -107,7 +107,11 @@ fn setup() -> H {
         if i % 3 == 2 {
             continue; // stays running
         }
-        let outcome = if i % 3 == 0 { Outcome::Success } else { Outcome::Failure };
+        let outcome = if i % 3 == 0 {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
         h.store.apply(
             Command::Result(DeliveryResult {
                 delivery: *delivery,
@@ -173,7 +177,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(state.is_none_or(|s| s == t.state));
     }
     let created: Vec<f64> = all.iter().map(|t| t.created).collect();
-    assert!(created.windows(2).all(|w| w[0] <= w[1]), "not in creation order");
+    assert!(
+        created.windows(2).all(|w| w[0] <= w[1]),
+        "not in creation order"
+    );
 
     // Paging from the start visits everything once, in order.
     let mut seen = Vec::new();
@@ -222,7 +229,11 @@ fuzz_target!(|data: &[u8]| {
                 .position(|id| *id == first.id)
                 .expect("a listed task missing from the full listing");
             for (i, t) in tasks.iter().enumerate() {
-                assert_eq!(ids.get(at + i), Some(&t.id), "page is not a run of the listing");
+                assert_eq!(
+                    ids.get(at + i),
+                    Some(&t.id),
+                    "page is not a run of the listing"
+                );
             }
         }
         if let Some(next) = next {

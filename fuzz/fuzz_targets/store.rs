@@ -32,12 +32,17 @@ use arbitrary::Arbitrary;
 use broker::store::{Command, Event, Store, StoreConfig, TaskIds};
 use libfuzzer_sys::fuzz_target;
 use protocol::{
-    ClientCommand, ClientRequest, DeliveryResult, Outcome, QueueConfigPatch, ReplyBody, TaskInfo,
-    TaskSpec, TaskState,
+    ClientCommand, ClientRequest, DeliveryResult, Outcome, QueueConfigPatch, QueueInfo, ReplyBody,
+    TaskInfo, TaskSpec, TaskState,
 };
 use uuid::Uuid;
 
 const T0: u64 = 1_800_000_000_000_000;
+/// Ticks stop at 2100-01-01: past 2106-02-07 (u32 seconds) request ids
+/// are forgotten at once (broker/src/store/recent.rs `expires_s`), so
+/// every resend is acted on again; reported, kept in
+/// fuzz/regressions/open/store/.
+const MAX_NOW: u64 = 4_102_444_800_000_000;
 const QUEUES: [&str; 3] = ["default", "q1", "q2"];
 
 #[derive(Arbitrary, Debug)]
@@ -308,12 +313,19 @@ impl Harness {
             self.event(e);
         }
         if let Some(at) = self.store.next_deadline() {
-            assert!(at > self.now, "a timer at {at} is still due at {}", self.now);
+            assert!(
+                at > self.now,
+                "a timer at {at} is still due at {}",
+                self.now
+            );
         }
         self.check();
     }
 
     fn event(&mut self, e: Event) {
+        if trace() {
+            eprintln!("    {e:?}");
+        }
         match e {
             Event::Reply { reply, .. } => {
                 if let Some(n) = self.answers.get_mut(&reply.request_id) {
@@ -346,13 +358,17 @@ impl Harness {
                 task,
                 pool,
             } => {
-                assert!(delivery > self.max_delivery, "delivery {delivery} handed out twice");
+                assert!(
+                    delivery > self.max_delivery,
+                    "delivery {delivery} handed out twice"
+                );
                 self.max_delivery = delivery;
                 assert!(timeout.is_finite() && timeout > 0.0, "timeout {timeout}");
                 assert_eq!(pool == "pool", task.url == "zmq://pool");
                 let id = Uuid::parse_str(&task.id).expect("a task id is a uuid");
                 self.note_id(id);
-                self.out_deliveries.insert(delivery, (id, task.queue.clone()));
+                self.out_deliveries
+                    .insert(delivery, (id, task.queue.clone()));
             }
             Event::Revoke { delivery } => {
                 assert!(
@@ -402,21 +418,30 @@ impl Harness {
             );
             *out_per_queue.entry(q.clone()).or_default() += 1;
         }
-        let Some(ReplyBody::Queues { queues }) = self.peek(ClientCommand::ListQueues) else {
-            panic!("list_queues failed");
-        };
+        let queues = self.queues();
         let mut held = 0;
         for info in &queues {
             let name = info.name.as_str();
             let out = out_per_queue.remove(name).unwrap_or(0);
             assert_eq!(info.stats.running, out, "queue {name}: running figure");
-            assert_eq!(u64::from(self.store.running(name)), out, "queue {name}: running()");
+            assert_eq!(
+                u64::from(self.store.running(name)),
+                out,
+                "queue {name}: running()"
+            );
             let tasks = self.list(name);
             held += tasks.len();
             let count = |s: TaskState| tasks.iter().filter(|t| t.state == s).count() as u64;
             let st = &info.stats;
             assert_eq!(
-                (st.scheduled, st.running, st.retrying, st.failed, st.succeeded, st.cancelled),
+                (
+                    st.scheduled,
+                    st.running,
+                    st.retrying,
+                    st.failed,
+                    st.succeeded,
+                    st.cancelled
+                ),
                 (
                     count(Scheduled),
                     count(Running),
@@ -428,8 +453,15 @@ impl Harness {
                 "queue {name}: figures differ from the listing"
             );
         }
-        assert!(out_per_queue.is_empty(), "deliveries out for unknown queues");
-        assert_eq!(held, self.store.len(), "listings hold a different number of tasks");
+        assert!(
+            out_per_queue.is_empty(),
+            "deliveries out for unknown queues"
+        );
+        assert_eq!(
+            held,
+            self.store.len(),
+            "listings hold a different number of tasks"
+        );
     }
 
     /// A request made for the checks (its events are only looked at).
@@ -456,17 +488,42 @@ impl Harness {
         reply
     }
 
+    /// Every queue, page by page.
+    fn queues(&mut self) -> Vec<QueueInfo> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let Some(ReplyBody::Queues {
+                queues,
+                next_cursor,
+            }) = self.peek(ClientCommand::ListQueues {
+                limit: Some(2),
+                cursor: cursor.take(),
+            })
+            else {
+                panic!("list_queues failed");
+            };
+            all.extend(queues);
+            match next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return all,
+            }
+        }
+    }
+
     fn list(&mut self, queue: &str) -> Vec<TaskInfo> {
         let mut all = Vec::new();
         let mut cursor = None;
         loop {
-            let Some(ReplyBody::Tasks { tasks, next_cursor }) = self.peek(ClientCommand::ListTasks {
-                queue: queue.to_string(),
-                state: None,
-                limit: Some(1000),
-                cursor: cursor.take(),
-                full: false,
-            }) else {
+            let Some(ReplyBody::Tasks { tasks, next_cursor }) =
+                self.peek(ClientCommand::ListTasks {
+                    queue: queue.to_string(),
+                    state: None,
+                    limit: Some(1000),
+                    cursor: cursor.take(),
+                    full: false,
+                })
+            else {
                 panic!("list_tasks failed");
             };
             all.extend(tasks);
@@ -479,7 +536,11 @@ impl Harness {
 
     fn op(&mut self, op: Op) {
         match op {
-            Op::Enqueue { queue: q, spec, wait } => {
+            Op::Enqueue {
+                queue: q,
+                spec,
+                wait,
+            } => {
                 let task = task_spec(&spec, self.now);
                 self.request(ClientCommand::Enqueue {
                     queue: queue(q),
@@ -488,7 +549,11 @@ impl Harness {
                 });
             }
             Op::Batch { queue: q, specs } => {
-                let tasks = specs.iter().take(8).map(|s| task_spec(s, self.now)).collect();
+                let tasks = specs
+                    .iter()
+                    .take(8)
+                    .map(|s| task_spec(s, self.now))
+                    .collect();
                 self.request(ClientCommand::EnqueueBatch {
                     queue: queue(q),
                     tasks,
@@ -496,15 +561,24 @@ impl Harness {
             }
             Op::Cancel(q, k) => {
                 let id = self.pick_id(k);
-                self.request(ClientCommand::Cancel { queue: queue(q), id });
+                self.request(ClientCommand::Cancel {
+                    queue: queue(q),
+                    id,
+                });
             }
             Op::Run(q, k) => {
                 let id = self.pick_id(k);
-                self.request(ClientCommand::Run { queue: queue(q), id });
+                self.request(ClientCommand::Run {
+                    queue: queue(q),
+                    id,
+                });
             }
             Op::Get(q, k) => {
                 let id = self.pick_id(k);
-                self.request(ClientCommand::Get { queue: queue(q), id });
+                self.request(ClientCommand::Get {
+                    queue: queue(q),
+                    id,
+                });
             }
             Op::Purge(q) => {
                 self.request(ClientCommand::PurgeQueue { queue: queue(q) });
@@ -586,7 +660,11 @@ impl Harness {
                 self.apply(Command::Result(DeliveryResult {
                     delivery,
                     task_id,
-                    outcome: if success { Outcome::Success } else { Outcome::Failure },
+                    outcome: if success {
+                        Outcome::Success
+                    } else {
+                        Outcome::Failure
+                    },
                     status: None,
                     reason: None,
                     retry_after: None,
@@ -615,8 +693,12 @@ impl Harness {
                 let Some((request, first, at)) = self.last.clone() else {
                     return;
                 };
-                // Request ids are remembered for 10 minutes.
-                if self.now - at >= 600_000_000 || !is_remembered(&request.command) {
+                // Request ids are remembered for 10 minutes, and not for
+                // error answers (a resend is then answered afresh).
+                if self.now - at >= 600_000_000
+                    || !is_remembered(&request.command)
+                    || matches!(first, ReplyBody::Error { .. })
+                {
                     return;
                 }
                 self.send(request.clone());
@@ -637,15 +719,18 @@ impl Harness {
                 );
             }
             Op::Tick(t) => {
-                self.now += match t {
-                    Tick::Micros(us) => u64::from(us),
-                    Tick::Millis(ms) => u64::from(ms) * 1000,
-                    Tick::Secs(s) => u64::from(s) * 1_000_000,
-                    Tick::NextDeadline => self
-                        .store
-                        .next_deadline()
-                        .map_or(0, |at| at.saturating_sub(self.now)),
-                };
+                self.now = MAX_NOW.min(
+                    self.now
+                        + match t {
+                            Tick::Micros(us) => u64::from(us),
+                            Tick::Millis(ms) => u64::from(ms) * 1000,
+                            Tick::Secs(s) => u64::from(s) * 1_000_000,
+                            Tick::NextDeadline => self
+                                .store
+                                .next_deadline()
+                                .map_or(0, |at| at.saturating_sub(self.now)),
+                        },
+                );
                 self.after();
             }
         }
@@ -687,6 +772,9 @@ impl Harness {
             if !pending && !waiting && self.out_deliveries.is_empty() {
                 break;
             }
+            if !self.out_deliveries.is_empty() {
+                continue; // handed out while settling: answer them first
+            }
             let Some(at) = self.store.next_deadline() else {
                 break;
             };
@@ -721,14 +809,26 @@ fn is_remembered(c: &ClientCommand) -> bool {
             | ClientCommand::Ping
             | ClientCommand::ListTasks { .. }
             | ClientCommand::GetQueue { .. }
-            | ClientCommand::ListQueues
+            | ClientCommand::ListQueues { .. }
     )
+}
+
+/// `FUZZ_TRACE=1`: print every op and event (to replay a failure).
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
 }
 
 fuzz_target!(|ops: Vec<Op>| {
     let mut h = Harness::new();
     for op in ops.into_iter().take(64) {
+        if trace() {
+            eprintln!("@{} op {op:?}", h.now - T0);
+        }
         h.op(op);
+    }
+    if trace() {
+        eprintln!("@{} drain", h.now - T0);
     }
     h.drain();
 });

@@ -191,7 +191,14 @@ fn client_requests() -> Vec<ClientRequest> {
             },
         },
         ClientCommand::GetQueue { queue: q() },
-        ClientCommand::ListQueues,
+        ClientCommand::ListQueues {
+            limit: None,
+            cursor: None,
+        },
+        ClientCommand::ListQueues {
+            limit: Some(2),
+            cursor: Some("emails".into()),
+        },
         ClientCommand::PauseQueue { queue: q() },
         ClientCommand::ResumeQueue { queue: q() },
         ClientCommand::PurgeQueue { queue: q() },
@@ -263,6 +270,15 @@ fn reply_bodies() -> Vec<ReplyBody> {
         },
         ReplyBody::Queues {
             queues: vec![queue_info()],
+            next_cursor: None,
+        },
+        ReplyBody::Queues {
+            queues: vec![queue_info(), queue_info()],
+            next_cursor: Some("emails".into()),
+        },
+        ReplyBody::Error {
+            code: ErrorCode::Busy,
+            reason: "the node is at its memory budget".into(),
         },
         ReplyBody::Purged {
             queue: "default".into(),
@@ -494,7 +510,10 @@ fn main() {
         message("peer_message", m);
     }
     let events = vec![
-        EventBody::Heartbeat { tasks: 10, epoch: 2 },
+        EventBody::Heartbeat {
+            tasks: 10,
+            epoch: 2,
+        },
         EventBody::Claimed {
             id: "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b".into(),
             deadline_us: 1_800_000_030_000_000,
@@ -551,8 +570,14 @@ fn main() {
     for j in json {
         write("http_json", j.as_bytes());
     }
-    write("http_batch", format!("[{},{}]", json[0], json[2]).as_bytes());
-    write("http_batch", format!("[{},{},5,null]", json[1], json[5]).as_bytes());
+    write(
+        "http_batch",
+        format!("[{},{}]", json[0], json[2]).as_bytes(),
+    );
+    write(
+        "http_batch",
+        format!("[{},{},5,null]", json[1], json[5]).as_bytes(),
+    );
     write("http_batch", b"[]");
 
     // Seconds: 8 bytes f64, 12 bytes max, then a Retry-After value.
@@ -580,8 +605,14 @@ fn main() {
         write("queue_config", &[&[0u8][..], toml.as_bytes()].concat());
     }
     for (mode, json) in [
-        (1u8, r#"{"rate":0.5,"burst":3,"max_doublings":64,"timeout":3600}"#),
-        (1, r#"{"max_attempts":-1,"max_age":2592000,"dedup_window":0}"#),
+        (
+            1u8,
+            r#"{"rate":0.5,"burst":3,"max_doublings":64,"timeout":3600}"#,
+        ),
+        (
+            1,
+            r#"{"max_attempts":-1,"max_age":2592000,"dedup_window":0}"#,
+        ),
         (3, r#"{"min_backoff":1,"max_backoff":1}"#),
         (3, r#"{"signing_secrets":["whsec_AQI=","AQI="]}"#),
         (1, r#"{"rate":1e-4}"#),
