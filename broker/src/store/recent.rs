@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 struct Entry {
     key: u64,
-    /// Unix seconds, rounded up (4 bytes instead of 8).
+    /// Seconds from `Recent::base_s`, rounded up (4 bytes instead of 8).
     expires_s: u32,
     /// The `enqueued` reply's task id (nil for another reply, kept in
     /// `others`).
@@ -95,6 +95,11 @@ pub struct Recent {
     others: HashMap<u64, Kept>,
     /// Results held by the batches in `others`.
     batch_results: usize,
+    /// Unix seconds that entries' `expires_s` count from: 2³¹ s (68 years)
+    /// before the first expiry, so times on either side of it fit in a
+    /// `u32` (absolute unix seconds would stop fitting in 2106, found by
+    /// the store fuzz target).
+    base_s: Option<u64>,
 }
 
 fn key(request_id: &str) -> u64 {
@@ -104,6 +109,33 @@ fn key(request_id: &str) -> u64 {
 }
 
 impl Recent {
+    /// An expiry in unix µs as seconds from the base. An expiry more
+    /// than 68 years from the base's middle moves the base there, and
+    /// forgets every entry: their expiries (a dedup window after they
+    /// were made) lie decades before or after this one, so they are
+    /// long expired, or come from a clock that jumped that far.
+    fn relative(&mut self, expires_us: u64) -> u32 {
+        let s = expires_us.div_ceil(1_000_000);
+        let fits = |base: u64| s >= base && s - base <= u64::from(u32::MAX);
+        let base = match self.base_s {
+            Some(base) if fits(base) => base,
+            _ => {
+                while !self.entries.is_empty() {
+                    self.pop_oldest();
+                }
+                let base = s.saturating_sub(1 << 31);
+                self.base_s = Some(base);
+                base
+            }
+        };
+        u32::try_from(s - base).unwrap_or(u32::MAX)
+    }
+
+    /// The unix µs of an entry's `expires_s`.
+    fn absolute_us(&self, expires_s: u32) -> u64 {
+        (self.base_s.unwrap_or(0) + u64::from(expires_s)).saturating_mul(1_000_000)
+    }
+
     fn entry(&self, pos: u32) -> Option<&Entry> {
         self.entries.get(pos.wrapping_sub(self.head) as usize)
     }
@@ -162,7 +194,7 @@ impl Recent {
         }
         let mut e = Entry {
             key: k,
-            expires_s: u32::try_from(expires_us.div_ceil(1_000_000)).unwrap_or(u32::MAX),
+            expires_s: self.relative(expires_us),
             id: Uuid::nil(),
             eta: 0.0,
             replicas: 0,
@@ -207,7 +239,7 @@ impl Recent {
         while self
             .entries
             .front()
-            .is_some_and(|e| u64::from(e.expires_s) * 1_000_000 <= now_us)
+            .is_some_and(|e| self.absolute_us(e.expires_s) <= now_us)
         {
             self.pop_oldest();
         }
@@ -336,5 +368,27 @@ mod tests {
             );
         }
         assert_eq!(r.get("w11", "q"), None);
+    }
+
+    #[test]
+    fn entries_expire_on_time_after_2106() {
+        // Found by the store fuzz target: absolute seconds in a u32 ran
+        // out in 2106 and every entry expired at once.
+        let mut r = Recent::default();
+        let now = 4_294_967_153 * 1_000_000 + 5_000_000;
+        let body = ReplyBody::Cancelled { id: "x".into() };
+        r.insert("a", &body, now + 600_000_000, 10);
+        r.expire(now);
+        assert!(r.get("a", "q").is_some());
+        r.expire(now + 600_000_000);
+        assert!(r.get("a", "q").is_none());
+        // 139 years after a first entry (the fuzz input's jump).
+        let mut r = Recent::default();
+        r.insert("old", &body, 1_800_000_600 * 1_000_000, 10);
+        let later = 6_212_868_508 * 1_000_000;
+        r.insert("new", &body, later + 600_000_000, 10);
+        r.expire(later);
+        assert!(r.get("new", "q").is_some());
+        assert!(r.get("old", "q").is_none());
     }
 }
