@@ -75,18 +75,7 @@ where
 impl Harness {
     /// Starts `miyamoto ARGS`, its output going to a log file.
     pub fn spawn(&self, args: &[&str]) -> u32 {
-        let log = log_file(args);
-        let child = Command::new(bin())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn miyamoto");
-        let pid = child.id();
-        self.children.lock().unwrap().push(child);
-        pid
+        self.spawn_env(args, &[])
     }
 
     /// Starts `miyamoto ARGS` with extra environment variables.
@@ -127,13 +116,7 @@ impl Harness {
 
     /// Resident memory of one of this test's processes, in bytes.
     pub fn rss_bytes(&self, pid: u32) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kb * 1024
+        proc_status_bytes(pid, "VmRSS:")
     }
 
     /// Starts `miyamoto ARGS` and hands back its stdout lines.
@@ -268,6 +251,17 @@ fn log_file(args: &[&str]) -> std::fs::File {
         N.fetch_add(1, Ordering::Relaxed)
     );
     std::fs::File::create(dir.join(name)).unwrap()
+}
+
+/// A size in `/proc/PID/status` (`VmRSS:`, `VmHWM:`…), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kb * 1024
 }
 
 /// A standalone node's addresses.

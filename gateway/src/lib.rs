@@ -63,8 +63,13 @@ pub fn default_max_connections() -> usize {
 }
 
 /// Connections over the cap being told `503` at once, at most; more are
-/// closed without a word.
-const MAX_REFUSING: usize = 64;
+/// closed without a word. Each takes at most [`REFUSAL_DRAIN`], so a
+/// crowd of idle connections is answered at thousands a second.
+const MAX_REFUSING: usize = 256;
+
+/// How long a refused connection's request is read (and dropped) after
+/// the `503`, so that closing does not reset the answer away.
+const REFUSAL_DRAIN: Duration = Duration::from_millis(100);
 
 /// What a connection over the cap is told before it is closed.
 const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 78\r\n\r\n{\"status\":\"error\",\"reason\":\"too many connections to this gateway; try again\"}\n";
@@ -129,7 +134,7 @@ pub async fn serve(
 }
 
 /// Tells a connection over the cap `503`, reading what it sent for up to
-/// a second so that closing does not reset the answer away.
+/// [`REFUSAL_DRAIN`] so that closing does not reset the answer away.
 fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>) {
     let Ok(permit) = refusing.clone().try_acquire_owned() else {
         return;
@@ -145,7 +150,7 @@ fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>) {
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        let _ = tokio::time::timeout(REFUSAL_DRAIN, drain).await;
         drop(permit);
     });
 }

@@ -40,9 +40,7 @@ impl Store {
         for name in names {
             let info = self.queue_info(name, now_us);
             let size = queue_info_size_bound(&info);
-            let full = queues.len() == limit
-                || (!queues.is_empty() && bytes + size > protocol::limits::MAX_LIST_REPLY_BYTES);
-            if full {
+            if page_is_full(queues.len(), limit, bytes, size) {
                 next_cursor = queues.last().map(|q: &QueueInfo| q.name.clone());
                 break;
             }
@@ -122,10 +120,7 @@ impl Store {
             }
             let info = self.info(id, full);
             let size = task_info_size_bound(&info);
-            // A page ends at `limit` or when it would outgrow a message.
-            if tasks.len() == limit
-                || (!tasks.is_empty() && bytes + size > protocol::limits::MAX_LIST_REPLY_BYTES)
-            {
+            if page_is_full(tasks.len(), limit, bytes, size) {
                 // More match: the next page starts after the last one returned.
                 next_cursor = last.map(|(c, i)| make_cursor(c, i));
                 break;
@@ -238,6 +233,14 @@ pub(super) fn delivered_task(t: &Task, signing_secrets: Vec<String>) -> Delivere
         execution_count: t.executions,
         signing_secrets,
     }
+}
+
+/// Whether a listing page holding `count` entries of `bytes` (by their
+/// size bounds) ends before an entry of `size`: at `limit`, or when it
+/// would pass [`protocol::limits::MAX_LIST_REPLY_BYTES`] (the first entry
+/// always goes).
+fn page_is_full(count: usize, limit: usize, bytes: usize, size: usize) -> bool {
+    count == limit || (count > 0 && bytes + size > protocol::limits::MAX_LIST_REPLY_BYTES)
 }
 
 /// At least the MessagePack size of a task's entry in a listing: its
