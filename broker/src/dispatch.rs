@@ -446,10 +446,15 @@ impl Dispatcher {
 
     /// A cancelled task: drop it if it still waits for a worker.
     pub fn on_revoke(&mut self, delivery: u64) {
+        let mut emptied = false;
         for p in self.pools.values_mut() {
-            p.lines.remove_where(|w| w.delivery == delivery);
+            if p.lines.remove_where(|w| w.delivery == delivery) > 0 {
+                emptied |= p.is_unused();
+            }
         }
-        self.pools.retain(|_, p| !p.is_unused());
+        if emptied {
+            self.pools.retain(|_, p| !p.is_unused());
+        }
     }
 
     /// Puts deliveries that never reached their worker back in front of
@@ -520,12 +525,17 @@ impl Dispatcher {
         let Some(pool) = self.pools.get_mut(pool_name) else {
             return;
         };
-        // The pool's capacity: the credit of its workers.
-        let capacity = pool
-            .members
-            .iter()
-            .filter_map(|m| self.workers.get(m))
-            .fold(0u32, |c, w| c.saturating_add(w.window));
+        // The webhook pool keeps a reserve of its capacity, the credit of
+        // its workers (the gateways); the others only take turns.
+        let reserve = &*pool.name == protocol::HTTP_POOL;
+        let capacity = if reserve {
+            pool.members
+                .iter()
+                .filter_map(|m| self.workers.get(m))
+                .fold(0u32, |c, w| c.saturating_add(w.window))
+        } else {
+            u32::MAX
+        };
         while pool.lines.waiting() > 0 && !pool.members.is_empty() {
             let n = pool.members.len();
             let mut chosen = None;
@@ -541,7 +551,6 @@ impl Dispatcher {
             let Some(idx) = chosen else { break };
             // The fair lines choose which task (or none, when the queues
             // waiting have their share).
-            let reserve = &*pool.name == protocol::HTTP_POOL;
             let Some((flow, waiting)) = pool.lines.pop(capacity, reserve) else {
                 break;
             };

@@ -171,9 +171,12 @@ impl<T> FairLines<T> {
     /// out; `None` when nothing waits or no waiting queue may take a slot
     /// of `capacity` now. Without `reserve`, queues only take turns.
     pub fn pop(&mut self, capacity: u32, reserve: bool) -> Option<(Flow, T)> {
-        let free = capacity.saturating_sub(self.out);
-        let open = !reserve || free > capacity / 8;
-        let share = (capacity / (self.queues.len() as u32 + 1)).max(1);
+        let open = !reserve || capacity.saturating_sub(self.out) > capacity / 8;
+        let share = if open {
+            0
+        } else {
+            (capacity / (self.queues.len() as u32 + 1)).max(1)
+        };
         for _ in 0..self.turn.len() {
             let queue = self.turn.pop_front()?;
             let Some(q) = self.queues.get_mut(&queue) else {

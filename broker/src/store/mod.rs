@@ -245,8 +245,8 @@ impl Task {
     }
 
     /// What the task counts against the memory budget: fixed for its
-    /// life but for the answer it keeps, which `Store::keep_response`
-    /// accounts for as it changes.
+    /// life but for the answer it keeps, whose changes the callers of
+    /// [`Task::set_last_response`] add to `Store::task_bytes`.
     fn footprint(&self) -> u64 {
         TASK_OVERHEAD_BYTES
             + self.spec.heap_bytes() as u64

@@ -118,13 +118,16 @@ impl Store {
             if state.is_some_and(|s| s != t.state) {
                 continue;
             }
-            let info = self.info(id, full);
-            let size = task_info_size_bound(&info);
-            if page_is_full(tasks.len(), limit, bytes, size) {
+            // A page full by count ends before the next task is built.
+            let entry = (tasks.len() < limit)
+                .then(|| self.info(id, full))
+                .map(|info| (task_info_size_bound(&info), info))
+                .filter(|(size, _)| !page_is_full(tasks.len(), limit, bytes, *size));
+            let Some((size, info)) = entry else {
                 // More match: the next page starts after the last one returned.
                 next_cursor = last.map(|(c, i)| make_cursor(c, i));
                 break;
-            }
+            };
             bytes += size;
             tasks.push(info);
             last = Some((created, id));
