@@ -508,6 +508,7 @@ fn a_roster_naming_a_bad_endpoint_does_not_stop_the_link() {
                     replica_offset: 5.0,
                     nodes: vec![node(1, &format!("tcp://127.0.0.1:{base}")), node(2, bad)],
                     re_replicated: 0,
+                    dropped_peer_messages: 0,
                 };
                 let reply = protocol::ClientReply {
                     request_id: req.request_id,

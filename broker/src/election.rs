@@ -65,6 +65,8 @@ pub enum FromElection {
     },
     /// A join arrived at a follower: forward it to the leader.
     ForwardJoin { leader: u64, member: Member },
+    /// Raft messages dropped so far (sent at a tick when it grew).
+    Dropped { total: u64 },
 }
 
 /// Election settings.
@@ -141,6 +143,9 @@ pub struct Election {
     liveness: Vec<(u64, u64)>,
     /// SplitMix64 state for election timeouts.
     rng: u64,
+    /// Raft messages not stepped into raft-rs ([`Election::admit`]).
+    dropped: u64,
+    dropped_reported: u64,
     /// Messages to send, gathered by the current call.
     out: Vec<FromElection>,
 }
@@ -229,6 +234,8 @@ impl Election {
             last_sent: None,
             liveness: Vec::new(),
             rng: seed,
+            dropped: 0,
+            dropped_reported: 0,
             out: Vec::new(),
         };
         e.draw_timeout();
@@ -257,10 +264,16 @@ impl Election {
     pub fn handle(&mut self, msg: ToElection) -> Vec<FromElection> {
         match msg {
             ToElection::Raft(bytes) => match Message::parse_from_bytes(&bytes) {
-                Ok(m) => {
-                    let _ = self.node.step(m);
+                Ok(m) => match self.admit(&m) {
+                    Ok(()) => {
+                        let _ = self.node.step(m);
+                    }
+                    Err(why) => self.drop_message(&m, why),
+                },
+                Err(err) => {
+                    self.dropped += 1;
+                    tracing::debug!(error = %err, "undecodable Raft message");
                 }
-                Err(err) => tracing::debug!(error = %err, "undecodable Raft message"),
             },
             ToElection::Join(member) => self.join(member),
             ToElection::Liveness(l) => self.liveness = l,
@@ -269,10 +282,97 @@ impl Election {
         self.settle()
     }
 
+    /// Raft messages dropped so far rather than stepped into raft-rs.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Whether a Raft message from the wire may be stepped into raft-rs.
+    ///
+    /// raft-rs trusts its peers: a heartbeat whose `commit` is past this
+    /// node's log, or entries that contradict a committed one, panic inside
+    /// it (`to_commit … is out of range`). Such messages come from a member
+    /// that talks to an older process at this address (a node restarted on
+    /// its old ports has a new id), from a stale or duplicated message, or
+    /// from anyone who reaches the peer port. So a message is stepped only
+    /// when it is for this member, from a member, of a kind peers send, and
+    /// its indexes fit this node's log.
+    fn admit(&self, m: &Message) -> Result<(), &'static str> {
+        use raft::prelude::MessageType::*;
+        let me = self.me.id;
+        if m.to != me {
+            return Err("addressed to another member id");
+        }
+        if m.from == 0 || m.from == me {
+            return Err("from no member");
+        }
+        // A node not yet in the roster (joining) hears first from a leader
+        // it does not know; once a member, only members are heard.
+        let voter = self.node.raft.prs().conf().voters().contains(m.from);
+        if self.members.contains_key(&me) && !voter && !self.members.contains_key(&m.from) {
+            return Err("from a node that is not a member");
+        }
+        let log = &self.node.raft.raft_log;
+        let last = log.last_index();
+        match m.get_msg_type() {
+            MsgHeartbeat if m.commit > last.max(log.committed) => {
+                Err("heartbeat commits past this node's log")
+            }
+            MsgAppend => {
+                for (i, e) in m.entries.iter().enumerate() {
+                    if e.index != m.index + 1 + i as u64 {
+                        return Err("append entries out of sequence");
+                    }
+                    // A committed entry is never replaced.
+                    if e.index <= log.committed && log.term(e.index).ok() != Some(e.term) {
+                        return Err("append contradicts a committed entry");
+                    }
+                }
+                Ok(())
+            }
+            MsgAppendResponse if m.index > last => Err("acknowledges entries this node lacks"),
+            MsgHeartbeat
+            | MsgAppendResponse
+            | MsgHeartbeatResponse
+            | MsgRequestVote
+            | MsgRequestVoteResponse
+            | MsgRequestPreVote
+            | MsgRequestPreVoteResponse
+            | MsgSnapshot => Ok(()),
+            // Proposals, leader transfers, read indexes and local messages
+            // are not something a peer of this cluster sends.
+            _ => Err("a kind of message peers do not send"),
+        }
+    }
+
+    fn drop_message(&mut self, m: &Message, why: &'static str) {
+        self.dropped += 1;
+        // The first of each burst at warn, the rest at debug, so a flood
+        // cannot flood the log.
+        if self.dropped.is_power_of_two() {
+            tracing::warn!(
+                from = m.from,
+                to = m.to,
+                kind = ?m.get_msg_type(),
+                term = m.term,
+                dropped = self.dropped,
+                "Raft message dropped: {why}"
+            );
+        } else {
+            tracing::debug!(from = m.from, to = m.to, "Raft message dropped: {why}");
+        }
+    }
+
     /// One Raft tick ([`TICK`]); returns the messages to send.
     pub fn tick(&mut self) -> Vec<FromElection> {
         self.node.tick();
         self.remove_silent();
+        if self.dropped != self.dropped_reported {
+            self.dropped_reported = self.dropped;
+            self.out.push(FromElection::Dropped {
+                total: self.dropped,
+            });
+        }
         self.settle()
     }
 
@@ -313,6 +413,30 @@ impl Election {
         if self.node.raft.has_pending_conf() {
             return; // the joiner retries
         }
+        // A node at the address of a member still in the roster is that
+        // member restarted (without a data directory it has a new id):
+        // the old one is removed first, then the joiner's next request
+        // adds it. Never a ghost next to its successor, which would make
+        // the majority larger than the nodes that can answer.
+        let previous = self
+            .members
+            .values()
+            .find(|m| m.id != member.id && (m.peer == member.peer || m.client == member.client))
+            .map(|m| m.id);
+        if let Some(old) = previous {
+            if old == self.me.id {
+                tracing::warn!(member = member.id, address = %member.peer, "a node asks to join at this leader's own address; refused");
+                return;
+            }
+            tracing::info!(
+                old,
+                new = member.id,
+                address = %member.peer,
+                "a member restarted at its address: removing its previous incarnation first"
+            );
+            self.propose_removal(old);
+            return;
+        }
         let mut cc = ConfChange::default();
         cc.set_change_type(ConfChangeType::AddNode);
         cc.node_id = member.id;
@@ -335,15 +459,19 @@ impl Election {
             .find(|(id, ms)| *id != self.me.id && *ms >= limit && self.members.contains_key(id))
             .map(|(id, _)| *id);
         if let Some(id) = silent {
-            let mut cc = ConfChange::default();
-            cc.set_change_type(ConfChangeType::RemoveNode);
-            cc.node_id = id;
             tracing::warn!(member = id, "proposing to remove an unreachable member");
-            if let Err(err) = self.node.propose_conf_change(vec![], cc) {
-                tracing::warn!(error = %err, "cannot propose a removal");
-            }
-            self.liveness.retain(|(m, _)| *m != id);
+            self.propose_removal(id);
         }
+    }
+
+    fn propose_removal(&mut self, id: u64) {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = id;
+        if let Err(err) = self.node.propose_conf_change(vec![], cc) {
+            tracing::warn!(error = %err, "cannot propose a removal");
+        }
+        self.liveness.retain(|(m, _)| *m != id);
     }
 
     fn on_ready(&mut self) {
@@ -552,6 +680,7 @@ mod tests {
                     FromElection::ForwardJoin { leader, member } => {
                         self.wire.push_back((leader, ToElection::Join(member)))
                     }
+                    FromElection::Dropped { .. } => {}
                     FromElection::State {
                         epoch,
                         members,
@@ -648,6 +777,121 @@ mod tests {
             net.round();
         }
         assert!(net.leaders().is_empty(), "a minority elected itself");
+    }
+
+    /// A cluster of 1, 2 and 3, led by 1.
+    fn three() -> Net {
+        let mut net = Net::new();
+        net.add(1, true);
+        for _ in 0..30 {
+            net.round();
+        }
+        for id in [2, 3] {
+            net.add(id, false);
+            for _ in 0..30 {
+                net.wire.push_back((1, ToElection::Join(member(id))));
+                net.round();
+            }
+        }
+        assert_eq!(net.views[&3].1, vec![1, 2, 3]);
+        net
+    }
+
+    fn raft_bytes(m: &Message) -> ToElection {
+        ToElection::Raft(ByteBuf::from(m.write_to_bytes().unwrap()))
+    }
+
+    #[test]
+    fn forged_misdirected_and_foreign_raft_messages_are_dropped_not_stepped() {
+        use raft::prelude::MessageType;
+        let mut net = three();
+        let term = net.views[&2].3;
+        let last = net.nodes[&2].node.raft.raft_log.last_index();
+        // A heartbeat from the leader whose commit is past node 2's log:
+        // raft-rs itself panics on it ("to_commit … is out of range").
+        let mut forged = Message::default();
+        forged.set_msg_type(MessageType::MsgHeartbeat);
+        forged.from = 1;
+        forged.to = 2;
+        forged.term = term;
+        forged.commit = last + 5;
+        let mut bare = Election::new(
+            &ElectionConfig {
+                me: member(2),
+                bootstrap: false,
+                remove_after: Duration::from_secs(2),
+            },
+            2,
+        )
+        .unwrap();
+        let raw = forged.clone();
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _ = bare.node.step(raw);
+        }));
+        assert!(
+            stepped.is_err(),
+            "raft-rs no longer panics: the guard may go"
+        );
+        let e2 = net.nodes.get_mut(&2).unwrap();
+        e2.handle(raft_bytes(&forged));
+        // Addressed to member 3; from a node outside the roster; a kind of
+        // message peers never send (a proposal); bytes that are no message.
+        let mut misdirected = forged.clone();
+        misdirected.commit = 0;
+        misdirected.to = 3;
+        e2.handle(raft_bytes(&misdirected));
+        let mut foreign = misdirected.clone();
+        foreign.to = 2;
+        foreign.from = 99;
+        e2.handle(raft_bytes(&foreign));
+        let mut proposal = Message::default();
+        proposal.set_msg_type(MessageType::MsgPropose);
+        proposal.from = 1;
+        proposal.to = 2;
+        e2.handle(raft_bytes(&proposal));
+        e2.handle(ToElection::Raft(ByteBuf::from(vec![0xff; 9])));
+        assert_eq!(e2.dropped(), 5);
+        // Nothing changed: the same leader, the same roster, and node 2
+        // still follows it.
+        for _ in 0..40 {
+            net.round();
+        }
+        assert_eq!(net.leaders(), vec![1]);
+        assert_eq!(net.views[&2].1, vec![1, 2, 3]);
+        assert_eq!(net.views[&2].2, Some(1));
+    }
+
+    #[test]
+    fn a_node_restarted_at_a_members_address_replaces_it_without_a_ghost() {
+        let mut net = three();
+        // Node 3 dies; it comes back on the same ports with a new id.
+        net.nodes.remove(&3);
+        let mut reborn = member(33);
+        reborn.client = member(3).client;
+        reborn.peer = member(3).peer;
+        reborn.events = member(3).events;
+        let config = ElectionConfig {
+            me: reborn.clone(),
+            bootstrap: false,
+            remove_after: Duration::from_secs(60),
+        };
+        net.nodes.insert(33, Election::new(&config, 33).unwrap());
+        for _ in 0..60 {
+            // It asks a follower, which forwards to the leader.
+            net.wire.push_back((2, ToElection::Join(reborn.clone())));
+            net.round();
+            for (id, v) in &net.views {
+                assert!(
+                    !(v.1.contains(&3) && v.1.contains(&33)),
+                    "node {id} shows the old and the new incarnation together: {:?}",
+                    v.1
+                );
+            }
+        }
+        for id in [1, 2, 33] {
+            assert_eq!(net.views[&id].1, vec![1, 2, 33], "node {id}'s roster");
+        }
+        assert_eq!(net.leaders(), vec![1]);
     }
 
     #[test]

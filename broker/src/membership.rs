@@ -81,6 +81,8 @@ pub struct Membership {
     last_seq: BTreeMap<u64, u64>,
     /// Cluster events missed (sequence gaps), for operators.
     pub missed_events: u64,
+    /// Raft messages the election dropped (as it last reported).
+    raft_dropped: u64,
     last_beat: Instant,
     last_join: Option<Instant>,
 }
@@ -111,6 +113,7 @@ impl Membership {
             seq: 0,
             last_seq: BTreeMap::new(),
             missed_events: 0,
+            raft_dropped: 0,
             last_beat: now,
             last_join: None,
         }
@@ -204,6 +207,7 @@ impl Membership {
                 to: leader,
                 msg: PeerMessage::Join { member },
             }),
+            FromElection::Dropped { total } => self.raft_dropped = total,
             FromElection::State {
                 epoch,
                 members,
@@ -242,13 +246,9 @@ impl Membership {
             return;
         }
         let me = self.me.id;
-        for m in &members {
-            if m.id != me && self.connected.insert(m.id) {
-                out.push(Decision::Connect(m.clone()));
-                // A new peer gets the full silence allowance from now.
-                self.heard.entry(m.id).or_insert(now);
-            }
-        }
+        // Gone members first: a member restarted on its old ports has the
+        // same endpoints under a new id, and disconnecting the old one's
+        // endpoint after connecting the new one's would cut the new one.
         let gone: Vec<u64> = self
             .connected
             .iter()
@@ -259,10 +259,27 @@ impl Membership {
             self.connected.remove(&id);
             if let Some(m) = self.members.iter().find(|m| m.id == id) {
                 out.push(Decision::Disconnect(m.clone()));
+                // A member already connected at the same endpoints (its
+                // successor, added before it was removed) lost its
+                // connections with it: connect again.
+                for other in members.iter().filter(|o| {
+                    o.id != me
+                        && self.connected.contains(&o.id)
+                        && (o.events == m.events || o.peer == m.peer)
+                }) {
+                    out.push(Decision::Connect(other.clone()));
+                }
             }
             self.heard.remove(&id);
             self.tasks_by_node.remove(&id);
             self.last_seq.remove(&id);
+        }
+        for m in &members {
+            if m.id != me && self.connected.insert(m.id) {
+                out.push(Decision::Connect(m.clone()));
+                // A new peer gets the full silence allowance from now.
+                self.heard.entry(m.id).or_insert(now);
+            }
         }
         self.members = members;
         tracing::info!(epoch, members = self.members.len(), "roster changed");
@@ -360,6 +377,7 @@ impl Membership {
             replica_offset: self.replica_offset.as_secs_f64(),
             nodes,
             re_replicated,
+            dropped_peer_messages: self.raft_dropped,
         }
     }
 }

@@ -181,6 +181,11 @@ pub struct ClusterInfo {
     /// Task copies this node made to restore the replication factor after
     /// members left.
     pub re_replicated: u64,
+    /// Raft messages this node dropped since it started rather than act on
+    /// them: addressed to another member id, from a node outside the
+    /// roster, or with indexes its log cannot have (§16.4).
+    #[serde(default)]
+    pub dropped_peer_messages: u64,
 }
 
 /// One member in a [`ClusterInfo`].

@@ -302,6 +302,7 @@ fn reply_bodies() -> Vec<ReplyBody> {
                     tasks: 10,
                 }],
                 re_replicated: 0,
+                dropped_peer_messages: 0,
             },
         },
         ReplyBody::Task { task: task_info() },
