@@ -23,6 +23,10 @@ use crate::store::Command;
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// A member not heard from this long is shown as not alive.
 pub const ALIVE_WITHIN: Duration = Duration::from_secs(3);
+/// A member not heard from this long (three heartbeats) is suspected: the
+/// store places new tasks past it ([`Command::Suspects`]) until it is heard
+/// again or the leader removes it.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(1500);
 /// How often a joining node repeats its request.
 pub const JOIN_EVERY: Duration = Duration::from_secs(1);
 
@@ -85,6 +89,8 @@ pub struct Membership {
     raft_dropped: u64,
     last_beat: Instant,
     last_join: Option<Instant>,
+    /// The suspects last told to the store.
+    suspects: Vec<u64>,
 }
 
 impl Membership {
@@ -116,6 +122,7 @@ impl Membership {
             raft_dropped: 0,
             last_beat: now,
             last_join: None,
+            suspects: Vec::new(),
         }
     }
 
@@ -175,7 +182,22 @@ impl Membership {
                 (m.id, now.duration_since(since).as_millis() as u64)
             })
             .collect();
+        let suspects: Vec<u64> = liveness
+            .iter()
+            .filter(|(_, ms)| *ms >= SUSPECT_AFTER.as_millis() as u64)
+            .map(|(id, _)| *id)
+            .collect();
         out.push(Decision::Election(ToElection::Liveness(liveness)));
+        if suspects != self.suspects {
+            if !suspects.is_empty() {
+                tracing::info!(
+                    ?suspects,
+                    "members not heard from lately: new tasks go past them"
+                );
+            }
+            self.suspects = suspects.clone();
+            out.push(Decision::Store(Command::Suspects(suspects)));
+        }
         if !self.joining {
             return;
         }

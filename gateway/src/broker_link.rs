@@ -67,8 +67,10 @@ pub struct LinkConfig {
     pub request_timeout: Duration,
     /// An unanswered request is sent again, under its request id, after
     /// this long (and again after as long, within `request_timeout`).
-    /// Above the brokers' 2 s peer timeout, so a replicated enqueue that
-    /// waits for a silent holder is not resent for nothing.
+    /// Twice the brokers' 0.5 s handoff time: a replicated enqueue whose
+    /// holder is silent is answered by its broker well before, so only a
+    /// request whose broker died (or that died on the way) is resent, and
+    /// ZeroMQ takes the resend to a live broker.
     pub resend_after: Duration,
     pub heartbeat_interval: Duration,
     /// Re-register after hearing nothing from the broker this long.
@@ -138,7 +140,7 @@ impl LinkConfig {
             brokers: brokers.to_vec(),
             concurrency: concurrency.max(1),
             request_timeout: Duration::from_secs(5),
-            resend_after: Duration::from_millis(2500),
+            resend_after: Duration::from_millis(1000),
             heartbeat_interval: Duration::from_secs(1),
             broker_expiry: Duration::from_secs(5),
             local: None,

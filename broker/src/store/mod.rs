@@ -84,6 +84,9 @@ pub enum Command {
         members: Vec<u64>,
         replicas: u32,
     },
+    /// Members not heard from lately ([`crate::membership::SUSPECT_AFTER`]):
+    /// new tasks are placed on the next members in their place.
+    Suspects(Vec<u64>),
     /// A peer's message (store, discard, request, their answers).
     Peer(protocol::PeerMessage),
     /// A cluster event published by a peer.
@@ -199,6 +202,8 @@ pub struct Stats {
     pub stale_results: u64,
     /// Task copies sent to restore the replication factor.
     pub re_replicated: u64,
+    /// Copies handed to the next member because a holder was silent.
+    pub handed_off: u64,
     /// Enqueues answered `busy` (a limit reached).
     pub busy: u64,
 }
@@ -645,6 +650,11 @@ impl Store {
                 members,
                 replicas,
             } => self.on_roster(me, members, replicas, now_us, out),
+            Command::Suspects(mut ids) => {
+                ids.sort_unstable();
+                ids.dedup();
+                self.cluster.suspects = ids;
+            }
             Command::Peer(msg) => self.on_peer(msg, now_us, out),
             Command::PeerEvent(ev) => self.on_event(ev, now_us, out),
             Command::Shutdown => {}
@@ -732,4 +742,4 @@ mod tests;
 mod timers;
 mod views;
 
-pub use replication::{CLAIM_GRACE, PEER_TIMEOUT};
+pub use replication::{CLAIM_GRACE, HANDOFF_AFTER, PEER_TIMEOUT};

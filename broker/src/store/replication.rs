@@ -29,6 +29,12 @@ use crate::validate::{Method, Rare, TaskParts};
 /// How long an enqueue waits for the other holders' acknowledgements, and
 /// a forwarded request for the peers' answers.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A holder that has not acknowledged its copy this long after the
+/// `store` is passed over: the copy goes to the next member in the task's
+/// placement order (hinted handoff). Holders on a working network answer
+/// in milliseconds; a spurious handoff costs one extra `store` and a
+/// `discard` to the slow holder.
+pub const HANDOFF_AFTER: Duration = Duration::from_millis(500);
 /// Margin past a delivery's deadline before another replica may fire.
 pub const CLAIM_GRACE: Duration = Duration::from_secs(10);
 
@@ -39,6 +45,9 @@ pub struct ClusterView {
     /// Sorted member ids (this node included).
     pub members: Vec<u64>,
     pub replicas: usize,
+    /// Sorted ids of members not heard from lately: new tasks are placed
+    /// past them (they stay members until the leader removes them).
+    pub suspects: Vec<u64>,
 }
 
 impl ClusterView {
@@ -55,6 +64,36 @@ impl ClusterView {
         place(key, &self.members, self.replicas.max(1))
     }
 
+    /// The holders of a new task with this key: as [`Self::holders_for`],
+    /// with suspected members passed over for the next ones in placement
+    /// order while enough others are left.
+    pub fn holders_for_new(&self, key: &str) -> Vec<u64> {
+        if !self.is_clustered() {
+            return Vec::new();
+        }
+        let want = self.replicas.max(1).min(self.members.len());
+        let order = place(key, &self.members, self.members.len());
+        let mut holders: Vec<u64> = order
+            .iter()
+            .copied()
+            .filter(|m| self.suspects.binary_search(m).is_err())
+            .take(want)
+            .collect();
+        // Fewer members heard from than replicas: the suspects too, in
+        // their order, rather than fewer copies asked for.
+        for &m in &order {
+            if holders.len() >= want {
+                break;
+            }
+            if !holders.contains(&m) {
+                holders.push(m);
+            }
+        }
+        // In placement order.
+        holders.sort_by_key(|h| order_index(&order, *h));
+        holders
+    }
+
     /// How many members share a queue's limits (1 on a single node).
     pub fn share(&self) -> u32 {
         self.members.len().max(1) as u32
@@ -67,6 +106,10 @@ impl ClusterView {
             .position(|h| *h == self.me)
             .unwrap_or(if holders.is_empty() { 0 } else { holders.len() }) as u32
     }
+}
+
+fn order_index(order: &[u64], m: u64) -> usize {
+    order.iter().position(|o| *o == m).unwrap_or(order.len())
 }
 
 /// A request waiting for peers.
@@ -98,6 +141,15 @@ pub struct PendingStore {
     /// By holder (ordered, so what follows from them replays exactly).
     answers: BTreeMap<u64, StoreOutcome>,
     timer: (u64, u64),
+    /// The placement key, the request key and the enqueue time: what a
+    /// handoff needs to place and build the copy again.
+    key: String,
+    request_key: String,
+    created_us: u64,
+    /// The handoff was made ([`HANDOFF_AFTER`]); the next expiry decides.
+    handed_off: bool,
+    /// Holders passed over for silence, whose answers no longer count.
+    passed_over: Vec<u64>,
 }
 
 /// Who asked, under which request id: where a later reply goes.
@@ -251,12 +303,20 @@ impl Store {
         req
     }
 
-    /// The record of a task this node holds, for copying it elsewhere.
-    fn record_of(&self, id: Uuid) -> Option<ReplicaRecord> {
+    /// The record of a task this node holds, at `now_us`, for copying it
+    /// elsewhere. A task this node is delivering is due, for the copy, no
+    /// earlier than that delivery's latest deadline (as a `claimed` event
+    /// would say): a copy made during a delivery must not fire at once.
+    fn record_of(&self, id: Uuid, now_us: u64) -> Option<ReplicaRecord> {
         let t = self.tasks.get(&id)?;
         let mut r = new_record(id, &t.spec, t.is_callback, t.created_us, t.holders.to_vec());
         r.state = t.state;
         r.due_us = t.due_us;
+        if t.state == TaskState::Running {
+            let deadline =
+                now_us + secs_to_micros(t.spec.timeout()) + CLAIM_GRACE.as_micros() as u64;
+            r.due_us = r.due_us.max(deadline);
+        }
         r.attempts = t.attempts;
         r.executions = t.executions;
         r.last_status = t.last_status;
@@ -399,7 +459,8 @@ impl Store {
             Err(reply) => return Some(reply),
         };
         let key = request_key(client.request_id, to);
-        let holders = self.cluster.holders_for(&placement_key(&spec, &key));
+        let pkey = placement_key(&spec, &key);
+        let holders = self.cluster.holders_for_new(&pkey);
         let me = self.cluster.me;
         let local = holders.contains(&me);
         if local {
@@ -418,7 +479,7 @@ impl Store {
         }
         let req = self.new_req();
         let mut record = new_record(id, &spec, false, now_us, holders.clone());
-        record.request = Some(key);
+        record.request = Some(key.clone());
         let store = PeerMessage::Store {
             req,
             from: me,
@@ -430,12 +491,17 @@ impl Store {
             self.pending_ids.insert(client.request_id.to_string());
         }
         let timer = self.add_timer(
-            now_us + PEER_TIMEOUT.as_micros() as u64,
+            now_us + HANDOFF_AFTER.as_micros() as u64,
             Timer::Pending(req),
         );
         self.pending.insert(
             req,
             Pending::Store(Box::new(PendingStore {
+                key: pkey,
+                request_key: key,
+                created_us: now_us,
+                handed_off: false,
+                passed_over: Vec::new(),
                 identity: client.identity.to_vec(),
                 request_id: client.request_id.to_string(),
                 id,
@@ -461,6 +527,11 @@ impl Store {
         };
         self.timers.remove(&p.timer);
         let body = self.store_verdict(&p, now_us);
+        if !p.passed_over.is_empty()
+            && matches!(body, ReplyBody::Enqueued { ref id, .. } if *id == p.id.to_string())
+        {
+            self.settle_holders(&p, now_us);
+        }
         let wait = match p.to {
             Enqueuing::InBatch { batch, slot } => return self.fill_slot(batch, slot, body, now_us),
             Enqueuing::Single { wait } => wait,
@@ -494,6 +565,145 @@ impl Store {
             identity: p.identity,
             reply,
         });
+    }
+
+    /// [`HANDOFF_AFTER`] passed with holders silent: each one's place goes
+    /// to the next member in the task's placement order that is neither a
+    /// holder, nor passed over, nor suspected — this node included, when it
+    /// coordinates without holding. The silent holder is sent `discard`
+    /// (after its `store`, on the same connection), so a holder that was
+    /// only slow does not keep a copy outside the holder list. The enqueue
+    /// is then decided when the new holders answer, or at [`PEER_TIMEOUT`]
+    /// from the enqueue.
+    fn hand_off(&mut self, req: u64, now_us: u64) {
+        let me = self.cluster.me;
+        let Some(Pending::Store(p)) = self.pending.get_mut(&req) else {
+            return;
+        };
+        p.handed_off = true;
+        let deadline = p.created_us + PEER_TIMEOUT.as_micros() as u64;
+        let silent: Vec<u64> = p
+            .holders
+            .iter()
+            .copied()
+            .filter(|h| *h != me && !p.answers.contains_key(h))
+            .collect();
+        let order = place(&p.key, &self.cluster.members, self.cluster.members.len());
+        let mut replaced = Vec::new();
+        for h in silent {
+            let next = order.iter().copied().find(|m| {
+                !p.holders.contains(m)
+                    && !p.passed_over.contains(m)
+                    && self.cluster.suspects.binary_search(m).is_err()
+                    && (*m != me || !p.local)
+            });
+            let Some(next) = next else { break };
+            if let Some(slot) = p.holders.iter_mut().find(|x| **x == h) {
+                *slot = next;
+            }
+            p.passed_over.push(h);
+            replaced.push((h, next));
+        }
+        let timer = p.timer;
+        if replaced.is_empty() {
+            self.timers.remove(&timer);
+            let t = self.add_timer(deadline.max(now_us), Timer::Pending(req));
+            if let Some(Pending::Store(p)) = self.pending.get_mut(&req) {
+                p.timer = t;
+            }
+            return;
+        }
+        let (id, holders, spec, created_us, request_key) = (
+            p.id,
+            p.holders.clone(),
+            p.spec.clone(),
+            p.created_us,
+            p.request_key.clone(),
+        );
+        self.stats.handed_off += replaced.len() as u64;
+        for (silent, next) in &replaced {
+            tracing::debug!(task = %id, silent, next, "holder silent: copy handed to the next member");
+            self.outbox.push(Event::ToPeer {
+                to: *silent,
+                msg: PeerMessage::Discard { id: id.to_string() },
+            });
+            if *next == me {
+                self.insert_task(id, spec.clone(), false, created_us, holders.clone());
+                if let Some(Pending::Store(p)) = self.pending.get_mut(&req) {
+                    p.local = true;
+                }
+                continue;
+            }
+            let mut record = new_record(id, &spec, false, created_us, holders.clone());
+            record.request = Some(request_key.clone());
+            self.outbox.push(Event::ToPeer {
+                to: *next,
+                msg: PeerMessage::Store {
+                    req,
+                    from: me,
+                    record,
+                    check: true,
+                },
+            });
+        }
+        self.timers.remove(&timer);
+        let t = self.add_timer(deadline.max(now_us), Timer::Pending(req));
+        let done = match self.pending.get_mut(&req) {
+            Some(Pending::Store(p)) => {
+                p.timer = t;
+                let remote = p.holders.iter().filter(|h| **h != me).count();
+                p.holders
+                    .iter()
+                    .filter(|h| **h != me)
+                    .all(|h| p.answers.contains_key(h))
+                    || remote == 0
+            }
+            _ => false,
+        };
+        if done {
+            self.decide_store(req, now_us);
+        }
+    }
+
+    /// After a handoff, the copies stored before it learn the final holder
+    /// list (a `store` without check updates a copy's holders, §16.7), and
+    /// so does this node's own.
+    fn settle_holders(&mut self, p: &PendingStore, now_us: u64) {
+        let me = self.cluster.me;
+        if p.local {
+            let replica = self.cluster.replica_index(&p.holders);
+            if let Some(t) = self.tasks.get_mut(&p.id) {
+                t.holders = p.holders.clone().into_boxed_slice();
+                t.replica = replica;
+            }
+            self.retime(p.id);
+        }
+        let Some(record) = self.record_of(p.id, now_us).or_else(|| {
+            Some(new_record(
+                p.id,
+                &p.spec,
+                false,
+                p.created_us,
+                p.holders.clone(),
+            ))
+        }) else {
+            return;
+        };
+        let mut record = record;
+        record.holders = p.holders.clone();
+        for (h, o) in &p.answers {
+            if *h != me && matches!(o, StoreOutcome::Stored) && p.holders.contains(h) {
+                self.outbox.push(Event::ToPeer {
+                    to: *h,
+                    msg: PeerMessage::Store {
+                        req: 0,
+                        from: me,
+                        record: record.clone(),
+                        check: false,
+                    },
+                });
+            }
+        }
     }
 
     /// Forgets a copy refused elsewhere (its name taken, or another task
@@ -653,6 +863,7 @@ impl Store {
 
     pub(super) fn pending_expired(&mut self, req: u64, now_us: u64, _out: &mut Vec<Event>) {
         match self.pending.get(&req) {
+            Some(Pending::Store(p)) if !p.handed_off => self.hand_off(req, now_us),
             Some(Pending::Store(_)) => self.decide_store(req, now_us),
             // Its tasks' stores have the timers.
             Some(Pending::Batch(_)) => {}
@@ -726,7 +937,8 @@ impl Store {
     fn on_store_result(&mut self, req: u64, from: u64, outcome: StoreOutcome, now_us: u64) {
         let me = self.cluster.me;
         let done = match self.pending.get_mut(&req) {
-            Some(Pending::Store(p)) => {
+            // A holder passed over answers too late to count.
+            Some(Pending::Store(p)) if p.holders.contains(&from) => {
                 p.answers.insert(from, outcome);
                 let remote = p.holders.iter().filter(|h| **h != me).count();
                 p.answers.len() >= remote
@@ -1002,10 +1214,13 @@ impl Store {
     ) {
         members.sort_unstable();
         members.dedup();
+        let mut suspects = std::mem::take(&mut self.cluster.suspects);
+        suspects.retain(|s| members.binary_search(s).is_ok());
         self.cluster = ClusterView {
             me,
             members,
             replicas: replicas.max(1) as usize,
+            suspects,
         };
         let share = self.cluster.share();
         for q in self.queues.values_mut() {
@@ -1021,7 +1236,7 @@ impl Store {
             .map(|(id, _)| id)
             .collect();
         for id in ids {
-            self.re_replicate(id);
+            self.re_replicate(id, now_us);
         }
         // In name order, so a run replays exactly.
         let mut queues: Vec<String> = self.queues.keys().cloned().collect();
@@ -1033,7 +1248,7 @@ impl Store {
 
     /// Gives task `id` new holders in place of those that left the roster;
     /// the first surviving holder sends the newcomers their copies.
-    fn re_replicate(&mut self, id: Uuid) {
+    fn re_replicate(&mut self, id: Uuid, now_us: u64) {
         let Some(t) = self.tasks.get(&id) else {
             return;
         };
@@ -1076,7 +1291,7 @@ impl Store {
         }
         self.retime(id);
         if coordinator {
-            if let Some(record) = self.record_of(id) {
+            if let Some(record) = self.record_of(id, now_us) {
                 let store = PeerMessage::Store {
                     req: 0,
                     from: me,

@@ -1279,3 +1279,137 @@ fn queues_are_made_by_success_only_and_forgotten_when_empty() {
     assert_eq!(h.store.len(), 0);
     assert_eq!(h.store.queue_count(), 0);
 }
+
+/// A store of a three-node cluster (1, 2, 3) at replication factor 2.
+fn trio_member(me: u64) -> Store {
+    let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(me));
+    let mut out = Vec::new();
+    s.apply(
+        Command::Roster {
+            me,
+            members: vec![1, 2, 3],
+            replicas: 2,
+        },
+        T0,
+        &mut out,
+    );
+    s
+}
+
+/// A task name whose holders over [1, 2, 3] are [1, 2].
+fn name_held_by_1_and_2() -> String {
+    (0..)
+        .map(|i| format!("h{i}"))
+        .find(|n| crate::placement::place(n, &[1, 2, 3], 2) == vec![1, 2])
+        .unwrap()
+}
+
+fn named_request(request_id: &str, name: &str) -> Command {
+    enqueue_request(
+        request_id,
+        ClientCommand::Enqueue {
+            queue: "default".into(),
+            task: named(name),
+            wait: None,
+        },
+    )
+}
+
+/// Peer messages in `out` for node `to`.
+fn to_peer(out: &[Event], to: u64) -> Vec<PeerMessage> {
+    out.iter()
+        .filter_map(|e| match e {
+            Event::ToPeer { to: t, msg } if *t == to => Some(msg.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_silent_holder_is_passed_over_and_the_copy_handed_to_the_next_member() {
+    let name = name_held_by_1_and_2();
+    let (mut one, mut three) = (trio_member(1), trio_member(3));
+    let mut out = Vec::new();
+    one.apply(named_request("r1", &name), T0, &mut out);
+    assert_eq!(to_peer(&out, 2).len(), 1, "the store for holder 2");
+    assert!(replies(&out).is_empty());
+    // Holder 2 never answers. Nothing changes before HANDOFF_AFTER…
+    out.clear();
+    let handoff = HANDOFF_AFTER.as_micros() as u64;
+    one.fire_due(T0 + handoff - 1, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    // …then node 3, next in the placement order, gets the copy, and node
+    // 2 a discard (it may only have been slow).
+    one.fire_due(T0 + handoff, &mut out);
+    assert!(matches!(
+        to_peer(&out, 2).as_slice(),
+        [PeerMessage::Discard { .. }]
+    ));
+    let to_three = to_peer(&out, 3);
+    assert!(
+        matches!(to_three.as_slice(), [PeerMessage::Store { record, check: true, .. }] if record.holders == vec![1, 3]),
+        "{to_three:?}"
+    );
+    // Node 3 stores it and answers: the enqueue is answered with two
+    // copies, well before the peer timeout.
+    let mut back = Vec::new();
+    for msg in to_three {
+        three.apply(Command::Peer(msg), T0 + handoff, &mut back);
+    }
+    out.clear();
+    for e in back {
+        if let Event::ToPeer { msg, .. } = e {
+            one.apply(Command::Peer(msg), T0 + handoff, &mut out);
+        }
+    }
+    let bodies = replies(&out);
+    assert!(
+        matches!(bodies.as_slice(), [ReplyBody::Enqueued { replicas: 2, .. }]),
+        "{bodies:?}"
+    );
+    let ReplyBody::Enqueued { id, .. } = &bodies[0] else {
+        unreachable!()
+    };
+    let id = Uuid::parse_str(id).unwrap();
+    for (node, s) in [(1, &one), (3, &three)] {
+        let d = s.describe_task(&id).unwrap();
+        assert!(d.contains("holders [1, 3]"), "node {node}: {d}");
+    }
+    assert_eq!(one.stats.handed_off, 1);
+    // A late answer of node 2 counts for nothing.
+    one.apply(
+        Command::Peer(PeerMessage::StoreResult {
+            req: 1,
+            from: 2,
+            outcome: StoreOutcome::Stored,
+        }),
+        T0 + handoff + 1,
+        &mut out,
+    );
+}
+
+#[test]
+fn a_suspected_member_is_passed_over_at_once() {
+    let name = name_held_by_1_and_2();
+    let (mut one, mut three) = (trio_member(1), trio_member(3));
+    let mut out = Vec::new();
+    one.apply(Command::Suspects(vec![2]), T0, &mut out);
+    one.apply(named_request("r2", &name), T0, &mut out);
+    assert!(to_peer(&out, 2).is_empty(), "{out:?}");
+    let to_three = to_peer(&out, 3);
+    assert_eq!(to_three.len(), 1);
+    let mut back = Vec::new();
+    for msg in to_three {
+        three.apply(Command::Peer(msg), T0 + 10, &mut back);
+    }
+    out.clear();
+    for e in back {
+        if let Event::ToPeer { msg, .. } = e {
+            one.apply(Command::Peer(msg), T0 + 10, &mut out);
+        }
+    }
+    assert!(matches!(
+        replies(&out).as_slice(),
+        [ReplyBody::Enqueued { replicas: 2, .. }]
+    ));
+}
