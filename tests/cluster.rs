@@ -14,16 +14,16 @@ use serde_json::Value;
 
 use crate::util::*;
 
-struct Cluster {
-    bases: Vec<u16>,
-    pids: Vec<u32>,
-    gateway: Node,
+pub(crate) struct Cluster {
+    pub(crate) bases: Vec<u16>,
+    pub(crate) pids: Vec<u32>,
+    pub(crate) gateway: Node,
 }
 
 impl Cluster {
     /// `n` brokers (each joining through the previous one) and a gateway
     /// that knows only the first.
-    fn start(h: &Harness, n: usize, extra: &[&str]) -> Cluster {
+    pub(crate) fn start(h: &Harness, n: usize, extra: &[&str]) -> Cluster {
         let mut bases = Vec::new();
         let mut pids = Vec::new();
         for i in 0..n {
@@ -73,12 +73,12 @@ impl Cluster {
         c
     }
 
-    fn info(&self) -> Value {
+    pub(crate) fn info(&self) -> Value {
         http("GET", &self.gateway.url("/cluster"), &[], "").1
     }
 
     /// Polls `GET /cluster` until `pred` holds.
-    fn wait_for(&self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for(&self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + wait;
         loop {
             let v = self.info();
@@ -94,7 +94,7 @@ impl Cluster {
     }
 
     /// The index of the node named `nI` that leads (or does not).
-    fn pick(&self, leader: bool) -> usize {
+    pub(crate) fn pick(&self, leader: bool) -> usize {
         let v = self.info();
         let leader_id = v["leader"].as_u64().expect("a leader");
         let nodes = v["nodes"].as_array().unwrap();

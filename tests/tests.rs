@@ -11,5 +11,6 @@ mod hardening;
 mod link;
 mod python;
 mod queues;
+mod restarts;
 mod webhooks;
 mod zmq_clients;

@@ -83,7 +83,12 @@ impl Harness {
         let log = log_file(args);
         let child = Command::new(bin())
             .args(args)
-            .env("RUST_LOG", "info")
+            // MIYAMOTO_TEST_LOG=debug turns up the processes' logs (under
+            // target/tmp/logs) when a test needs explaining.
+            .env(
+                "RUST_LOG",
+                std::env::var("MIYAMOTO_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -409,6 +414,16 @@ impl Seen {
             .get(name)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
+    }
+
+    /// A field of a form body (the task's params), "" when absent. Only
+    /// for the tests' own values, which need no percent-decoding.
+    pub fn form(&self, name: &str) -> String {
+        String::from_utf8_lossy(&self.body)
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or("")
+            .to_string()
     }
 }
 

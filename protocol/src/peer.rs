@@ -82,6 +82,11 @@ pub enum StoreOutcome {
     /// answers with `id` and drops its own copies.
     Resent {
         id: String,
+        /// Task `id` was enqueued long enough ago (over 3 s, past any
+        /// coordinator's decision) that its coordinator has answered: it
+        /// wins whatever the ids' order (§16.8).
+        #[serde(default)]
+        decided: bool,
     },
 }
 

@@ -35,6 +35,10 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// in milliseconds; a spurious handoff costs one extra `store` and a
 /// `discard` to the slow holder.
 pub const HANDOFF_AFTER: Duration = Duration::from_millis(500);
+/// A copy enqueued this long ago has had its enqueue decided and answered
+/// (decisions take at most [`PEER_TIMEOUT`]; one more second covers the
+/// clocks of two hosts): a resend's coordinator told of it defers to it.
+pub const DECIDED_AFTER: Duration = Duration::from_secs(3);
 /// Margin past a delivery's deadline before another replica may fire.
 pub const CLAIM_GRACE: Duration = Duration::from_secs(10);
 
@@ -476,6 +480,10 @@ impl Store {
         let id = self.ids.next_id();
         if local {
             self.insert_task(id, spec.clone(), false, now_us, holders.clone());
+            // It fires once the enqueue is decided: the decision may drop
+            // it for another coordinator's task (a resend), and a task due
+            // now would otherwise be delivered before that.
+            self.clear_timer(id);
         }
         let req = self.new_req();
         let mut record = new_record(id, &spec, false, now_us, holders.clone());
@@ -527,10 +535,23 @@ impl Store {
         };
         self.timers.remove(&p.timer);
         let body = self.store_verdict(&p, now_us);
+        tracing::debug!(
+            request = %p.request_key,
+            task = %p.id,
+            holders = ?p.holders,
+            answers = ?p.answers,
+            local = p.local,
+            ?body,
+            "enqueue decided"
+        );
         if !p.passed_over.is_empty()
             && matches!(body, ReplyBody::Enqueued { ref id, .. } if *id == p.id.to_string())
         {
             self.settle_holders(&p, now_us);
+        }
+        // This node's copy, if the decision kept it, may fire now.
+        if p.local {
+            self.retime(p.id);
         }
         let wait = match p.to {
             Enqueuing::InBatch { batch, slot } => return self.fill_slot(batch, slot, body, now_us),
@@ -629,6 +650,7 @@ impl Store {
             });
             if *next == me {
                 self.insert_task(id, spec.clone(), false, created_us, holders.clone());
+                self.clear_timer(id);
                 if let Some(Pending::Store(p)) = self.pending.get_mut(&req) {
                     p.local = true;
                 }
@@ -741,7 +763,7 @@ impl Store {
         let copies = p
             .answers
             .values()
-            .filter(|o| matches!(o, StoreOutcome::Resent { id } if *id == wanted))
+            .filter(|o| matches!(o, StoreOutcome::Resent { id, .. } if *id == wanted))
             .count();
         ReplyBody::Enqueued {
             id: wanted,
@@ -762,15 +784,28 @@ impl Store {
                 .values()
                 .filter(|o| matches!(o, StoreOutcome::Stored))
                 .count() as u32;
-        // Other tasks for the same request, held by the holders: the
-        // smallest id wins, whichever coordinator decides first, so two
-        // coordinators of one request (a resend that crossed the first
-        // store) keep the same task and not none.
+        // Other tasks for the same request, held by the holders: one whose
+        // coordinator has answered long since wins (a coordinator that was
+        // frozen wakes up to its old requests); otherwise the smallest id
+        // wins, whichever coordinator decides first, so two coordinators of
+        // one request (a resend that crossed the first store) keep the same
+        // task and not none.
+        let decided = p
+            .answers
+            .values()
+            .filter_map(|o| match o {
+                StoreOutcome::Resent { id, decided: true } => Uuid::parse_str(id).ok(),
+                _ => None,
+            })
+            .find(|id| *id != p.id);
+        if let Some(first) = decided {
+            return self.answer_resend(p, first, now_us);
+        }
         let first = p
             .answers
             .values()
             .filter_map(|o| match o {
-                StoreOutcome::Resent { id } => Uuid::parse_str(id).ok(),
+                StoreOutcome::Resent { id, .. } => Uuid::parse_str(id).ok(),
                 _ => None,
             })
             .filter(|id| *id != p.id)
@@ -1042,8 +1077,14 @@ impl Store {
         if let Some(key) = request {
             if let Some(first) = self.held_for(key, &record.queue) {
                 if first != id {
+                    let settled = DECIDED_AFTER.as_micros() as u64;
+                    let decided = self
+                        .tasks
+                        .get(&first)
+                        .is_some_and(|t| t.created_us.saturating_add(settled) < now_us);
                     return StoreOutcome::Resent {
                         id: first.to_string(),
+                        decided,
                     };
                 }
             }

@@ -488,7 +488,10 @@ fn main() {
         PeerMessage::StoreResult {
             req: 8,
             from: 2,
-            outcome: StoreOutcome::Resent { id: "r".into() },
+            outcome: StoreOutcome::Resent {
+                id: "r".into(),
+                decided: false,
+            },
         },
         PeerMessage::Discard { id: "x".into() },
         PeerMessage::Request {
