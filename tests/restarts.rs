@@ -278,7 +278,9 @@ fn a_dead_holder_not_yet_removed_still_leaves_two_copies_on_the_live_nodes() {
         }
         println!("replicas in the answers: {replicas:?}; slowest enqueue {slowest:?}");
         assert_eq!(replicas.get(&2), Some(&120), "{replicas:?}");
-        assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+        // A handoff takes 0.5 s; the bound leaves room for a loaded
+        // machine (the suite runs beside this test).
+        assert!(slowest < Duration::from_millis(1500), "{slowest:?}");
         // The dead node is still a member: nothing was removed.
         let v = c.info();
         assert_eq!(v["nodes"].as_array().unwrap().len(), 3, "{v}");
