@@ -70,6 +70,24 @@ impl Cluster {
                     .as_array()
                     .is_some_and(|a| a.len() == n && a.iter().all(|x| x["alive"] == true))
         });
+        // Every broker knows itself a member (a node still joining refuses
+        // clients with `unavailable`).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for base in &c.bases {
+            loop {
+                let mut p = Producer::connect(&format!("tcp://127.0.0.1:{base}")).unwrap();
+                p.attempts = 1;
+                if let Ok(protocol::ReplyBody::Cluster { cluster }) =
+                    p.request(protocol::ClientCommand::ClusterInfo)
+                {
+                    if cluster.nodes.len() == n && cluster.leader.is_some() {
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "broker {base} never joined");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
         c
     }
 

@@ -6,6 +6,7 @@ mod util;
 
 mod api;
 mod bench;
+mod chaos;
 mod cluster;
 mod hardening;
 mod link;

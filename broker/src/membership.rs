@@ -91,6 +91,8 @@ pub struct Membership {
     last_join: Option<Instant>,
     /// The suspects last told to the store.
     suspects: Vec<u64>,
+    /// The store was told that this node is joining.
+    told_joining: bool,
 }
 
 impl Membership {
@@ -123,6 +125,7 @@ impl Membership {
             last_beat: now,
             last_join: None,
             suspects: Vec::new(),
+            told_joining: false,
         }
     }
 
@@ -164,6 +167,12 @@ impl Membership {
     /// (with `tasks`, this node's task count), the peers' liveness for
     /// the election, and while joining, the join request again.
     pub fn tick(&mut self, now: Instant, tasks: u64, out: &mut Vec<Decision>) {
+        if self.joining && !self.told_joining {
+            // At once: a node started to join refuses client requests
+            // until it is a member.
+            self.told_joining = true;
+            out.push(Decision::Store(Command::Joining(true)));
+        }
         if now.duration_since(self.last_beat) < HEARTBEAT_EVERY {
             return;
         }
@@ -203,6 +212,7 @@ impl Membership {
         }
         if self.is_member() {
             self.joining = false;
+            out.push(Decision::Store(Command::Joining(false)));
             out.push(Decision::Joined);
         } else if self
             .last_join
@@ -305,6 +315,10 @@ impl Membership {
         }
         self.members = members;
         tracing::info!(epoch, members = self.members.len(), "roster changed");
+        if self.joining && self.is_member() {
+            // Serve at once; the join connection goes at the next tick.
+            out.push(Decision::Store(Command::Joining(false)));
+        }
         let ids: Vec<u64> = if self.is_member() {
             self.members.iter().map(|m| m.id).collect()
         } else {
@@ -476,7 +490,13 @@ mod tests {
         let mut m = Membership::new(member(9), 2, Duration::from_secs(5), true, t0);
         let mut out = Vec::new();
         m.tick(t0, 0, &mut out);
-        assert!(out.is_empty(), "nothing before the first interval");
+        // The store refuses clients until the node is a member; nothing
+        // else before the first interval.
+        assert!(
+            matches!(out.as_slice(), [Decision::Store(Command::Joining(true))]),
+            "{out:?}"
+        );
+        out.clear();
         let t1 = t0 + HEARTBEAT_EVERY;
         m.tick(t1, 4, &mut out);
         assert!(matches!(

@@ -323,7 +323,15 @@ struct Pending {
     /// resend would be answered at once, without the attempt's result, and
     /// neither are `run` and `purge_queue`: see [`resendable`]).
     resend_at: Option<Instant>,
+    /// Resent every `resend_after` while unanswered (else only after an
+    /// `unavailable` refusal, which acted on nothing).
+    resendable: bool,
 }
+
+/// A request a broker refused with `unavailable` (it acted on nothing: a
+/// node still joining its cluster) goes again after this long, which
+/// ZeroMQ takes to the next broker; within the request's deadline.
+const REFUSED_RESEND: Duration = Duration::from_millis(50);
 
 /// The most single enqueues sent as one batch, and the most bytes of
 /// tasks in it (well below the 2 MiB a message may hold).
@@ -489,6 +497,7 @@ impl Link {
                         deadline,
                         frames,
                         resend_at,
+                        resendable: resend_at.is_some(),
                     };
                     self.pending.insert(request_id, pending);
                 }
@@ -528,6 +537,19 @@ impl Link {
                     }
                 }
                 Ok(reply) => {
+                    if let ReplyBody::Error {
+                        code: protocol::ErrorCode::Unavailable,
+                        ..
+                    } = &reply.body
+                    {
+                        if let Some(p) = self.pending.get_mut(&reply.request_id) {
+                            let at = Instant::now() + REFUSED_RESEND;
+                            if at < p.deadline {
+                                p.resend_at = Some(at);
+                                continue;
+                            }
+                        }
+                    }
                     // A resend's second answer finds nothing here: the
                     // first one was handed out.
                     if let Some(p) = self.pending.remove(&reply.request_id) {
@@ -551,12 +573,12 @@ impl Link {
                 expired.push(id.clone());
                 continue;
             }
-            let Some(at) = p.resend_at.filter(|at| *at <= now) else {
+            if !p.resend_at.is_some_and(|at| at <= now) {
                 continue;
-            };
+            }
             // At most one resend in flight at a time, each after the last.
-            let next = at + self.config.resend_after;
-            p.resend_at = (next < p.deadline).then_some(next);
+            let next = now + self.config.resend_after;
+            p.resend_at = (p.resendable && next < p.deadline).then_some(next);
             if sockets::send_parts(&self.client, &p.frames).is_ok() {
                 tracing::debug!(request = %id, "resent an unanswered request");
             }

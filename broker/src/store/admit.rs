@@ -56,7 +56,21 @@ impl Store {
             request_id,
             command,
         } = req;
+        if self.joining && !matches!(command, ClientCommand::Ping) {
+            let body = error(
+                ErrorCode::Unavailable,
+                "this node is joining a cluster and serves requests once it is a member: send the request to another node",
+            );
+            return Some(ClientReply { request_id, body });
+        }
         let mutating = is_mutating(&command);
+        // A resend while the first copies still wait for their holders:
+        // the first one's answer will do. (Before the memory of replies,
+        // which knows this node's own copy of the pending task.)
+        if mutating && self.store_pending_for(&request_id) {
+            self.stats.duplicate_requests += 1;
+            return None;
+        }
         if let Some(body) = self.admit(&request_id, &command, mutating) {
             return Some(ClientReply { request_id, body });
         }

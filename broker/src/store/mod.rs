@@ -84,6 +84,11 @@ pub enum Command {
         members: Vec<u64>,
         replicas: u32,
     },
+    /// This node was started to join a cluster and is not a member yet
+    /// (true), or is one now (false): until then it refuses client
+    /// requests with `unavailable`, so they go to a member instead of
+    /// being stored here alone.
+    Joining(bool),
     /// Members not heard from lately ([`crate::membership::SUSPECT_AFTER`]):
     /// new tasks are placed on the next members in their place.
     Suspects(Vec<u64>),
@@ -383,6 +388,8 @@ pub struct Store {
     pending: HashMap<u64, replication::Pending>,
     /// The request ids of the enqueues and batches in `pending`.
     pending_ids: HashSet<String>,
+    /// Refusing client requests until admitted ([`Command::Joining`]).
+    joining: bool,
     /// Events produced by helpers that have no `out` at hand; appended to
     /// `out` at the end of every `apply` and `fire_due`.
     outbox: Vec<Event>,
@@ -496,6 +503,7 @@ impl Store {
             cluster: replication::ClusterView::default(),
             pending: HashMap::new(),
             pending_ids: HashSet::new(),
+            joining: false,
             outbox: Vec::new(),
             next_req: 1,
             queue_names: Interner::default(),
@@ -650,6 +658,7 @@ impl Store {
                 members,
                 replicas,
             } => self.on_roster(me, members, replicas, now_us, out),
+            Command::Joining(joining) => self.joining = joining,
             Command::Suspects(mut ids) => {
                 ids.sort_unstable();
                 ids.dedup();

@@ -484,6 +484,7 @@ impl Store {
             // it for another coordinator's task (a resend), and a task due
             // now would otherwise be delivered before that.
             self.clear_timer(id);
+            self.note_copy_for(&key, id, queue, spec.eta, now_us);
         }
         let req = self.new_req();
         let mut record = new_record(id, &spec, false, now_us, holders.clone());
@@ -651,6 +652,7 @@ impl Store {
             if *next == me {
                 self.insert_task(id, spec.clone(), false, created_us, holders.clone());
                 self.clear_timer(id);
+                self.note_copy_for(&request_key, id, &spec.queue, spec.eta, now_us);
                 if let Some(Pending::Store(p)) = self.pending.get_mut(&req) {
                     p.local = true;
                 }
@@ -726,6 +728,29 @@ impl Store {
                 });
             }
         }
+    }
+
+    /// Remembers that this node's copy `id` is the task of request key
+    /// `key`, so a resend of the request to another node finds it here
+    /// (`resent`): a copy from another coordinator, or this node's own
+    /// while its enqueue waits for the other holders (two coordinators
+    /// whose stores cross so keep one task). `replicas` 0 marks such an
+    /// entry (a reply this node gave says 1 or more; see
+    /// `Store::remembered`).
+    fn note_copy_for(&mut self, key: &str, id: Uuid, queue: &str, eta: f64, now_us: u64) {
+        let body = ReplyBody::Enqueued {
+            id: id.to_string(),
+            queue: queue.to_string(),
+            eta,
+            result: None,
+            replicas: 0,
+        };
+        self.recent.insert(
+            key,
+            &body,
+            now_us + REQUEST_DEDUP.as_micros() as u64,
+            REQUEST_DEDUP_MAX,
+        );
     }
 
     /// Forgets a copy refused elsewhere (its name taken, or another task
@@ -1098,22 +1123,7 @@ impl Store {
             }
         }
         if let Some(key) = request {
-            // This copy answers a resend of its request to another node,
-            // while it is here: `replicas` 0 marks such an entry (a reply
-            // this node gave says 1 or more; see `Store::remembered`).
-            let body = ReplyBody::Enqueued {
-                id: id.to_string(),
-                queue: record.queue.clone(),
-                eta: record.eta,
-                result: None,
-                replicas: 0,
-            };
-            self.recent.insert(
-                key,
-                &body,
-                now_us + REQUEST_DEDUP.as_micros() as u64,
-                REQUEST_DEDUP_MAX,
-            );
+            self.note_copy_for(key, id, &record.queue, record.eta, now_us);
         }
         self.insert_task(
             id,
