@@ -573,7 +573,7 @@ impl Link {
                 expired.push(id.clone());
                 continue;
             }
-            if !p.resend_at.is_some_and(|at| at <= now) {
+            if p.resend_at.is_none_or(|at| at > now) {
                 continue;
             }
             // At most one resend in flight at a time, each after the last.
