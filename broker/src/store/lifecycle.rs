@@ -216,6 +216,7 @@ impl Store {
             }
         }
         let deadline_us = now_us + secs_to_micros(timeout) + CLAIM_GRACE.as_micros() as u64;
+        tracing::debug!(task = %id, replica = task.replica, holders = ?task.holders, attempt = task.attempts, "dispatching");
         out.push(Event::Dispatch {
             pool: task.spec.pool().to_string(),
             delivery,
