@@ -154,6 +154,8 @@ pub struct PendingStore {
     handed_off: bool,
     /// Holders passed over for silence, whose answers no longer count.
     passed_over: Vec<u64>,
+    /// (silent holder, the member given its place) for each handoff.
+    replaced: Vec<(u64, u64)>,
 }
 
 /// Who asked, under which request id: where a later reply goes.
@@ -511,6 +513,7 @@ impl Store {
                 created_us: now_us,
                 handed_off: false,
                 passed_over: Vec::new(),
+                replaced: Vec::new(),
                 identity: client.identity.to_vec(),
                 request_id: client.request_id.to_string(),
                 id,
@@ -531,10 +534,11 @@ impl Store {
     /// Every holder answered, or the time is up: the enqueue is answered
     /// (or its place in its batch filled).
     fn decide_store(&mut self, req: u64, now_us: u64) {
-        let Some(Pending::Store(p)) = self.pending.remove(&req) else {
+        let Some(Pending::Store(mut p)) = self.pending.remove(&req) else {
             return;
         };
         self.timers.remove(&p.timer);
+        let handed = self.settle_handoffs(&mut p);
         let body = self.store_verdict(&p, now_us);
         tracing::debug!(
             request = %p.request_key,
@@ -545,9 +549,7 @@ impl Store {
             ?body,
             "enqueue decided"
         );
-        if !p.passed_over.is_empty()
-            && matches!(body, ReplyBody::Enqueued { ref id, .. } if *id == p.id.to_string())
-        {
+        if handed && matches!(body, ReplyBody::Enqueued { ref id, .. } if *id == p.id.to_string()) {
             self.settle_holders(&p, now_us);
         }
         // This node's copy, if the decision kept it, may fire now.
@@ -624,6 +626,7 @@ impl Store {
                 *slot = next;
             }
             p.passed_over.push(h);
+            p.replaced.push((h, next));
             replaced.push((h, next));
         }
         let timer = p.timer;
@@ -645,10 +648,6 @@ impl Store {
         self.stats.handed_off += replaced.len() as u64;
         for (silent, next) in &replaced {
             tracing::debug!(task = %id, silent, next, "holder silent: copy handed to the next member");
-            self.outbox.push(Event::ToPeer {
-                to: *silent,
-                msg: PeerMessage::Discard { id: id.to_string() },
-            });
             if *next == me {
                 self.insert_task(id, spec.clone(), false, created_us, holders.clone());
                 self.clear_timer(id);
@@ -687,6 +686,50 @@ impl Store {
         if done {
             self.decide_store(req, now_us);
         }
+    }
+
+    /// Decides each handoff of a pending store. A silent holder may hold
+    /// the copy all the same (its answer may be what was lost), so:
+    /// * the new member did not answer either: the place goes back to the
+    ///   silent holder;
+    /// * the new member answered and the copies known to be stored reach
+    ///   the replication factor: the silent holder is sent `discard` (if it
+    ///   was only slow, it keeps no copy outside the list);
+    /// * the new member answered but the copies known fall short: the
+    ///   silent holder stays on the list as an extra holder, and keeps
+    ///   what it may hold.
+    ///
+    /// Returns whether the holder list changed.
+    fn settle_handoffs(&mut self, p: &mut PendingStore) -> bool {
+        let me = self.cluster.me;
+        let target = self.cluster.replicas.min(self.cluster.members.len());
+        let confirmed = p.local as usize
+            + p.holders
+                .iter()
+                .filter(|h| matches!(p.answers.get(h), Some(StoreOutcome::Stored)))
+                .count();
+        let mut changed = false;
+        for &(silent, next) in &p.replaced {
+            let answered = p.answers.contains_key(&next) || next == me;
+            if !answered {
+                if let Some(slot) = p.holders.iter_mut().find(|x| **x == next) {
+                    *slot = silent;
+                }
+                continue;
+            }
+            changed = true;
+            if confirmed >= target {
+                self.outbox.push(Event::ToPeer {
+                    to: silent,
+                    msg: PeerMessage::Discard {
+                        id: p.id.to_string(),
+                    },
+                });
+            } else if !p.holders.contains(&silent) {
+                p.holders.push(silent);
+            }
+        }
+        changed
     }
 
     /// After a handoff, the copies stored before it learn the final holder
