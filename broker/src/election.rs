@@ -657,6 +657,8 @@ mod tests {
         }
     }
 
+    type Lose = Box<dyn FnMut(u64, &ToElection) -> bool>;
+
     /// Elections joined by a perfect network, driven by hand.
     struct Net {
         nodes: BTreeMap<u64, Election>,
@@ -665,7 +667,7 @@ mod tests {
         /// Each node's last view.
         views: BTreeMap<u64, (u64, Vec<u64>, Option<u64>, u64)>,
         /// Messages (to, message) the network loses.
-        lose: Option<Box<dyn FnMut(u64, &ToElection) -> bool>>,
+        lose: Option<Lose>,
     }
 
     impl Net {
