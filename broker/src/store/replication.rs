@@ -121,6 +121,20 @@ pub enum Pending {
     Store(Box<PendingStore>),
     Request(PendingRequest),
     Batch(PendingBatch),
+    Copy(PendingCopy),
+}
+
+/// Times a re-replication copy is sent without an answer before this node
+/// gives up on that new holder (the next roster change tries again).
+pub const COPY_SENDS: u32 = 3;
+
+/// A re-replication copy waiting for its new holder's `store_result`; sent
+/// again after [`PEER_TIMEOUT`], up to [`COPY_SENDS`] times.
+pub struct PendingCopy {
+    id: Uuid,
+    to: u64,
+    sends: u32,
+    timer: (u64, u64),
 }
 
 /// A batch whose tasks wait for their holders: answered when the last
@@ -970,6 +984,21 @@ impl Store {
             Some(Pending::Store(_)) => self.decide_store(req, now_us),
             // Its tasks' stores have the timers.
             Some(Pending::Batch(_)) => {}
+            Some(Pending::Copy(_)) => {
+                let Some(Pending::Copy(c)) = self.pending.remove(&req) else {
+                    return;
+                };
+                // Again while the task is pending here and `to` is still
+                // a member holding it.
+                let wanted = self.cluster.members.binary_search(&c.to).is_ok()
+                    && self
+                        .tasks
+                        .get(&c.id)
+                        .is_some_and(|t| !t.state.is_final() && t.holders.contains(&c.to));
+                if wanted && c.sends < COPY_SENDS {
+                    self.send_copy(c.id, c.to, c.sends + 1, now_us);
+                }
+            }
             Some(Pending::Request(_)) => {
                 if let Some(Pending::Request(p)) = self.pending.remove(&req) {
                     self.timers.remove(&p.timer);
@@ -1045,6 +1074,12 @@ impl Store {
                 p.answers.insert(from, outcome);
                 let remote = p.holders.iter().filter(|h| **h != me).count();
                 p.answers.len() >= remote
+            }
+            Some(Pending::Copy(c)) if c.to == from => {
+                let timer = c.timer;
+                self.pending.remove(&req);
+                self.timers.remove(&timer);
+                false
             }
             _ => false,
         };
@@ -1340,6 +1375,39 @@ impl Store {
         }
     }
 
+    /// Sends new holder `to` its re-replication copy of task `id` (send
+    /// number `sends`), and waits for its answer: a copy lost on the way is
+    /// sent again rather than leave the task one holder short.
+    fn send_copy(&mut self, id: Uuid, to: u64, sends: u32, now_us: u64) {
+        let Some(record) = self.record_of(id, now_us) else {
+            return;
+        };
+        let req = self.new_req();
+        self.outbox.push(Event::ToPeer {
+            to,
+            msg: PeerMessage::Store {
+                req,
+                from: self.cluster.me,
+                record,
+                check: false,
+            },
+        });
+        self.stats.re_replicated += 1;
+        let timer = self.add_timer(
+            now_us + PEER_TIMEOUT.as_micros() as u64,
+            Timer::Pending(req),
+        );
+        self.pending.insert(
+            req,
+            Pending::Copy(PendingCopy {
+                id,
+                to,
+                sends,
+                timer,
+            }),
+        );
+    }
+
     /// Gives task `id` new holders in place of those that left the roster;
     /// the first surviving holder sends the newcomers their copies.
     fn re_replicate(&mut self, id: Uuid, now_us: u64) {
@@ -1385,14 +1453,8 @@ impl Store {
         }
         self.retime(id);
         if coordinator {
-            if let Some(record) = self.record_of(id, now_us) {
-                let store = PeerMessage::Store {
-                    req: 0,
-                    from: me,
-                    record,
-                    check: false,
-                };
-                self.stats.re_replicated += self.send_to_others(&newcomers, store) as u64;
+            for to in newcomers.into_iter().filter(|n| *n != me) {
+                self.send_copy(id, to, 1, now_us);
             }
         }
     }

@@ -1449,3 +1449,103 @@ fn a_handoff_nobody_answers_gives_the_place_back_and_discards_nothing() {
     let d = one.describe_task(&Uuid::parse_str(id).unwrap()).unwrap();
     assert!(d.contains("holders [1, 2]"), "{d}");
 }
+
+#[test]
+fn a_re_replication_copy_is_sent_again_until_answered() {
+    let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(7));
+    let mut out = Vec::new();
+    s.apply(
+        Command::Roster {
+            me: 1,
+            members: vec![1, 2, 3],
+            replicas: 2,
+        },
+        T0,
+        &mut out,
+    );
+    let rec = replication::new_record(
+        Uuid::new_v4(),
+        &crate::validate::validate("default", named("copy-me"), 1.8e9).unwrap(),
+        false,
+        T0,
+        vec![1, 2],
+    );
+    s.apply(
+        Command::Peer(PeerMessage::Store {
+            req: 0,
+            from: 2,
+            record: rec,
+            check: true,
+        }),
+        T0,
+        &mut out,
+    );
+    out.clear();
+    // Node 2 leaves: node 3 gets a copy, which asks for an answer.
+    s.apply(
+        Command::Roster {
+            me: 1,
+            members: vec![1, 3],
+            replicas: 2,
+        },
+        T0,
+        &mut out,
+    );
+    let req_of = |out: &[Event]| -> Vec<u64> {
+        to_peer(out, 3)
+            .into_iter()
+            .filter_map(|m| match m {
+                PeerMessage::Store {
+                    req, check: false, ..
+                } => Some(req),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = req_of(&out);
+    assert_eq!(first.len(), 1);
+    assert_ne!(first[0], 0, "a copy that asks for no answer");
+    // The copy is lost: it goes again after the peer timeout, and again,
+    // COPY_SENDS times in all.
+    let mut sends = 1;
+    let mut t = T0;
+    for _ in 0..5 {
+        out.clear();
+        t += PEER_TIMEOUT.as_micros() as u64;
+        s.fire_due(t, &mut out);
+        sends += req_of(&out).len();
+    }
+    assert_eq!(sends as u32, replication::COPY_SENDS);
+    assert_eq!(s.stats.re_replicated, u64::from(replication::COPY_SENDS));
+    // Node 3 leaves and comes back as node 4: its copy is answered, and
+    // not sent again.
+    out.clear();
+    s.apply(
+        Command::Roster {
+            me: 1,
+            members: vec![1, 4],
+            replicas: 2,
+        },
+        t,
+        &mut out,
+    );
+    let copy = to_peer(&out, 4)
+        .into_iter()
+        .find_map(|m| match m {
+            PeerMessage::Store { req, .. } => Some(req),
+            _ => None,
+        })
+        .expect("a copy for node 4");
+    s.apply(
+        Command::Peer(PeerMessage::StoreResult {
+            req: copy,
+            from: 4,
+            outcome: StoreOutcome::Stored,
+        }),
+        t,
+        &mut out,
+    );
+    out.clear();
+    s.fire_due(t + 10 * PEER_TIMEOUT.as_micros() as u64, &mut out);
+    assert!(to_peer(&out, 4).is_empty(), "{out:?}");
+}
