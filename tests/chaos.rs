@@ -14,6 +14,14 @@
 //! (default 100) the enqueues per second in total, `CHAOS_SEED` replays the
 //! random choices (victims, countdowns), `CHAOS_DUMP=FILE` writes every
 //! enqueue to FILE as CSV.
+//!
+//! Duplicates are explained after the summary (see "Diagnostics of
+//! duplicates" at the end of this file): a short table, and every duplicate
+//! in detail in `target/tmp/logs/chaos-duplicates-<pid>.txt`. The brokers'
+//! dispatch lines it needs are logged with
+//! `MIYAMOTO_TEST_LOG=info,broker::store=debug`. `CHAOS_TAIL=SECS` listens
+//! SECS more for late webhooks (a replica firing at a claim's deadline,
+//! 40 s after a lost delivery), listed apart and not counted in the summary.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -73,6 +81,9 @@ struct Config {
     /// Enqueues per second, both ways together.
     rate: f64,
     seed: u64,
+    /// Diagnostics: seconds to go on listening for late webhooks after the
+    /// usual window (`CHAOS_TAIL`, default 0).
+    tail: f64,
 }
 
 impl Config {
@@ -97,6 +108,7 @@ impl Config {
             seconds: num("CHAOS_SECONDS", 40.0),
             rate: num("CHAOS_RATE", 100.0),
             seed,
+            tail: num("CHAOS_TAIL", 0.0).min(600.0),
         }
     }
 
@@ -154,6 +166,8 @@ struct Enqueue {
     late: f64,
     latency: f64,
     outcome: Outcome,
+    /// The task's countdown, seconds.
+    countdown: f64,
 }
 
 enum Outcome {
@@ -244,6 +258,7 @@ fn http_worker(url: &str, target: &str, slots: &Slots) -> Vec<Enqueue> {
             late: (sent - due).as_secs_f64(),
             latency,
             outcome,
+            countdown,
         });
     }
     out
@@ -346,6 +361,7 @@ fn zmq_worker(
             late: (sent - due).as_secs_f64(),
             latency,
             outcome,
+            countdown,
         });
     }
     out
@@ -595,6 +611,7 @@ fn chaos(h: &Harness, cfg: &Config) {
     let kills = cfg.kills();
     let mut rng = Rng::new(cfg.seed);
     let start = Instant::now();
+    let start_unix = now();
     let until = start + Duration::from_secs_f64(cfg.seconds);
     let mut watch = Watch {
         h,
@@ -756,8 +773,11 @@ fn chaos(h: &Harness, cfg: &Config) {
         .collect();
     let mut missing: HashSet<&str> = acked.keys().copied().collect();
     let mut delivered: HashMap<String, Vec<String>> = HashMap::new();
+    // Diagnostics of duplicates: every webhook's arrival and headers, by tag.
+    let mut arrivals: HashMap<String, Vec<Arrival>> = HashMap::new();
     let mut untagged = 0usize;
     let mut record = |seen: Seen, missing: &mut HashSet<&str>| {
+        let arrival = Arrival::of(&seen, start_unix);
         let body = String::from_utf8_lossy(&seen.body).into_owned();
         let tag = body
             .split('&')
@@ -767,9 +787,10 @@ fn chaos(h: &Harness, cfg: &Config) {
             Some(tag) => {
                 missing.remove(tag.as_str());
                 delivered
-                    .entry(tag)
+                    .entry(tag.clone())
                     .or_default()
                     .push(seen.header("x-task-id").to_string());
+                arrivals.entry(tag).or_default().push(arrival);
             }
             None => untagged += 1,
         }
@@ -800,6 +821,17 @@ fn chaos(h: &Harness, cfg: &Config) {
             None => {}
         }
     }
+    // Diagnostics only (`CHAOS_TAIL=SECS`): webhooks that come after the
+    // window above (a replica firing at a claim's deadline, timeout + 10 s
+    // after a lost delivery) are listed apart, not counted in the summary.
+    let mut tail: Vec<(String, Arrival)> = Vec::new();
+    if cfg.tail > 0.0 {
+        let tail_until = Instant::now() + Duration::from_secs_f64(cfg.tail);
+        while let Some(seen) = rx.next(tail_until.saturating_duration_since(Instant::now())) {
+            let tag = seen.form("c");
+            tail.push((tag, Arrival::of(&seen, start_unix)));
+        }
+    }
 
     let report = Report {
         cfg,
@@ -813,8 +845,26 @@ fn chaos(h: &Harness, cfg: &Config) {
         all_delivered_after,
         exits: &watch.exits,
     };
-    let summary = report.summary();
+    let mut summary = report.summary();
+    let diag = Diagnosis {
+        report: &report,
+        bases: &bases,
+        arrivals: &arrivals,
+        tail: &tail,
+        start_unix,
+    };
+    let (table, detail) = diag.explain();
+    summary.push_str(&table);
     println!("{summary}");
+    let detail_path = format!(
+        "{}/logs/chaos-duplicates-{}.txt",
+        env!("CARGO_TARGET_TMPDIR"),
+        std::process::id()
+    );
+    match std::fs::write(&detail_path, detail) {
+        Ok(()) => println!("every duplicate, in detail: {detail_path}"),
+        Err(e) => println!("cannot write {detail_path}: {e}"),
+    }
     if let Ok(path) = std::env::var("CHAOS_DUMP") {
         match std::fs::write(&path, report.csv()) {
             Ok(()) => println!("every enqueue written to {path}"),
@@ -1275,5 +1325,851 @@ impl Report<'_> {
         }
         let _ = writeln!(o, "===============================");
         o
+    }
+}
+
+// ---------------------------------------------------------------------
+// Diagnostics of duplicates (issue 14): why each task was delivered more
+// than once. For every such task, its enqueue, its webhooks (arrival,
+// headers) and, from the brokers' logs (run with
+// `MIYAMOTO_TEST_LOG=info,broker::store=debug`), which broker process
+// dispatched it when, placed among the kills and restarts, and a guess
+// at the cause. A short table goes into the summary, the detail into
+// `target/tmp/logs/chaos-duplicates-<pid>.txt`.
+// ---------------------------------------------------------------------
+
+/// At most this many lines of duplicates in the summary.
+const DUP_TABLE_LINES: usize = 30;
+
+/// One webhook as the receiver saw it.
+struct Arrival {
+    /// Seconds into the load.
+    at: f64,
+    id: String,
+    retry: String,
+    executions: String,
+    eta: String,
+}
+
+impl Arrival {
+    fn of(seen: &Seen, start_unix: f64) -> Arrival {
+        Arrival {
+            at: seen.at - start_unix,
+            id: seen.header("x-task-id").to_string(),
+            retry: seen.header("x-task-retry-count").to_string(),
+            executions: seen.header("x-task-execution-count").to_string(),
+            eta: seen.header("x-task-eta").to_string(),
+        }
+    }
+}
+
+/// One broker process (an incarnation of a node) and its log.
+struct Incarnation {
+    /// `n1#0`: n1 as first started; `n1#1`: after its first restart.
+    label: String,
+    id: Option<u64>,
+    /// Seconds into the load of its log's first line.
+    started: f64,
+    /// Seconds into the load when the test killed it.
+    killed: Option<f64>,
+}
+
+/// A broker's debug line about one task.
+#[derive(Clone)]
+struct TaskLine {
+    at: f64,
+    /// Index into the incarnations.
+    inc: usize,
+    what: TaskWhat,
+}
+
+#[derive(Clone)]
+enum TaskWhat {
+    Dispatch {
+        replica: u32,
+        holders: Vec<u64>,
+        attempt: u32,
+    },
+    Decided {
+        holders: Vec<u64>,
+        answers: String,
+        local: bool,
+        body: String,
+    },
+    Handoff {
+        silent: u64,
+        next: u64,
+    },
+}
+
+/// A broker's line about the cluster (roster, leader, workers).
+struct ClusterLine {
+    at: f64,
+    inc: usize,
+    text: String,
+}
+
+struct Logs {
+    incs: Vec<Incarnation>,
+    by_task: HashMap<String, Vec<TaskLine>>,
+    cluster: Vec<ClusterLine>,
+    files: usize,
+}
+
+/// Unix seconds of a log line's RFC 3339 UTC timestamp
+/// (`2026-12-05T16:51:57.017599Z`).
+fn parse_log_time(s: &str) -> Option<f64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, dd) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let ss: f64 = t.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of `name=` in a log line: up to the next space, or a whole
+/// bracketed `[..]` / braced `{..}` value.
+fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let pat = format!(" {name}=");
+    let at = line.find(&pat)? + pat.len();
+    let rest = &line[at..];
+    let close = match rest.chars().next()? {
+        '[' => Some(']'),
+        '{' => Some('}'),
+        _ => None,
+    };
+    let end = match close {
+        Some(c) => {
+            let open = rest.chars().next()?;
+            let mut depth = 0i32;
+            let mut end = rest.len();
+            for (i, ch) in rest.char_indices() {
+                if ch == open {
+                    depth += 1;
+                } else if ch == c {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+            }
+            end
+        }
+        None => rest.find(' ').unwrap_or(rest.len()),
+    };
+    Some(&rest[..end])
+}
+
+fn parse_ids(list: &str) -> Vec<u64> {
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect()
+}
+
+impl Logs {
+    /// Reads this test's broker logs, `broker-<pid>-<n>.log`, in spawn order.
+    fn read(bases: &[u16], restarts: &[Restart], start_unix: f64) -> Logs {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs");
+        let prefix = format!("broker-{}-", std::process::id());
+        let mut files: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let n = name
+                            .strip_prefix(&prefix)?
+                            .strip_suffix(".log")?
+                            .parse()
+                            .ok()?;
+                        Some((n, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        let mut logs = Logs {
+            incs: Vec::new(),
+            by_task: HashMap::new(),
+            cluster: Vec::new(),
+            files: files.len(),
+        };
+        let mut per_node = vec![0usize; bases.len()];
+        for (_, path) in files {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let mut lines = text.lines().map(strip_ansi);
+            let Some(first) = lines.next() else { continue };
+            // `broker listening client_endpoint=tcp://127.0.0.1:PORT ... node=ID`
+            let port = log_field(&first, "client_endpoint")
+                .and_then(|e| e.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok());
+            let Some(node) = port.and_then(|p| bases.iter().position(|b| *b == p)) else {
+                continue;
+            };
+            let k = per_node[node];
+            per_node[node] += 1;
+            let killed = restarts
+                .iter()
+                .filter(|r| r.victim == node)
+                .nth(k)
+                .map(|r| r.killed_at);
+            let inc = logs.incs.len();
+            logs.incs.push(Incarnation {
+                label: format!("n{node}#{k}"),
+                id: log_field(&first, "node").and_then(|v| v.parse().ok()),
+                started: first
+                    .split(' ')
+                    .next()
+                    .and_then(parse_log_time)
+                    .map_or(f64::NAN, |t| t - start_unix),
+                killed,
+            });
+            for line in lines {
+                let Some(at) = line
+                    .split(' ')
+                    .next()
+                    .and_then(parse_log_time)
+                    .map(|t| t - start_unix)
+                else {
+                    continue;
+                };
+                let task = log_field(&line, "task").map(str::to_string);
+                let what = if line.contains(" dispatching ") {
+                    Some(TaskWhat::Dispatch {
+                        replica: log_field(&line, "replica")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(u32::MAX),
+                        holders: log_field(&line, "holders")
+                            .map(parse_ids)
+                            .unwrap_or_default(),
+                        attempt: log_field(&line, "attempt")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0),
+                    })
+                } else if line.contains(" enqueue decided ") {
+                    Some(TaskWhat::Decided {
+                        holders: log_field(&line, "holders")
+                            .map(parse_ids)
+                            .unwrap_or_default(),
+                        answers: log_field(&line, "answers").unwrap_or("").to_string(),
+                        local: log_field(&line, "local") == Some("true"),
+                        body: log_field(&line, "body")
+                            .unwrap_or("")
+                            .split([' ', '{'])
+                            .next()
+                            .unwrap_or("")
+                            .to_string(),
+                    })
+                } else if line.contains(" holder silent") {
+                    Some(TaskWhat::Handoff {
+                        silent: log_field(&line, "silent")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0),
+                        next: log_field(&line, "next")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0),
+                    })
+                } else {
+                    None
+                };
+                match (task, what) {
+                    (Some(task), Some(what)) => {
+                        logs.by_task
+                            .entry(task)
+                            .or_default()
+                            .push(TaskLine { at, inc, what });
+                    }
+                    _ => {
+                        const CLUSTER: [&str; 8] = [
+                            "roster changed",
+                            "member added",
+                            "member removed",
+                            "leader changed",
+                            "worker gone",
+                            "worker ready",
+                            "members not heard from lately",
+                            // broker::node=debug: a message to a peer
+                            // with no connection (a `store` among them).
+                            "peer message dropped",
+                        ];
+                        if let Some(c) = CLUSTER.iter().find(|c| line.contains(*c)) {
+                            let rest = line.split(c).nth(1).unwrap_or("").trim();
+                            logs.cluster.push(ClusterLine {
+                                at,
+                                inc,
+                                text: format!("{c} {rest}"),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for v in logs.by_task.values_mut() {
+            v.sort_by(|a, b| a.at.total_cmp(&b.at));
+        }
+        logs.cluster.sort_by(|a, b| a.at.total_cmp(&b.at));
+        logs
+    }
+
+    /// A node id as `n1#0`, or the id itself when unknown.
+    fn name(&self, id: u64) -> String {
+        self.incs
+            .iter()
+            .find(|i| i.id == Some(id))
+            .map_or_else(|| format!("?{id}"), |i| i.label.clone())
+    }
+
+    fn names(&self, ids: &[u64]) -> String {
+        format!(
+            "[{}]",
+            ids.iter()
+                .map(|i| self.name(*i))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+
+    fn dispatches<'a>(&'a self, id: &str) -> Vec<&'a TaskLine> {
+        self.by_task
+            .get(id)
+            .map(|v| {
+                v.iter()
+                    .filter(|l| matches!(l.what, TaskWhat::Dispatch { .. }))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+struct Diagnosis<'a> {
+    report: &'a Report<'a>,
+    bases: &'a [u16],
+    arrivals: &'a HashMap<String, Vec<Arrival>>,
+    tail: &'a [(String, Arrival)],
+    start_unix: f64,
+}
+
+impl Diagnosis<'_> {
+    /// `K n1+0.30` (0.30 s after n1's kill) or `R n2-1.20`: the kill or
+    /// restart nearest to `t`.
+    fn near(&self, t: f64) -> String {
+        let mut best: Option<(f64, String)> = None;
+        for r in self.report.restarts {
+            for (at, what) in [(r.killed_at, "K"), (r.restarted_at, "R")] {
+                let d = t - at;
+                if best.as_ref().is_none_or(|(b, _)| d.abs() < b.abs()) {
+                    best = Some((d, format!("{what}n{}", r.victim)));
+                }
+            }
+        }
+        match best {
+            Some((d, w)) => format!("{w}{d:+.2}"),
+            None => String::new(),
+        }
+    }
+
+    /// A guess at why dispatch `second` happened although `first` (an
+    /// earlier dispatch of the same task) was made.
+    fn guess(&self, logs: &Logs, task: &str, first: &TaskLine, second: &TaskLine) -> String {
+        let (
+            TaskWhat::Dispatch {
+                holders: h1,
+                replica: r1,
+                ..
+            },
+            TaskWhat::Dispatch {
+                holders: h2,
+                replica: r2,
+                attempt: a2,
+            },
+        ) = (&first.what, &second.what)
+        else {
+            return "?".into();
+        };
+        let f = &logs.incs[first.inc];
+        let s = &logs.incs[second.inc];
+        let gap = second.at - first.at;
+        if first.inc == second.inc {
+            return format!("same-process: {} dispatched again (attempt {a2})", s.label);
+        }
+        let killed_after = f.killed.map(|k| k - first.at).filter(|d| *d >= -0.05);
+        let listed = s.id.is_some_and(|id| h1.contains(&id));
+        // The second dispatcher got its copy by a handoff (§16.8 step 5)
+        // made after the first dispatch: it missed `claimed` and `finished`.
+        let handoff = logs
+            .by_task
+            .get(task)
+            .into_iter()
+            .flatten()
+            .find_map(|l| match l.what {
+                TaskWhat::Handoff { silent, next } if Some(next) == s.id => Some((l.at, silent)),
+                _ => None,
+            });
+        if let Some((h, silent)) = handoff.filter(|(h, _)| *h > first.at && !listed && gap < 15.0) {
+            // Why the holder was silent: dead (killed, not yet suspected),
+            // or just admitted (it answers before it knows the roster).
+            let si = logs.incs.iter().find(|i| i.id == Some(silent));
+            let why = match si {
+                Some(i) if i.killed.is_some_and(|k| k <= h) => format!(
+                    "e1-handoff-from-dead-holder: {} killed {:.2} s before the handoff",
+                    i.label,
+                    h - i.killed.unwrap_or(h)
+                ),
+                Some(i) if h - i.started < 5.0 => format!(
+                    "e2-handoff-from-new-member: {} started {:.2} s before the handoff",
+                    i.label,
+                    h - i.started
+                ),
+                _ => format!("e3-handoff: silent holder {}", logs.name(silent)),
+            };
+            return format!(
+                "{why}; {} got its copy by the handoff {:.2} s after {} dispatched (claimed/finished came before it held the task) and fired as replica {r2} {gap:.2} s after the first",
+                s.label,
+                h - first.at,
+                f.label
+            );
+        }
+        let origin = if listed {
+            String::new()
+        } else {
+            format!(
+                "; {} not among the first's holders {} (a handoff or re-replication copy)",
+                s.label,
+                logs.names(h1)
+            )
+        };
+        if gap >= 15.0 {
+            return format!(
+                "b-claim-deadline: {} fired {gap:.1} s later, past the claim's deadline{}{origin}",
+                s.label,
+                killed_after
+                    .map(|k| format!("; {} killed {k:.2} s after its dispatch", f.label))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(k) = killed_after.filter(|k| *k < 1.0) {
+            return format!(
+                "a-killed-after-dispatch: {} killed {:.0} ms after dispatching; {} (replica {r2}) fired {gap:.2} s later{origin}",
+                f.label,
+                k * 1e3,
+                s.label
+            );
+        }
+        let s_age = first.at - s.started;
+        let f_age = first.at - f.started;
+        if s_age < 5.0 {
+            return format!(
+                "c-new-subscriber: {} started {s_age:.1} s before the first dispatch (by {}, {f_age:.1} s old): the claim did not reach it{origin}",
+                s.label, f.label
+            );
+        }
+        if f_age < 5.0 {
+            return format!(
+                "c-new-publisher: the first dispatcher {} had started {f_age:.1} s before; {} not yet subscribed to it{origin}",
+                f.label, s.label
+            );
+        }
+        if h1 != h2 || r1 == r2 {
+            return format!(
+                "g-holders-differ: {} saw holders {} replica {r1}, {} saw {} replica {r2}; gap {gap:.2} s{origin}",
+                f.label,
+                logs.names(h1),
+                s.label,
+                logs.names(h2)
+            );
+        }
+        format!(
+            "g-claim-lost: both alive and old; {} fired {gap:.2} s after {}{origin}",
+            s.label, f.label
+        )
+    }
+
+    /// A guess at why one enqueue became a second task, from that task's
+    /// dispatches.
+    fn stored_twice(&self, logs: &Logs, x: Option<&Enqueue>, other: &[&TaskLine]) -> String {
+        let Some(d) = other.first() else {
+            return "g-stored-twice: the second task's dispatch is not in the logs".into();
+        };
+        let TaskWhat::Dispatch {
+            holders, replica, ..
+        } = &d.what
+        else {
+            return "g-stored-twice".into();
+        };
+        let inc = &logs.incs[d.inc];
+        let sent = x.map_or(f64::NAN, |x| x.sent);
+        let outcome = match x.map(|x| &x.outcome) {
+            Some(Outcome::Acked { .. }) => "acknowledged",
+            Some(Outcome::Unknown(k)) | Some(Outcome::Refused(k)) => k.as_str(),
+            None => "?",
+        };
+        if holders.is_empty() {
+            return format!(
+                "g2-request-queued-for-dead-node: {} (started {:.2} s after the enqueue was sent, {outcome}) stored a second task alone (holders [], replica {replica}): a resend queued in the client's socket for the killed node reached its new incarnation before it refused requests as a joining node",
+                inc.label,
+                inc.started - sent
+            );
+        }
+        if inc.started > sent && inc.id.is_some_and(|me| !holders.contains(&me)) {
+            return format!(
+                "g1-store-queued-for-dead-node: {} (started {:.2} s after the enqueue was sent) fired a copy of a second task as a non-holder (replica {replica}, holders {}): a `store` queued in a peer's socket for the killed node reached its new incarnation, and no `discard` followed",
+                inc.label,
+                inc.started - sent,
+                logs.names(holders)
+            );
+        }
+        format!(
+            "g-stored-twice: second task dispatched by {} replica {replica} holders {}",
+            inc.label,
+            logs.names(holders)
+        )
+    }
+
+    /// The table for the summary, and the detail for the file.
+    fn explain(&self) -> (String, String) {
+        let mut table = String::new();
+        let mut detail = String::new();
+        let logs = Logs::read(self.bases, self.report.restarts, self.start_unix);
+        let by_tag: HashMap<&str, &Enqueue> = self
+            .report
+            .enqueues
+            .iter()
+            .map(|x| (x.tag.as_str(), x))
+            .collect();
+        let mut dups: Vec<(&String, &Vec<Arrival>)> =
+            self.arrivals.iter().filter(|(_, a)| a.len() > 1).collect();
+        dups.sort_by(|a, b| a.1[0].at.total_cmp(&b.1[0].at));
+        let have_logs = logs.by_task.values().any(|v| {
+            v.iter()
+                .any(|l| matches!(l.what, TaskWhat::Dispatch { .. }))
+        });
+
+        // Tasks dispatched by two or more processes, delivered once or more.
+        let multi: Vec<&String> = logs
+            .by_task
+            .iter()
+            .filter(|(_, v)| {
+                v.iter()
+                    .filter(|l| matches!(l.what, TaskWhat::Dispatch { .. }))
+                    .count()
+                    > 1
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let dup_ids: HashSet<&str> = dups
+            .iter()
+            .flat_map(|(_, a)| a.iter().map(|x| x.id.as_str()))
+            .collect();
+        let _ = writeln!(
+            table,
+            "-------- duplicates explained ({} tasks; broker logs: {} files, {}) --------",
+            dups.len(),
+            logs.files,
+            if have_logs {
+                "with dispatch lines"
+            } else {
+                "NO dispatch lines: run with MIYAMOTO_TEST_LOG=info,broker::store=debug"
+            }
+        );
+        let _ = writeln!(
+            table,
+            "tasks dispatched 2+ times in the logs: {} (of them delivered 2+ times: {}); webhooks after the usual window (CHAOS_TAIL={}): {}",
+            multi.len(),
+            multi.iter().filter(|id| dup_ids.contains(id.as_str())).count(),
+            self.report.cfg.tail,
+            self.tail.len()
+        );
+        let _ = writeln!(
+            table,
+            "incarnations: {}",
+            logs.incs
+                .iter()
+                .map(|i| format!(
+                    "{} {:.1}..{}",
+                    i.label,
+                    i.started,
+                    i.killed.map_or("end".into(), |k| format!("{k:.1}"))
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(
+            table,
+            "tag: sent cd→eta via/broker replicas | arrivals (s into load, K/R = nearest kill/restart) | dispatches (process@s r=replica a=attempt) | guess"
+        );
+
+        let mut causes: BTreeMap<String, usize> = BTreeMap::new();
+        for (n, (tag, arr)) in dups.iter().enumerate() {
+            let x = by_tag.get(tag.as_str());
+            let id = arr[0].id.as_str();
+            let own = logs.dispatches(id);
+            let mut disp = own.clone();
+            let mut guesses = Vec::new();
+            for k in 1..own.len() {
+                guesses.push(self.guess(&logs, id, own[0], own[k]));
+            }
+            // Other ids: the request stored twice.
+            let mut others: Vec<&str> = Vec::new();
+            for a in arr.iter() {
+                if a.id != id && !others.contains(&a.id.as_str()) {
+                    others.push(&a.id);
+                }
+            }
+            for other in others {
+                let od = logs.dispatches(other);
+                disp.extend(od.iter().copied());
+                guesses.push(self.stored_twice(&logs, x.copied(), &od));
+            }
+            disp.sort_by(|a, b| a.at.total_cmp(&b.at));
+            if have_logs && disp.len() < arr.len() && arr.iter().all(|a| a.id == id) {
+                guesses.push(format!(
+                    "f-fewer-dispatches: {} dispatches logged for {} webhooks",
+                    disp.len(),
+                    arr.len()
+                ));
+            }
+            for g in &guesses {
+                let key = g.split(':').next().unwrap_or(g).to_string();
+                *causes.entry(key).or_default() += 1;
+            }
+            let enq = match x {
+                Some(x) => format!(
+                    "{:.2} cd{:.1}→{:.2} {:?}{} r{}",
+                    x.sent,
+                    x.countdown,
+                    x.sent + x.countdown,
+                    x.via,
+                    x.broker.map(|b| format!("/n{b}")).unwrap_or_default(),
+                    match &x.outcome {
+                        Outcome::Acked { replicas, .. } => replicas.to_string(),
+                        _ => "?".into(),
+                    }
+                ),
+                None => "?".into(),
+            };
+            let arrs = arr
+                .iter()
+                .map(|a| format!("{:.2}({})", a.at, self.near(a.at)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let ds = disp
+                .iter()
+                .map(|d| match &d.what {
+                    TaskWhat::Dispatch {
+                        replica, attempt, ..
+                    } => format!(
+                        "{}@{:.2} r{replica} a{attempt}",
+                        logs.incs[d.inc].label, d.at
+                    ),
+                    _ => String::new(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            if n < DUP_TABLE_LINES {
+                let _ = writeln!(
+                    table,
+                    "  {tag}: {enq} | {arrs} | {ds} | {}",
+                    guesses
+                        .first()
+                        .map(|g| g.chars().take(110).collect::<String>())
+                        .unwrap_or_else(|| "no dispatch lines".into())
+                );
+            }
+
+            // The detail.
+            let _ = writeln!(detail, "=== {tag} task {id}");
+            if let Some(x) = x {
+                let _ = writeln!(
+                    detail,
+                    "  enqueue: {:?}{} sent {:.3} s, countdown {:.1} s, latency {:.3} s, {}",
+                    x.via,
+                    x.broker.map(|b| format!(" to n{b}")).unwrap_or_default(),
+                    x.sent,
+                    x.countdown,
+                    x.latency,
+                    match &x.outcome {
+                        Outcome::Acked { id, replicas } =>
+                            format!("acked id {id} replicas {replicas}"),
+                        Outcome::Unknown(k) => format!("unknown: {k}"),
+                        Outcome::Refused(k) => format!("refused: {k}"),
+                    }
+                );
+            }
+            for a in arr.iter() {
+                let _ = writeln!(
+                    detail,
+                    "  webhook at {:.3} ({}): id {} retry-count {} execution-count {} eta {} (= {:.3} into the load)",
+                    a.at,
+                    self.near(a.at),
+                    a.id,
+                    a.retry,
+                    a.executions,
+                    a.eta,
+                    a.eta.parse::<f64>().map_or(f64::NAN, |e| e - self.start_unix)
+                );
+            }
+            let mut ids = vec![id];
+            for a in arr.iter() {
+                if !ids.contains(&a.id.as_str()) {
+                    ids.push(&a.id);
+                }
+            }
+            // The cluster lines near each of the task's events.
+            let mut times: Vec<f64> = Vec::new();
+            for tid in ids {
+                for l in logs.by_task.get(tid).into_iter().flatten() {
+                    times.push(l.at);
+                    let inc = &logs.incs[l.inc];
+                    let what = match &l.what {
+                        TaskWhat::Dispatch {
+                            replica,
+                            holders,
+                            attempt,
+                        } => format!(
+                            "dispatching replica={replica} holders={} attempt={attempt}",
+                            logs.names(holders)
+                        ),
+                        TaskWhat::Decided {
+                            holders,
+                            answers,
+                            local,
+                            body,
+                        } => {
+                            let mut answers = answers.clone();
+                            for i in &logs.incs {
+                                if let Some(id) = i.id {
+                                    answers = answers.replace(&id.to_string(), &i.label);
+                                }
+                            }
+                            format!(
+                                "enqueue decided holders={} answers={answers} local={local} body={body}",
+                                logs.names(holders)
+                            )
+                        }
+                        TaskWhat::Handoff { silent, next } => format!(
+                            "holder silent: {} handed to {}",
+                            logs.name(*silent),
+                            logs.name(*next)
+                        ),
+                    };
+                    let _ = writeln!(
+                        detail,
+                        "  {:.3} ({}) {} [{}]: {what}",
+                        l.at,
+                        self.near(l.at),
+                        inc.label,
+                        if tid == id { "" } else { tid }
+                    );
+                }
+            }
+            times.extend(arr.iter().map(|a| a.at));
+            for c in logs
+                .cluster
+                .iter()
+                .filter(|c| times.iter().any(|t| c.at >= t - 3.0 && c.at <= t + 0.5))
+                .filter(|c| !c.text.starts_with("worker ready"))
+            {
+                let _ = writeln!(
+                    detail,
+                    "    cluster {:.3} {}: {}",
+                    c.at, logs.incs[c.inc].label, c.text
+                );
+            }
+            for g in &guesses {
+                let _ = writeln!(detail, "  guess: {g}");
+            }
+        }
+        if dups.len() > DUP_TABLE_LINES {
+            let _ = writeln!(
+                table,
+                "  ... {} more in the file",
+                dups.len() - DUP_TABLE_LINES
+            );
+        }
+        let _ = writeln!(
+            table,
+            "guessed causes (one per extra dispatch): {}",
+            causes
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+
+        // Tasks dispatched 2+ times but delivered once: what the window saw.
+        let _ = writeln!(
+            detail,
+            "\n=== tasks dispatched by 2+ processes, delivered at most once"
+        );
+        for id in &multi {
+            if dup_ids.contains(id.as_str()) {
+                continue;
+            }
+            let ds = logs.dispatches(id);
+            let _ = writeln!(
+                detail,
+                "  {id}: {} | {}",
+                ds.iter()
+                    .map(|d| format!(
+                        "{}@{:.2}({})",
+                        logs.incs[d.inc].label,
+                        d.at,
+                        self.near(d.at)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                self.guess(&logs, id, ds[0], ds[1])
+            );
+        }
+        let _ = writeln!(detail, "\n=== webhooks after the usual window (CHAOS_TAIL)");
+        for (tag, a) in self.tail {
+            let _ = writeln!(
+                detail,
+                "  {tag} at {:.3} id {} retry {} exec {}; dispatches: {}",
+                a.at,
+                a.id,
+                a.retry,
+                a.executions,
+                logs.dispatches(&a.id)
+                    .iter()
+                    .map(|d| format!("{}@{:.2}", logs.incs[d.inc].label, d.at))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        (table, detail)
     }
 }

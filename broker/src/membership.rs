@@ -153,6 +153,17 @@ impl Membership {
         self.members.iter().any(|m| m.id == self.me.id)
     }
 
+    /// What the node does before it reads any socket: the store learns
+    /// this node's id (so its first answers to peers name it, not 0), and
+    /// a node started to join refuses clients from its very first request.
+    pub fn start(&mut self, out: &mut Vec<Decision>) {
+        out.push(Decision::Store(Command::Identity(self.me.id)));
+        if self.joining {
+            self.told_joining = true;
+            out.push(Decision::Store(Command::Joining(true)));
+        }
+    }
+
     /// Stamps `body` as this node's next cluster event.
     pub fn publish(&mut self, body: EventBody) -> ClusterEvent {
         self.seq += 1;

@@ -394,6 +394,9 @@ impl IoLoop {
     fn run(&mut self, stop: &AtomicBool) {
         let mut next_tick = Instant::now() + self.tick_every;
         let mut out = Vec::new();
+        let mut first = Vec::new();
+        self.membership.start(&mut first);
+        self.decide(&mut first);
         loop {
             client::logging::test_fault_point("io");
             let wait = next_tick.saturating_duration_since(Instant::now());

@@ -867,6 +867,11 @@ impl Sim {
         };
         self.nodes.insert(id, node);
         self.occupant.insert(addr, id);
+        let mut first = Vec::new();
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.membership.start(&mut first);
+        }
+        self.decide(id, first);
         self.wake_node(id, self.now);
         // A bootstrapped node's first view comes from its election.
         if via.is_none() {

@@ -84,6 +84,10 @@ pub enum Command {
         members: Vec<u64>,
         replicas: u32,
     },
+    /// This node's member id, before any roster names it: a copy a peer
+    /// sends before this node has applied the roster that admits it is
+    /// answered under this id.
+    Identity(u64),
     /// This node was started to join a cluster and is not a member yet
     /// (true), or is one now (false): until then it refuses client
     /// requests with `unavailable`, so they go to a member instead of
@@ -659,6 +663,11 @@ impl Store {
                 replicas,
             } => self.on_roster(me, members, replicas, now_us, out),
             Command::Joining(joining) => self.joining = joining,
+            Command::Identity(id) => {
+                if self.cluster.me == 0 {
+                    self.cluster.me = id;
+                }
+            }
             Command::Suspects(mut ids) => {
                 ids.sort_unstable();
                 ids.dedup();

@@ -1167,10 +1167,31 @@ impl Store {
                 reason: "invalid task id".into(),
             };
         };
+        let me = self.cluster.me;
+        if me != 0 && !record.holders.is_empty() && !record.holders.contains(&me) {
+            // Meant for another member: a previous process at this
+            // address (its peers' connections reach whoever is there).
+            return StoreOutcome::Rejected {
+                reason: "this node is not one of the copy's holders".into(),
+            };
+        }
         if let Some(t) = self.tasks.get_mut(&id) {
             t.holders = record.holders.clone().into_boxed_slice();
             t.replica = self.cluster.replica_index(&record.holders);
+            let (state, timeout) = (t.state, t.spec.timeout());
             self.retime(id);
+            // New holders may have joined the list (a handoff) after this
+            // copy's delivery started or ended: they missed its `claimed`
+            // or `finished`, so it is published again for them.
+            if state == TaskState::Running {
+                let deadline_us = now_us + secs_to_micros(timeout) + CLAIM_GRACE.as_micros() as u64;
+                self.publish_for(id, |_| EventBody::Claimed {
+                    id: id.to_string(),
+                    deadline_us,
+                });
+            } else if state.is_final() {
+                self.publish_finished(id);
+            }
             return StoreOutcome::Stored;
         }
         if record.state.is_final() {

@@ -1549,3 +1549,77 @@ fn a_re_replication_copy_is_sent_again_until_answered() {
     s.fire_due(t + 10 * PEER_TIMEOUT.as_micros() as u64, &mut out);
     assert!(to_peer(&out, 4).is_empty(), "{out:?}");
 }
+
+#[test]
+fn a_holder_added_by_a_handoff_hears_of_a_delivery_already_under_way() {
+    // Holders [2, 3]; node 1 coordinates; node 3 is dead.
+    let name = (0..)
+        .map(|i| format!("u{i}"))
+        .find(|n| crate::placement::place(n, &[1, 2, 3], 2) == vec![2, 3])
+        .unwrap();
+    let (mut one, mut two) = (trio_member(1), trio_member(2));
+    let mut out = Vec::new();
+    let due_now = TaskSpec {
+        name: Some(name),
+        ..spec(0.0)
+    };
+    one.apply(
+        enqueue_request(
+            "r5",
+            ClientCommand::Enqueue {
+                queue: "default".into(),
+                task: due_now,
+                wait: None,
+            },
+        ),
+        T0,
+        &mut out,
+    );
+    // Node 2 stores the copy, answers, and delivers it at once (due now).
+    let mut at_two = Vec::new();
+    for msg in to_peer(&out, 2) {
+        two.apply(Command::Peer(msg), T0 + 1, &mut at_two);
+    }
+    two.fire_due(T0 + 2, &mut at_two);
+    assert_eq!(dispatches(&at_two).len(), 1, "node 2 delivers it");
+    out.clear();
+    for e in at_two.drain(..) {
+        if let Event::ToPeer { msg, .. } = e {
+            one.apply(Command::Peer(msg), T0 + 3, &mut out);
+        }
+    }
+    // Node 3 is silent: at the handoff node 1 takes its place itself, and
+    // the enqueue is decided with two copies.
+    out.clear();
+    let handoff = T0 + HANDOFF_AFTER.as_micros() as u64;
+    one.fire_due(handoff, &mut out);
+    assert!(matches!(
+        replies(&out).as_slice(),
+        [ReplyBody::Enqueued { replicas: 2, .. }]
+    ));
+    // Node 2 learns the new holder list and says again that the delivery
+    // is under way, so node 1's copy waits past its deadline instead of
+    // firing at its offset.
+    let mut again = Vec::new();
+    for msg in to_peer(&out, 2) {
+        two.apply(Command::Peer(msg), handoff + 1, &mut again);
+    }
+    let claimed: Vec<EventBody> = again
+        .iter()
+        .filter_map(|e| match e {
+            Event::Publish(b @ EventBody::Claimed { .. }) => Some(b.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(claimed.len(), 1, "{again:?}");
+    let mut ignore = Vec::new();
+    for b in claimed {
+        one.apply(Command::PeerEvent(b), handoff + 2, &mut ignore);
+    }
+    let offset = StoreConfig::default().replica_offset.as_micros() as u64;
+    one.fire_due(T0 + offset + 1, &mut ignore);
+    assert!(
+        dispatches(&ignore).is_empty(),
+        "node 1 fired its copy while node 2 delivers: {ignore:?}"
+    );
+}
