@@ -608,11 +608,10 @@ impl Store {
     /// [`HANDOFF_AFTER`] passed with holders silent: each one's place goes
     /// to the next member in the task's placement order that is neither a
     /// holder, nor passed over, nor suspected — this node included, when it
-    /// coordinates without holding. The silent holder is sent `discard`
-    /// (after its `store`, on the same connection), so a holder that was
-    /// only slow does not keep a copy outside the holder list. The enqueue
-    /// is then decided when the new holders answer, or at [`PEER_TIMEOUT`]
-    /// from the enqueue.
+    /// coordinates without holding. The enqueue is then decided when the
+    /// new holders answer, or at [`PEER_TIMEOUT`] from the enqueue; what
+    /// becomes of the silent holders is settled then
+    /// ([`Store::settle_handoffs`]).
     fn hand_off(&mut self, req: u64, now_us: u64) {
         let me = self.cluster.me;
         let Some(Pending::Store(p)) = self.pending.get_mut(&req) else {
@@ -759,18 +758,9 @@ impl Store {
             }
             self.retime(p.id);
         }
-        let Some(record) = self.record_of(p.id, now_us).or_else(|| {
-            Some(new_record(
-                p.id,
-                &p.spec,
-                false,
-                p.created_us,
-                p.holders.clone(),
-            ))
-        }) else {
-            return;
-        };
-        let mut record = record;
+        let mut record = self
+            .record_of(p.id, now_us)
+            .unwrap_or_else(|| new_record(p.id, &p.spec, false, p.created_us, Vec::new()));
         record.holders = p.holders.clone();
         for (h, o) in &p.answers {
             if *h != me && matches!(o, StoreOutcome::Stored) && p.holders.contains(h) {
