@@ -406,3 +406,73 @@ fn the_gateways_resend_past_a_frozen_or_dead_broker_stores_each_task_once() {
         freeze_then(h, &c, false);
     });
 }
+
+#[test]
+fn a_node_still_joining_refuses_clients_and_the_gateway_goes_elsewhere() {
+    run(Duration::from_secs(60), |h| {
+        // A lone node, and one that asks to join a cluster nobody answers
+        // for (a dead port): it stays a joiner.
+        let live = free_base();
+        h.spawn(&["broker", "--port", &live.to_string(), "--node-id", "live"]);
+        let joiner = free_base();
+        let nowhere = format!("tcp://127.0.0.1:{}", free_base());
+        h.spawn(&[
+            "broker",
+            "--port",
+            &joiner.to_string(),
+            "--node-id",
+            "joiner",
+            "--join",
+            &nowhere,
+        ]);
+        let mut p = Producer::connect(&format!("tcp://127.0.0.1:{joiner}")).unwrap();
+        p.ping().expect("a joiner answers ping");
+        let refused = p.request(ClientCommand::Enqueue {
+            queue: "default".into(),
+            task: protocol::TaskSpec {
+                url: "http://127.0.0.1:9/never".into(),
+                ..Default::default()
+            },
+            wait: None,
+        });
+        assert!(
+            matches!(
+                refused,
+                Err(client::ClientError::Rejected {
+                    code: protocol::ErrorCode::Unavailable,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        // A gateway given both: every enqueue ZeroMQ spreads to the joiner
+        // is refused there and sent again to the live node.
+        let http = free_port();
+        let gw = h.spawn(&[
+            "gateway",
+            "--listen",
+            &format!("127.0.0.1:{http}"),
+            "--broker",
+            &format!("tcp://127.0.0.1:{live},tcp://127.0.0.1:{joiner}"),
+        ]);
+        let gateway = Node {
+            base: live,
+            http,
+            pid: gw,
+        };
+        gateway.wait_ready();
+        let rx = Receiver::start();
+        for i in 0..30 {
+            let (s, v) = post_form(
+                &gateway.url("/queue"),
+                &format!("task.url={}&i={i}", rx.url("/elsewhere")),
+            );
+            assert_eq!(s, 200, "enqueue {i}: {v}");
+        }
+        let mut seen = HashSet::new();
+        while seen.len() < 30 {
+            let s = rx.expect(Duration::from_secs(10));
+            seen.insert(s.form("i"));
+        }
+    });
+}
