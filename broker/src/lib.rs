@@ -27,6 +27,7 @@ pub mod clock;
 pub mod dispatch;
 pub mod election;
 pub mod fair;
+pub mod journal;
 pub mod membership;
 pub mod node;
 pub mod placement;
