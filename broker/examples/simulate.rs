@@ -22,7 +22,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use broker::sim::{self, Faults, Report, SimConfig};
+use broker::sim::{self, Faults, SimConfig};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         if let Some(t) = calm {
             config.calm = Duration::from_secs(t);
         }
-        let report = run(config);
+        let report = sim::run(config);
         // A trace may be long and piped into `head`: stop quietly when the
         // reader has gone.
         let mut stdout = std::io::stdout().lock();
@@ -124,27 +124,5 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
-}
-
-/// Runs `config`; a panic (raft-rs panics on some messages it should not
-/// get) fails the seed, and a soak goes on with the next.
-fn run(config: SimConfig) -> Report {
-    let (seed, replay_args) = (config.seed, config.replay_args());
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim::run(config))) {
-        Ok(r) => r,
-        Err(e) => {
-            let what = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Report {
-                seed,
-                violations: vec![format!("panicked: {what}")],
-                replay_args,
-                ..Report::default()
-            }
-        }
     }
 }

@@ -771,18 +771,7 @@ mod tests {
 
     #[test]
     fn the_leader_removes_a_silent_member_and_a_minority_elects_no_one() {
-        let mut net = Net::new();
-        net.add(1, true);
-        for _ in 0..30 {
-            net.round();
-        }
-        for id in [2, 3] {
-            net.add(id, false);
-            for _ in 0..30 {
-                net.wire.push_back((1, ToElection::Join(member(id))));
-                net.round();
-            }
-        }
+        let mut net = three();
         assert_eq!(net.views[&3].1, vec![1, 2, 3]);
         // Node 3 goes silent: the leader hears of it and removes it.
         net.nodes.remove(&3);

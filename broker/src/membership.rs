@@ -91,8 +91,6 @@ pub struct Membership {
     last_join: Option<Instant>,
     /// The suspects last told to the store.
     suspects: Vec<u64>,
-    /// The store was told that this node is joining.
-    told_joining: bool,
 }
 
 impl Membership {
@@ -125,7 +123,6 @@ impl Membership {
             last_beat: now,
             last_join: None,
             suspects: Vec::new(),
-            told_joining: false,
         }
     }
 
@@ -159,7 +156,6 @@ impl Membership {
     pub fn start(&mut self, out: &mut Vec<Decision>) {
         out.push(Decision::Store(Command::Identity(self.me.id)));
         if self.joining {
-            self.told_joining = true;
             out.push(Decision::Store(Command::Joining(true)));
         }
     }
@@ -178,12 +174,6 @@ impl Membership {
     /// (with `tasks`, this node's task count), the peers' liveness for
     /// the election, and while joining, the join request again.
     pub fn tick(&mut self, now: Instant, tasks: u64, out: &mut Vec<Decision>) {
-        if self.joining && !self.told_joining {
-            // At once: a node started to join refuses client requests
-            // until it is a member.
-            self.told_joining = true;
-            out.push(Decision::Store(Command::Joining(true)));
-        }
         if now.duration_since(self.last_beat) < HEARTBEAT_EVERY {
             return;
         }
@@ -223,7 +213,6 @@ impl Membership {
         }
         if self.is_member() {
             self.joining = false;
-            out.push(Decision::Store(Command::Joining(false)));
             out.push(Decision::Joined);
         } else if self
             .last_join
@@ -500,14 +489,22 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Membership::new(member(9), 2, Duration::from_secs(5), true, t0);
         let mut out = Vec::new();
-        m.tick(t0, 0, &mut out);
-        // The store refuses clients until the node is a member; nothing
-        // else before the first interval.
+        // Before any socket is read, the store learns the node's id, and
+        // that it refuses clients until the node is a member.
+        m.start(&mut out);
         assert!(
-            matches!(out.as_slice(), [Decision::Store(Command::Joining(true))]),
+            matches!(
+                out.as_slice(),
+                [
+                    Decision::Store(Command::Identity(9)),
+                    Decision::Store(Command::Joining(true))
+                ]
+            ),
             "{out:?}"
         );
         out.clear();
+        m.tick(t0, 0, &mut out);
+        assert!(out.is_empty(), "nothing before the first interval");
         let t1 = t0 + HEARTBEAT_EVERY;
         m.tick(t1, 4, &mut out);
         assert!(matches!(

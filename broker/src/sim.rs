@@ -405,23 +405,38 @@ impl Report {
 
 /// Runs one simulation. A panic inside it (raft-rs panics on some
 /// messages it should never get) fails the run: it is reported as a
-/// violation, with the virtual time, the figures and the trace so far.
+/// violation, with the virtual time, the figures and the trace so far
+/// (none when the cluster could not even be set up).
 pub fn run(config: SimConfig) -> Report {
-    let mut sim = Sim::new(config);
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
-    if let Err(e) = ran {
-        let what = e
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let (seed, replay_args) = (config.seed, config.replay_args());
+    let mut sim = match catch_unwind(AssertUnwindSafe(|| Sim::new(config))) {
+        Ok(sim) => sim,
+        Err(e) => {
+            return Report {
+                seed,
+                violations: vec![format!("panicked: {}", panic_text(&*e))],
+                replay_args,
+                ..Report::default()
+            }
+        }
+    };
+    if let Err(e) = catch_unwind(AssertUnwindSafe(|| sim.run())) {
         let at = sim.now.duration_since(sim.base);
         sim.report
             .violations
-            .push(format!("at {at:?}: panicked: {what}"));
+            .push(format!("at {at:?}: panicked: {}", panic_text(&*e)));
         sim.tally();
     }
     sim.report
+}
+
+/// A panic's message.
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// The seeded generator of every random choice (SplitMix64).

@@ -9,10 +9,9 @@
 //! `simulate` example. Clusters of five, where a second crash may strike
 //! before the first is healed, run `SIM_SEEDS_5` seeds (16).
 
-use std::panic::{self, AssertUnwindSafe};
 use std::time::Duration;
 
-use broker::sim::{self, Faults, Report, Sabotage, SimConfig};
+use broker::sim::{run, Faults, Report, Sabotage, SimConfig};
 
 /// A run of the default suite: 20 s of faults and 15 s of calm.
 fn short(seed: u64) -> SimConfig {
@@ -27,28 +26,6 @@ fn short_of_five(seed: u64) -> SimConfig {
     let mut c = short(seed);
     c.nodes = 5;
     c
-}
-
-/// Runs `config`; a panic is a failure of the seed, not of the suite
-/// (`sim::run` reports one inside the run itself; this catches the rest).
-fn run(config: SimConfig) -> Report {
-    let (seed, replay_args) = (config.seed, config.replay_args());
-    match panic::catch_unwind(AssertUnwindSafe(|| sim::run(config))) {
-        Ok(r) => r,
-        Err(e) => {
-            let what = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Report {
-                seed,
-                violations: vec![format!("panicked: {what}")],
-                replay_args,
-                ..Report::default()
-            }
-        }
-    }
 }
 
 fn describe(r: &Report) -> String {

@@ -166,9 +166,8 @@ pub struct PendingStore {
     created_us: u64,
     /// The handoff was made ([`HANDOFF_AFTER`]); the next expiry decides.
     handed_off: bool,
-    /// Holders passed over for silence, whose answers no longer count.
-    passed_over: Vec<u64>,
-    /// (silent holder, the member given its place) for each handoff.
+    /// (silent holder, the member given its place) for each handoff: the
+    /// silent ones' answers no longer count.
     replaced: Vec<(u64, u64)>,
 }
 
@@ -526,7 +525,6 @@ impl Store {
                 request_key: key,
                 created_us: now_us,
                 handed_off: false,
-                passed_over: Vec::new(),
                 replaced: Vec::new(),
                 identity: client.identity.to_vec(),
                 request_id: client.request_id.to_string(),
@@ -618,7 +616,6 @@ impl Store {
             return;
         };
         p.handed_off = true;
-        let deadline = p.created_us + PEER_TIMEOUT.as_micros() as u64;
         let silent: Vec<u64> = p
             .holders
             .iter()
@@ -626,11 +623,10 @@ impl Store {
             .filter(|h| *h != me && !p.answers.contains_key(h))
             .collect();
         let order = place(&p.key, &self.cluster.members, self.cluster.members.len());
-        let mut replaced = Vec::new();
         for h in silent {
             let next = order.iter().copied().find(|m| {
                 !p.holders.contains(m)
-                    && !p.passed_over.contains(m)
+                    && !p.replaced.iter().any(|(passed, _)| passed == m)
                     && self.cluster.suspects.binary_search(m).is_err()
                     && (*m != me || !p.local)
             });
@@ -638,30 +634,32 @@ impl Store {
             if let Some(slot) = p.holders.iter_mut().find(|x| **x == h) {
                 *slot = next;
             }
-            p.passed_over.push(h);
             p.replaced.push((h, next));
-            replaced.push((h, next));
         }
-        let timer = p.timer;
-        if replaced.is_empty() {
-            self.timers.remove(&timer);
-            let t = self.add_timer(deadline.max(now_us), Timer::Pending(req));
-            if let Some(Pending::Store(p)) = self.pending.get_mut(&req) {
-                p.timer = t;
-            }
-            return;
-        }
-        let (id, holders, spec, created_us, request_key) = (
+        // The decision now waits for the new holders, up to PEER_TIMEOUT
+        // from the enqueue.
+        let deadline = p.created_us + PEER_TIMEOUT.as_micros() as u64;
+        let old_timer = p.timer;
+        let (id, holders, spec, created_us, request_key, replaced) = (
             p.id,
             p.holders.clone(),
             p.spec.clone(),
             p.created_us,
             p.request_key.clone(),
+            p.replaced.clone(),
         );
+        self.timers.remove(&old_timer);
+        let timer = self.add_timer(deadline.max(now_us), Timer::Pending(req));
+        if let Some(Pending::Store(p)) = self.pending.get_mut(&req) {
+            p.timer = timer;
+        }
+        if replaced.is_empty() {
+            return;
+        }
         self.stats.handed_off += replaced.len() as u64;
-        for (silent, next) in &replaced {
+        for (silent, next) in replaced {
             tracing::debug!(task = %id, silent, next, "holder silent: copy handed to the next member");
-            if *next == me {
+            if next == me {
                 self.insert_task(id, spec.clone(), false, created_us, holders.clone());
                 self.clear_timer(id);
                 self.note_copy_for(&request_key, id, &spec.queue, spec.eta, now_us);
@@ -673,7 +671,7 @@ impl Store {
             let mut record = new_record(id, &spec, false, created_us, holders.clone());
             record.request = Some(request_key.clone());
             self.outbox.push(Event::ToPeer {
-                to: *next,
+                to: next,
                 msg: PeerMessage::Store {
                     req,
                     from: me,
@@ -682,18 +680,12 @@ impl Store {
                 },
             });
         }
-        self.timers.remove(&timer);
-        let t = self.add_timer(deadline.max(now_us), Timer::Pending(req));
-        let done = match self.pending.get_mut(&req) {
-            Some(Pending::Store(p)) => {
-                p.timer = t;
-                let remote = p.holders.iter().filter(|h| **h != me).count();
-                p.holders
-                    .iter()
-                    .filter(|h| **h != me)
-                    .all(|h| p.answers.contains_key(h))
-                    || remote == 0
-            }
+        let done = match self.pending.get(&req) {
+            Some(Pending::Store(p)) => p
+                .holders
+                .iter()
+                .filter(|h| **h != me)
+                .all(|h| p.answers.contains_key(h)),
             _ => false,
         };
         if done {

@@ -717,6 +717,27 @@ fn replicas_fire_at_their_offsets_and_follow_each_other() {
     assert!(dispatches(&late).is_empty(), "a finished task fired again");
 }
 
+/// Node 2 stores a copy of task `name` on `s`, holders [1, 2].
+fn copy_from_2(s: &mut Store, name: &str, out: &mut Vec<Event>) {
+    let rec = replication::new_record(
+        Uuid::new_v4(),
+        &crate::validate::validate("default", named(name), 1.8e9).unwrap(),
+        false,
+        T0,
+        vec![1, 2],
+    );
+    s.apply(
+        Command::Peer(PeerMessage::Store {
+            req: 0,
+            from: 2,
+            record: rec,
+            check: true,
+        }),
+        T0,
+        out,
+    );
+}
+
 #[test]
 fn a_lost_holder_is_replaced() {
     let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(7));
@@ -732,24 +753,7 @@ fn a_lost_holder_is_replaced() {
     );
     // Store tasks as holder, with node 2 as the other holder.
     for i in 0..50 {
-        let mut rec = replication::new_record(
-            Uuid::new_v4(),
-            &crate::validate::validate("default", named(&format!("t{i}")), 1.8e9).unwrap(),
-            false,
-            T0,
-            vec![1, 2],
-        );
-        rec.holders = vec![1, 2];
-        s.apply(
-            Command::Peer(PeerMessage::Store {
-                req: 0,
-                from: 2,
-                record: rec,
-                check: true,
-            }),
-            T0,
-            &mut out,
-        );
+        copy_from_2(&mut s, &format!("t{i}"), &mut out);
     }
     out.clear();
     // Node 2 leaves: node 1 (first survivor) copies every task to node 3.
@@ -1452,34 +1456,9 @@ fn a_handoff_nobody_answers_gives_the_place_back_and_discards_nothing() {
 
 #[test]
 fn a_re_replication_copy_is_sent_again_until_answered() {
-    let mut s = Store::new(StoreConfig::default(), T0, TaskIds::seeded(7));
+    let mut s = trio_member(1);
     let mut out = Vec::new();
-    s.apply(
-        Command::Roster {
-            me: 1,
-            members: vec![1, 2, 3],
-            replicas: 2,
-        },
-        T0,
-        &mut out,
-    );
-    let rec = replication::new_record(
-        Uuid::new_v4(),
-        &crate::validate::validate("default", named("copy-me"), 1.8e9).unwrap(),
-        false,
-        T0,
-        vec![1, 2],
-    );
-    s.apply(
-        Command::Peer(PeerMessage::Store {
-            req: 0,
-            from: 2,
-            record: rec,
-            check: true,
-        }),
-        T0,
-        &mut out,
-    );
+    copy_from_2(&mut s, "copy-me", &mut out);
     out.clear();
     // Node 2 leaves: node 3 gets a copy, which asks for an answer.
     s.apply(
