@@ -8,6 +8,7 @@ mod api;
 mod bench;
 mod chaos;
 mod cluster;
+mod durability;
 mod hardening;
 mod link;
 mod python;

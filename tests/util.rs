@@ -42,10 +42,32 @@ pub fn now() -> f64 {
         .as_secs_f64()
 }
 
-/// Processes started by one test; all killed when the test ends.
-#[derive(Default)]
+/// Processes started by one test; all killed when the test ends. They
+/// run in the test's own directory (under `target/tmp/runs`, removed when
+/// the test passes), so their default `./miyamoto-data` is the test's
+/// alone and a node restarted by the test finds its data again.
 pub struct Harness {
     children: Mutex<Vec<Child>>,
+    pub dir: PathBuf,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        static N: AtomicU16 = AtomicU16::new(0);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("runs")
+            .join(format!(
+                "{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a test directory");
+        Harness {
+            children: Mutex::new(Vec::new()),
+            dir,
+        }
+    }
 }
 
 /// Runs `f` with a harness; fails if it takes longer than `limit`.
@@ -70,6 +92,7 @@ where
     if let Err(p) = t.join().expect("test thread") {
         std::panic::resume_unwind(p);
     }
+    let _ = std::fs::remove_dir_all(&h.dir);
 }
 
 impl Harness {
@@ -83,6 +106,7 @@ impl Harness {
         let log = log_file(args);
         let child = Command::new(bin())
             .args(args)
+            .current_dir(&self.dir)
             // MIYAMOTO_TEST_LOG=debug turns up the processes' logs (under
             // target/tmp/logs) when a test needs explaining.
             .env(
@@ -129,6 +153,7 @@ impl Harness {
         let log = log_file(args);
         let mut child = Command::new(bin())
             .args(args)
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -155,6 +180,7 @@ impl Harness {
         let log = log_file(args);
         let mut child = Command::new(program)
             .args(args)
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -186,6 +212,7 @@ impl Harness {
         let log = log_file(args);
         Command::new(program)
             .args(args)
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -239,6 +266,18 @@ impl Harness {
         node
     }
 
+    /// `miyamoto standalone` on given ports (a node started again).
+    pub fn standalone_at(&self, base: u16, http: u16, extra: &[&str]) -> Node {
+        let listen = format!("127.0.0.1:{http}");
+        let base_s = base.to_string();
+        let mut args = vec!["standalone", "--port", &base_s, "--listen", &listen];
+        args.extend_from_slice(extra);
+        let pid = self.spawn(&args);
+        let node = Node { base, http, pid };
+        node.wait_ready();
+        node
+    }
+
     /// `miyamoto broker` on a free base port.
     pub fn broker(&self, base: u16) -> u32 {
         self.spawn(&["broker", "--port", &base.to_string()])
@@ -256,6 +295,28 @@ fn log_file(args: &[&str]) -> std::fs::File {
         N.fetch_add(1, Ordering::Relaxed)
     );
     std::fs::File::create(dir.join(name)).unwrap()
+}
+
+/// The newest process log (under `target/tmp/logs`) that contains
+/// `needle`, or a panic.
+pub fn last_log_containing(needle: &str) -> String {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs");
+    let mut logs: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((e.metadata().ok()?.modified().ok()?, e.path()))
+        })
+        .collect();
+    logs.sort();
+    logs.iter()
+        .rev()
+        .find_map(|(_, p)| {
+            std::fs::read_to_string(p)
+                .ok()
+                .filter(|t| t.contains(needle))
+        })
+        .unwrap_or_else(|| panic!("no log contains {needle:?}"))
 }
 
 /// A size in `/proc/PID/status` (`VmRSS:`, `VmHWM:`…), in bytes.

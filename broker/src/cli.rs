@@ -64,6 +64,44 @@ pub struct BrokerArgs {
     /// Queues known; past it a task for a new queue is answered busy.
     #[arg(long, default_value_t = 10_000)]
     pub max_queues: usize,
+    /// Where nodes keep their state: this node uses DIR/NODE-ID, so
+    /// nodes on one machine never share files (see STORAGE.md).
+    #[arg(long, default_value = "miyamoto-data")]
+    pub data_dir: std::path::PathBuf,
+    /// Keep everything in memory only: a restart loses every task.
+    #[arg(long, conflicts_with_all = ["fsync", "salvage_journal"])]
+    pub in_memory: bool,
+    /// When a change is answered: `always` after fdatasync (survives a
+    /// power cut), `never` after write (survives a crash of the process,
+    /// not of the machine).
+    #[arg(long, value_enum, default_value_t = FsyncArg::Always)]
+    pub fsync: FsyncArg,
+    /// Start even though the journal is damaged, from the last good
+    /// record; the damaged part is renamed *.damaged, not deleted.
+    #[arg(long)]
+    pub salvage_journal: bool,
+}
+
+/// `--fsync`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncArg {
+    Always,
+    Never,
+}
+
+/// A node id fit to name its directory: letters, digits, `-`, `_`, `.`,
+/// not starting with a dot.
+fn check_node_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        anyhow::bail!("--node-id {id:?} must be 1 to 128 letters, digits, '-', '_' or '.', not starting with '.' (it names the node's data directory)");
+    }
+    Ok(())
 }
 
 /// `1048576`, `64M`, `64MiB`, `2G`… (K, M, G are 1024-based, as
@@ -121,7 +159,21 @@ impl BrokerArgs {
         if self.port > u16::MAX - 3 {
             anyhow::bail!("--port must leave room for PORT+3");
         }
+        let node_id = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", self.port));
+        check_node_id(&node_id)?;
+        let data = (!self.in_memory).then(|| crate::node::DataConfig {
+            dir: self.data_dir.join(&node_id),
+            fsync: match self.fsync {
+                FsyncArg::Always => crate::journal::Fsync::Always,
+                FsyncArg::Never => crate::journal::Fsync::Never,
+            },
+            salvage: self.salvage_journal,
+        });
         Ok(NodeConfig {
+            data,
             bind: self.bind.clone(),
             advertise: self.advertise.clone(),
             base_port: self.port,
@@ -129,10 +181,7 @@ impl BrokerArgs {
             replicas: self.replicas,
             remove_after: secs("remove-after", self.remove_after)?,
             scheduler: StoreConfig {
-                node_id: self
-                    .node_id
-                    .clone()
-                    .unwrap_or_else(|| format!("node-{}", self.port)),
+                node_id,
                 queue_defaults,
                 queues,
                 replica_offset: secs("replica-offset", self.replica_offset)?,

@@ -17,9 +17,12 @@
 //! Raft snapshots carry the roster too (see `RosterStorage`), so a member
 //! that catches up from a snapshot still learns every member's endpoints.
 //!
-//! Storage is in memory: a node without a data directory gets a new random
-//! id at every start, so it joins as a new member and can never vote twice
-//! in a term.
+//! Storage is raft-rs's `MemStorage`. A node with a data directory saves
+//! its Raft state ([`SavedRaft`]: its id, hard state, log, snapshot and
+//! roster) there after every change, before the messages that depend on it
+//! go out ([`FromElection::Persist`]), and starts again from it as the same
+//! member. A node without one gets a new random id at every start, so it
+//! joins as a new member and can never vote twice in a term.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -67,6 +70,48 @@ pub enum FromElection {
     ForwardJoin { leader: u64, member: Member },
     /// Raft messages dropped so far (sent at a tick when it grew).
     Dropped { total: u64 },
+    /// Save this state ([`SavedRaft`], encoded) durably before acting on
+    /// the messages after it: the election thread does so itself.
+    Persist(ByteBuf),
+}
+
+/// What a node keeps of its Raft state in its data directory, enough to
+/// start again as the same member: its id, the hard state (term, vote,
+/// commit), the configuration, the log since the last snapshot (protobuf
+/// `eraftpb` encodings), and the roster as of the commit index.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SavedRaft {
+    pub id: u64,
+    pub hard_state: ByteBuf,
+    pub conf_state: ByteBuf,
+    pub snapshot_index: u64,
+    pub snapshot_term: u64,
+    pub entries: Vec<ByteBuf>,
+    pub epoch: u64,
+    pub members: Vec<Member>,
+}
+
+impl SavedRaft {
+    /// Only an id: a node that has no Raft state yet.
+    pub fn fresh(id: u64) -> SavedRaft {
+        SavedRaft {
+            id,
+            hard_state: ByteBuf::new(),
+            conf_state: ByteBuf::new(),
+            snapshot_index: 0,
+            snapshot_term: 0,
+            entries: Vec::new(),
+            epoch: 0,
+            members: Vec::new(),
+        }
+    }
+
+    /// Whether there is any Raft state beyond the id: such a node is a
+    /// member (or was one) and neither starts a cluster nor waits to be
+    /// added as a new node.
+    pub fn has_state(&self) -> bool {
+        !self.members.is_empty() || !self.entries.is_empty() || self.snapshot_index > 0
+    }
 }
 
 /// Election settings.
@@ -77,6 +122,10 @@ pub struct ElectionConfig {
     pub bootstrap: bool,
     /// The leader removes a member silent this long.
     pub remove_after: Duration,
+    /// The state saved by an earlier run of this member.
+    pub saved: Option<SavedRaft>,
+    /// Ask for [`FromElection::Persist`] after every change.
+    pub persist: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -150,10 +199,13 @@ pub struct Election {
     snapshots_sent: Vec<u64>,
     /// Messages to send, gathered by the current call.
     out: Vec<FromElection>,
+    persist: bool,
 }
 
 /// Runs the election thread's loop on `pair` until `Stop`.
-pub fn run(config: ElectionConfig, pair: zmq::Socket) {
+/// With `file`, the Raft state is saved there (atomically) before the
+/// messages that depend on it are sent.
+pub fn run(config: ElectionConfig, pair: zmq::Socket, file: Option<std::path::PathBuf>) {
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
     let mut e = match Election::new(&config, seed) {
         Ok(e) => e,
@@ -171,7 +223,7 @@ pub fn run(config: ElectionConfig, pair: zmq::Socket) {
                 while let Ok(parts) = pair.recv_multipart(zmq::DONTWAIT) {
                     match protocol::decode::<ToElection, _>(&parts) {
                         Ok(ToElection::Stop) => return,
-                        Ok(msg) => send_all(&pair, e.handle(msg)),
+                        Ok(msg) => send_all(&pair, e.handle(msg), file.as_deref()),
                         Err(err) => tracing::warn!(error = %err, "bad message to election thread"),
                     }
                 }
@@ -180,14 +232,27 @@ pub fn run(config: ElectionConfig, pair: zmq::Socket) {
             Err(_) => return,
         }
         if Instant::now() >= next_tick {
-            send_all(&pair, e.tick());
+            send_all(&pair, e.tick(), file.as_deref());
             next_tick = Instant::now() + TICK;
         }
     }
 }
 
-fn send_all(pair: &zmq::Socket, msgs: Vec<FromElection>) {
+fn send_all(pair: &zmq::Socket, msgs: Vec<FromElection>, file: Option<&std::path::Path>) {
     for msg in &msgs {
+        if let FromElection::Persist(bytes) = msg {
+            if let Some(path) = file {
+                if let Err(err) = crate::durable::write_file(path, bytes) {
+                    tracing::error!(error = %err, file = %path.display(), "cannot save the Raft state; stopping");
+                    eprintln!(
+                        "miyamoto: cannot save the Raft state to {}: {err}; stopping",
+                        path.display()
+                    );
+                    std::process::exit(74);
+                }
+            }
+            continue;
+        }
         let _ = pair.send_multipart(protocol::encode(msg), zmq::DONTWAIT);
     }
 }
@@ -219,9 +284,37 @@ impl Election {
             s.mut_metadata().mut_conf_state().voters = vec![config.me.id];
             mem.wl().apply_snapshot(s)?;
         }
+        let mut members = BTreeMap::new();
+        let mut epoch = 0;
+        let mut raft_config = raft_config;
+        if let Some(saved) = config.saved.as_ref().filter(|s| s.has_state()) {
+            load(&mem, saved, &mut raft_config)?;
+            members = saved.members.iter().map(|m| (m.id, m.clone())).collect();
+            epoch = saved.epoch;
+            if let Ok(mut r) = roster_bytes.lock() {
+                *r = protocol::encode(&SnapshotRoster {
+                    epoch,
+                    members: saved.members.clone(),
+                })
+                .pop()
+                .unwrap_or_default();
+            }
+        }
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut node = RawNode::new(&raft_config, storage, &logger)?;
-        let mut members = BTreeMap::new();
+        if config.saved.as_ref().is_some_and(SavedRaft::has_state) {
+            let r = &node.raft;
+            tracing::info!(
+                term = r.term,
+                vote = r.vote,
+                commit = r.raft_log.committed,
+                applied = r.raft_log.applied,
+                last_index = r.raft_log.last_index(),
+                voters = ?r.prs().conf().voters().ids().iter().collect::<Vec<_>>(),
+                members = members.len(),
+                "Raft state loaded"
+            );
+        }
         if config.bootstrap {
             node.campaign()?;
             members.insert(config.me.id, config.me.clone());
@@ -231,7 +324,7 @@ impl Election {
             node,
             roster_bytes,
             members,
-            epoch: 0,
+            epoch,
             remove_after: config.remove_after,
             last_sent: None,
             liveness: Vec::new(),
@@ -240,6 +333,7 @@ impl Election {
             dropped_reported: 0,
             snapshots_sent: Vec::new(),
             out: Vec::new(),
+            persist: config.persist,
         };
         e.draw_timeout();
         Ok(e)
@@ -484,6 +578,10 @@ impl Election {
         let store = self.node.raft.raft_log.store.mem.clone();
         let mut ready = self.node.ready();
         self.send_messages(ready.take_messages());
+        let changed = !ready.entries().is_empty()
+            || ready.hs().is_some()
+            || *ready.snapshot() != Snapshot::default()
+            || !ready.committed_entries().is_empty();
         if *ready.snapshot() != Snapshot::default() {
             let s = ready.snapshot().clone();
             tracing::debug!(
@@ -511,15 +609,30 @@ impl Election {
         if let Some(hs) = ready.hs() {
             store.wl().set_hardstate(hs.clone());
         }
-        self.send_messages(ready.take_persisted_messages());
+        // Messages that depend on what was just stored wait until it is
+        // saved (votes, acknowledgements of entries).
+        let persisted = ready.take_persisted_messages();
         let mut light = self.node.advance(ready);
+        let changed = changed || light.commit_index().is_some();
         if let Some(commit) = light.commit_index() {
             store.wl().mut_hard_state().set_commit(commit);
         }
-        self.send_messages(light.take_messages());
+        let later = light.take_messages();
         let committed = light.take_committed_entries();
+        let changed = changed || !committed.is_empty();
         self.apply(committed);
         self.node.advance_apply();
+        if self.persist && changed {
+            match self
+                .saved()
+                .map(|s| protocol::encode(&s).pop().unwrap_or_default())
+            {
+                Ok(bytes) => self.out.push(FromElection::Persist(ByteBuf::from(bytes))),
+                Err(err) => tracing::error!(error = %err, "cannot read the Raft state to save it"),
+            }
+        }
+        self.send_messages(persisted);
+        self.send_messages(later);
         // Snapshots go over ZeroMQ without an acknowledgement: reported as
         // sent, the follower's progress goes back to probing, so a snapshot
         // that was lost is sent again when the probe is refused. Unreported,
@@ -534,6 +647,32 @@ impl Election {
             let _ = self.node.propose(vec![], data);
             self.members.insert(self.me.id, self.me.clone());
         }
+    }
+
+    /// This member's Raft state as it is now, to save.
+    pub fn saved(&self) -> raft::Result<SavedRaft> {
+        let store = &self.node.raft.raft_log.store.mem;
+        let state = store.initial_state()?;
+        let first = store.first_index()?;
+        let last = store.last_index()?;
+        let snapshot_index = first - 1;
+        let snapshot_term = store.term(snapshot_index)?;
+        let entries = if last >= first {
+            store.entries(first, last + 1, None, GetEntriesContext::empty(false))?
+        } else {
+            Vec::new()
+        };
+        let pb = |m: &dyn PbMessage| ByteBuf::from(m.write_to_bytes().unwrap_or_default());
+        Ok(SavedRaft {
+            id: self.me.id,
+            hard_state: pb(&state.hard_state),
+            conf_state: pb(&state.conf_state),
+            snapshot_index,
+            snapshot_term,
+            entries: entries.iter().map(|e| pb(e)).collect(),
+            epoch: self.epoch,
+            members: self.members.values().cloned().collect(),
+        })
     }
 
     fn send_messages(&mut self, msgs: Vec<Message>) {
@@ -623,6 +762,35 @@ impl Election {
     }
 }
 
+/// Puts a saved Raft state into `mem`, and tells raft-rs that everything
+/// committed was applied (the saved roster is the state as of the commit).
+fn load(mem: &MemStorage, saved: &SavedRaft, config: &mut Config) -> raft::Result<()> {
+    use raft::prelude::{ConfState, HardState};
+    let bad = |what: &str| {
+        raft::Error::Store(raft::StorageError::Other(
+            format!("saved Raft state: bad {what}").into(),
+        ))
+    };
+    let hs = HardState::parse_from_bytes(&saved.hard_state).map_err(|_| bad("hard state"))?;
+    let cs = ConfState::parse_from_bytes(&saved.conf_state).map_err(|_| bad("configuration"))?;
+    let mut entries = Vec::with_capacity(saved.entries.len());
+    for e in &saved.entries {
+        entries.push(Entry::parse_from_bytes(e).map_err(|_| bad("log entry"))?);
+    }
+    if saved.snapshot_index > 0 {
+        let mut s = Snapshot::default();
+        s.mut_metadata().index = saved.snapshot_index;
+        s.mut_metadata().term = saved.snapshot_term;
+        s.mut_metadata().set_conf_state(cs.clone());
+        mem.wl().apply_snapshot(s)?;
+    }
+    mem.wl().append(&entries)?;
+    mem.wl().set_conf_state(cs);
+    config.applied = hs.commit.max(saved.snapshot_index);
+    mem.wl().set_hardstate(hs);
+    Ok(())
+}
+
 fn member_bytes(m: &Member) -> Vec<u8> {
     protocol::encode(m).pop().unwrap_or_default()
 }
@@ -668,6 +836,8 @@ mod tests {
         views: BTreeMap<u64, (u64, Vec<u64>, Option<u64>, u64)>,
         /// Messages (to, message) the network loses.
         lose: Option<Lose>,
+        /// What each node last asked to save.
+        saved: BTreeMap<u64, SavedRaft>,
     }
 
     impl Net {
@@ -677,6 +847,7 @@ mod tests {
                 wire: VecDeque::new(),
                 views: BTreeMap::new(),
                 lose: None,
+                saved: BTreeMap::new(),
             }
         }
 
@@ -685,8 +856,25 @@ mod tests {
                 me: member(id),
                 bootstrap,
                 remove_after: Duration::from_secs(2),
+                saved: None,
+                persist: true,
             };
             let e = Election::new(&config, id).unwrap();
+            self.nodes.insert(id, e);
+        }
+
+        /// Node `id` starts again from the state it last asked to save.
+        fn restart(&mut self, id: u64) {
+            let saved = self.saved.get(&id).cloned();
+            let config = ElectionConfig {
+                me: member(id),
+                bootstrap: false,
+                remove_after: Duration::from_secs(2),
+                saved,
+                persist: true,
+            };
+            self.views.remove(&id);
+            let e = Election::new(&config, id + 100).unwrap();
             self.nodes.insert(id, e);
         }
 
@@ -700,6 +888,11 @@ mod tests {
                         self.wire.push_back((leader, ToElection::Join(member)))
                     }
                     FromElection::Dropped { .. } => {}
+                    FromElection::Persist(bytes) => {
+                        let frames = [&[][..], &protocol::frames::header()[..], &bytes[..]];
+                        let s: SavedRaft = protocol::decode(&frames).expect("a saved state");
+                        self.saved.insert(from, s);
+                    }
                     FromElection::State {
                         epoch,
                         members,
@@ -808,6 +1001,43 @@ mod tests {
         net
     }
 
+    #[test]
+    fn a_cluster_restarted_from_its_saved_states_elects_a_leader_and_keeps_its_roster() {
+        let mut net = three();
+        let term = net.views[&1].3;
+        for id in [1, 2, 3] {
+            assert_eq!(net.saved[&id].id, id);
+            assert!(net.saved[&id].has_state());
+        }
+        net.wire.clear();
+        for id in [1, 2, 3] {
+            net.restart(id);
+        }
+        for _ in 0..80 {
+            net.round();
+        }
+        let leaders = net.leaders();
+        assert_eq!(leaders.len(), 1, "leaders {leaders:?}");
+        for id in [1, 2, 3] {
+            let (_, ids, leader, t) = &net.views[&id];
+            assert_eq!(ids, &vec![1, 2, 3], "node {id}'s roster");
+            assert_eq!(*leader, Some(leaders[0]), "node {id}'s leader");
+            assert!(*t > term, "a new term");
+        }
+    }
+
+    #[test]
+    fn a_member_restarted_alone_takes_its_place_again() {
+        let mut net = three();
+        net.restart(2);
+        for _ in 0..40 {
+            net.round();
+        }
+        assert_eq!(net.leaders(), vec![1]);
+        assert_eq!(net.views[&2].1, vec![1, 2, 3]);
+        assert_eq!(net.views[&2].2, Some(1));
+    }
+
     fn raft_bytes(m: &Message) -> ToElection {
         ToElection::Raft(ByteBuf::from(m.write_to_bytes().unwrap()))
     }
@@ -831,6 +1061,8 @@ mod tests {
                 me: member(2),
                 bootstrap: false,
                 remove_after: Duration::from_secs(2),
+                saved: None,
+                persist: false,
             },
             2,
         )
@@ -919,6 +1151,8 @@ mod tests {
             me: reborn.clone(),
             bootstrap: false,
             remove_after: Duration::from_secs(60),
+            saved: None,
+            persist: false,
         };
         net.nodes.insert(33, Election::new(&config, 33).unwrap());
         for _ in 0..60 {

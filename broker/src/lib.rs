@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod clock;
 pub mod dispatch;
+pub mod durable;
 pub mod election;
 pub mod fair;
 pub mod journal;

@@ -69,6 +69,11 @@ pub struct Membership {
     replica_offset: Duration,
     /// Waiting to be added to a cluster (started with `--join`).
     joining: bool,
+    /// Restarted from its data directory: a member by its saved roster,
+    /// it asks to join again until a leader is heard, in case it was
+    /// removed while it was down (the leader adds it back; a member's
+    /// request changes nothing).
+    rejoining: bool,
     /// The roster as the election last reported it.
     members: Vec<Member>,
     /// Members a DEALER is connected to.
@@ -108,6 +113,7 @@ impl Membership {
             replicas: replicas.max(1),
             replica_offset,
             joining,
+            rejoining: false,
             members: Vec::new(),
             connected: BTreeSet::new(),
             leader: None,
@@ -124,6 +130,11 @@ impl Membership {
             last_join: None,
             suspects: Vec::new(),
         }
+    }
+
+    /// See `rejoining`.
+    pub fn rejoin(&mut self) {
+        self.rejoining = true;
     }
 
     pub fn me(&self) -> &Member {
@@ -208,6 +219,21 @@ impl Membership {
             self.suspects = suspects.clone();
             out.push(Decision::Store(Command::Suspects(suspects)));
         }
+        if self.rejoining && !self.joining {
+            if self.leader.is_some() && self.is_member() {
+                self.rejoining = false;
+                out.push(Decision::Joined);
+            } else if self
+                .last_join
+                .is_none_or(|t| now.duration_since(t) >= JOIN_EVERY)
+            {
+                self.last_join = Some(now);
+                out.push(Decision::Join(PeerMessage::Join {
+                    member: self.me.clone(),
+                }));
+            }
+            return;
+        }
         if !self.joining {
             return;
         }
@@ -240,6 +266,8 @@ impl Membership {
                 msg: PeerMessage::Join { member },
             }),
             FromElection::Dropped { total } => self.raft_dropped = total,
+            // Saved by the election thread itself.
+            FromElection::Persist(_) => {}
             FromElection::State {
                 epoch,
                 members,

@@ -26,10 +26,12 @@ use protocol::{
 };
 
 use crate::dispatch::{self, DispatchConfig, Dispatcher, Out};
-use crate::election::{self, ElectionConfig, FromElection, ToElection};
+use crate::durable;
+use crate::election::{self, ElectionConfig, FromElection, SavedRaft, ToElection};
+use crate::journal::{self, DirDisk, Journal};
 use crate::membership::{Decision, Membership};
 use crate::scheduler::{self, Figures};
-use crate::store::{Command, Event, StoreConfig};
+use crate::store::{Command, Event, Store, StoreConfig, TaskIds};
 use client::sockets::{self, Bell, Doorbell};
 
 /// Port offsets from the base port.
@@ -58,6 +60,18 @@ pub struct NodeConfig {
     pub remove_after: Duration,
     pub scheduler: StoreConfig,
     pub dispatch: DispatchConfig,
+    /// Where the node keeps its state; `None` keeps it in memory only.
+    pub data: Option<DataConfig>,
+}
+
+/// A node's data directory (`STORAGE.md`).
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    /// This node's own directory (`--data-dir` joined with its node id).
+    pub dir: std::path::PathBuf,
+    pub fsync: crate::journal::Fsync,
+    /// Start from the last good record past damage (`--salvage-journal`).
+    pub salvage: bool,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +85,7 @@ impl Default for NodeConfig {
             remove_after: Duration::from_secs(10),
             scheduler: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
+            data: None,
         }
     }
 }
@@ -89,6 +104,8 @@ pub enum StartError {
     Thread(#[from] std::io::Error),
     #[error("invalid --join endpoint {0:?}: expected tcp://HOST:PORT")]
     Join(String),
+    #[error("{0}")]
+    Data(String),
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -131,10 +148,11 @@ fn shifted(ep: &str, offset: u16) -> Option<String> {
     Some(format!("{head}:{}", port.checked_add(offset)?))
 }
 
-/// This node's identity: a fresh random id (no data directory yet, so a
-/// restarted node joins as a new member and never votes twice in a
-/// term) and the endpoints others reach it at.
-fn identity(config: &NodeConfig) -> Member {
+/// This node's identity: its id (saved in its data directory, else a
+/// fresh random one, so a restarted node without one joins as a new
+/// member and never votes twice in a term) and the endpoints others reach
+/// it at.
+fn identity(config: &NodeConfig, id: u64) -> Member {
     let port = |off: u16| config.base_port.saturating_add(off);
     let host = config
         .advertise
@@ -143,12 +161,6 @@ fn identity(config: &NodeConfig) -> Member {
             "0.0.0.0" | "*" => "127.0.0.1".to_string(),
             b => b.to_string(),
         });
-    let id = loop {
-        let v = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
-        if v != 0 {
-            break v;
-        }
-    };
     Member {
         id,
         name: config.scheduler.node_id.clone(),
@@ -217,13 +229,21 @@ fn spawn_election(
     ctx: &zmq::Context,
     config: &NodeConfig,
     me: &Member,
+    saved: Option<SavedRaft>,
+    raft_dir: Option<std::path::PathBuf>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     let ctx = ctx.clone();
+    let restarted = saved.as_ref().is_some_and(SavedRaft::has_state);
     let ec = ElectionConfig {
         me: me.clone(),
-        bootstrap: config.join.is_none(),
+        // A member restarted from its directory neither starts a cluster
+        // nor waits to be added as a new node.
+        bootstrap: config.join.is_none() && !restarted,
         remove_after: config.remove_after,
+        saved,
+        persist: raft_dir.is_some(),
     };
+    let file = raft_dir.map(|d| d.join(durable::RAFT_FILE));
     thread::Builder::new()
         .name("election".into())
         .spawn(move || {
@@ -234,8 +254,118 @@ fn spawn_election(
             if pair.connect(&election_endpoint(ec.me.id)).is_err() {
                 return;
             }
-            election::run(ec, pair);
+            election::run(ec, pair, file);
         })
+}
+
+fn random_id() -> u64 {
+    loop {
+        let v = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// What a node starts from: its store (empty in memory, or recovered
+/// from its data directory, whose journal it then writes to), its member
+/// id and its saved Raft state.
+struct Opened {
+    store: Store,
+    journal: Option<Journal<DirDisk>>,
+    id: u64,
+    saved: Option<SavedRaft>,
+    /// Where the election saves the Raft state.
+    raft_dir: Option<std::path::PathBuf>,
+}
+
+fn open_data(config: &NodeConfig) -> Result<Opened, StartError> {
+    let now = crate::clock::now_micros();
+    let mut store = Store::new(config.scheduler.clone(), now, TaskIds::Random);
+    let Some(data) = &config.data else {
+        return Ok(Opened {
+            store,
+            journal: None,
+            id: random_id(),
+            saved: None,
+            raft_dir: None,
+        });
+    };
+    let started = Instant::now();
+    let disk = DirDisk::open(&data.dir).map_err(|e| StartError::Data(e.to_string()))?;
+    let saved = match durable::read_raft(&data.dir) {
+        Ok(s) => s,
+        Err(e) if data.salvage => {
+            // A Raft log cut short must not vote: the node joins afresh,
+            // under a new id, and keeps its tasks.
+            let aside = durable::set_aside(&data.dir)
+                .map_err(|err| StartError::Data(format!("{e}; cannot set it aside: {err}")))?;
+            tracing::warn!(error = %e, set_aside = %aside.display(), "--salvage-journal: the Raft state is damaged; joining as a new member");
+            if config.join.is_none() {
+                return Err(StartError::Data(format!(
+                    "{e}: set aside as {}; this node must join as a new member: give it --join",
+                    aside.display()
+                )));
+            }
+            None
+        }
+        Err(e) => {
+            return Err(StartError::Data(format!(
+                "{e}; to start anyway as a new member (its tasks kept, the damaged state set aside), use --salvage-journal with --join"
+            )))
+        }
+    };
+    let saved = match saved {
+        Some(s) => s,
+        None => {
+            let fresh = SavedRaft::fresh(random_id());
+            durable::write_raft(&data.dir, &fresh).map_err(|e| {
+                StartError::Data(format!("{}: cannot write: {e}", data.dir.display()))
+            })?;
+            fresh
+        }
+    };
+    let id = saved.id;
+    let options = journal::Options {
+        fsync: data.fsync,
+        salvage: data.salvage,
+        ..Default::default()
+    };
+    let (journal, recovered) = Journal::open(disk, options)
+        .map_err(|e| StartError::Data(format!("{}: {e}", data.dir.display())))?;
+    if recovered.torn_bytes > 0 {
+        tracing::warn!(bytes = recovered.torn_bytes, dir = %data.dir.display(), "dropped a record cut short at the end of the journal (a crash in mid-write)");
+    }
+    if let Some((segment, offset, aside)) = &recovered.salvaged {
+        tracing::warn!(%segment, offset, set_aside = ?aside, "--salvage-journal: started from the last good record before the damage; the damaged part was renamed, not deleted");
+    }
+    // The store learns its member id first: recovered copies know which
+    // replica they are.
+    store.apply(Command::Identity(id), now, &mut Vec::new());
+    store.record_changes();
+    let found = store
+        .restore(recovered.records.iter().map(|r| r.as_slice()), now)
+        .map_err(|e| StartError::Data(format!("{}: {e}", data.dir.display())))?;
+    tracing::info!(
+        dir = %data.dir.display(),
+        records = recovered.records.len(),
+        tasks = found.tasks,
+        pending = found.pending,
+        names = found.keys,
+        replies = found.replies,
+        queues = found.queues,
+        journal_bytes = journal.total_bytes(),
+        ms = started.elapsed().as_millis() as u64,
+        member = id,
+        "recovered the data directory"
+    );
+    Ok(Opened {
+        store,
+        journal: Some(journal),
+        id,
+        saved: Some(saved),
+        raft_dir: Some(data.dir.clone()),
+    })
 }
 
 impl Node {
@@ -253,34 +383,65 @@ impl Node {
         ctx: zmq::Context,
         inproc: Option<&str>,
     ) -> Result<Node, StartError> {
-        let me = identity(&config);
-        let join_peer = match &config.join {
+        // The data directory first: a second process on it is told so,
+        // whatever its ports.
+        let Opened {
+            store,
+            journal,
+            id,
+            saved,
+            raft_dir,
+        } = open_data(&config)?;
+        let me = identity(&config, id);
+        let restarted = saved.as_ref().is_some_and(SavedRaft::has_state);
+        // Where join requests go: `--join`, or for a member restarted
+        // from its directory, every other member it knew (a DEALER
+        // spreads the requests over them).
+        let mut join_peers = match &config.join {
             Some(j) => {
-                Some(shifted(j, PEER_PORT_OFFSET).ok_or_else(|| StartError::Join(j.clone()))?)
+                vec![shifted(j, PEER_PORT_OFFSET).ok_or_else(|| StartError::Join(j.clone()))?]
             }
-            None => None,
+            None => Vec::new(),
         };
+        if restarted && join_peers.is_empty() {
+            if let Some(s) = &saved {
+                join_peers = s
+                    .members
+                    .iter()
+                    .filter(|m| m.id != id)
+                    .map(|m| m.peer.clone())
+                    .collect();
+            }
+        }
+        if restarted {
+            tracing::info!(
+                member = id,
+                "restarting as the member saved in the data directory"
+            );
+        }
         let sockets = Sockets::bind(&ctx, &config, inproc, me.id)?;
         let (bell, doorbell) = sockets::doorbell()?;
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
         let figures = Arc::new(Figures::default());
-        let scheduler = scheduler::spawn(
-            config.scheduler.clone(),
-            cmd_rx,
-            ev_tx,
-            bell.clone(),
-            figures.clone(),
-        )?;
-        let election = spawn_election(&ctx, &config, &me)?;
-        let join_dealer = match &join_peer {
-            Some(ep) => {
-                let d = sockets::dealer(&ctx, false)?;
-                d.set_identity(format!("peer-{}", me.id).as_bytes())?;
+        let scheduler =
+            scheduler::spawn(store, journal, cmd_rx, ev_tx, bell.clone(), figures.clone())?;
+        let election = spawn_election(&ctx, &config, &me, saved, raft_dir)?;
+        let join_dealer = if join_peers.is_empty() {
+            None
+        } else {
+            let d = sockets::dealer(&ctx, false)?;
+            // A new node is answered through this connection (the leader
+            // routes to `peer-ID` before it has a connection of its own);
+            // a restarted member is answered on the mesh, and must not
+            // take `peer-ID` from its mesh connections (a ROUTER hands an
+            // identity over to its newest connection).
+            let identity = if restarted { "rejoin" } else { "peer" };
+            d.set_identity(format!("{identity}-{}", me.id).as_bytes())?;
+            for ep in &join_peers {
                 d.connect(ep)?;
-                Some(d)
             }
-            None => None,
+            Some(d)
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (id, client_endpoint, worker_endpoint) = (me.id, me.client.clone(), me.worker.clone());
@@ -302,13 +463,19 @@ impl Node {
                     figures,
                     tick_every: (config.dispatch.heartbeat_interval / 4)
                         .max(Duration::from_millis(10)),
-                    membership: Membership::new(
-                        me,
-                        config.replicas,
-                        config.scheduler.replica_offset,
-                        config.join.is_some(),
-                        now,
-                    ),
+                    membership: {
+                        let mut m = Membership::new(
+                            me,
+                            config.replicas,
+                            config.scheduler.replica_offset,
+                            config.join.is_some() && !restarted,
+                            now,
+                        );
+                        if restarted {
+                            m.rejoin();
+                        }
+                        m
+                    },
                     dealers: HashMap::new(),
                     decisions: Vec::new(),
                 };

@@ -11,7 +11,8 @@ use client::sockets::Bell;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::clock::now_micros;
-use crate::store::{Command, Event, Store, StoreConfig, TaskIds};
+use crate::journal::{DirDisk, Journal, SEGMENT_BYTES};
+use crate::store::{Command, Event, Store};
 
 /// Figures the scheduler thread shares with the I/O loop (for
 /// heartbeats and `cluster_info`); written only by the scheduler.
@@ -21,11 +22,15 @@ pub struct Figures {
     pub re_replicated: std::sync::atomic::AtomicU64,
 }
 
-/// Runs a [`Store`] on its own thread until [`Command::Shutdown`] or until
+/// Runs `store` on its own thread until [`Command::Shutdown`] or until
 /// every sender is gone. Events go to `events`, with `bell` rung after each
-/// batch.
+/// batch. With a journal (the store then records its changes), each batch's
+/// records are committed before its events go out: a reply, an
+/// acknowledgement to a peer or a delivery leaves only once the change it
+/// reports is on disk.
 pub fn spawn(
-    config: StoreConfig,
+    store: Store,
+    journal: Option<Journal<DirDisk>>,
     commands: Receiver<Command>,
     events: Sender<Event>,
     bell: Bell,
@@ -35,21 +40,29 @@ pub fn spawn(
     thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
-            let mut store = Store::new(config, now_micros(), TaskIds::Random);
+            let mut store = store;
+            let mut disk = journal.map(Durable::new);
             let mut out = Vec::new();
             loop {
                 client::logging::test_fault_point("scheduler");
                 let now = now_micros();
                 store.fire_due(now, &mut out);
+                if let Some(d) = &mut disk {
+                    d.commit(&mut store);
+                }
                 flush(&mut out, &events, &bell);
                 figures.tasks.store(store.len() as u64, Ordering::Relaxed);
                 figures
                     .re_replicated
                     .store(store.stats.re_replicated, Ordering::Relaxed);
-                let wait = store
+                let mut wait = store
                     .next_deadline()
                     .map(|d| Duration::from_micros(d.saturating_sub(now)))
                     .unwrap_or(Duration::from_secs(3600));
+                if store.sweeping() {
+                    // The sweep goes on between batches, however idle.
+                    wait = wait.min(Duration::from_millis(1));
+                }
                 let first = match commands.recv_timeout(wait) {
                     Ok(c) => c,
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -72,6 +85,9 @@ pub fn spawn(
                         None
                     };
                 }
+                if let Some(d) = &mut disk {
+                    d.commit(&mut store);
+                }
                 flush(&mut out, &events, &bell);
                 if stop {
                     break;
@@ -79,6 +95,86 @@ pub fn spawn(
             }
             tracing::debug!(stats = ?store.stats, "scheduler stopped");
         })
+}
+
+/// The journal as the scheduler drives it: a commit per batch, the
+/// sweeps that let old segments go, and the end of the process when the
+/// disk fails.
+struct Durable {
+    journal: Journal<DirDisk>,
+    records: Vec<Vec<u8>>,
+    /// The first segment of the sweep under way.
+    sweep_from: Option<u64>,
+}
+
+/// Things a sweep writes again per batch, at least (it writes as many as
+/// the batch wrote, when more, so it keeps pace with any load).
+const SWEEP_STEP: usize = 512;
+
+impl Durable {
+    fn new(journal: Journal<DirDisk>) -> Durable {
+        Durable {
+            journal,
+            records: Vec::new(),
+            sweep_from: None,
+        }
+    }
+
+    /// Appends and commits every change `store` made since the last call.
+    /// A failure to write or sync ends the process: what the kernel holds
+    /// is unknown after a failed `fdatasync` (`STORAGE.md`), and the
+    /// replies of this batch must not go out.
+    fn commit(&mut self, store: &mut Store) {
+        store.take_records(&mut self.records);
+        if self.sweep_from.is_none() {
+            let total = self.journal.total_bytes();
+            let live = store.live_bytes_estimate();
+            if total > (2 * live).max(live + 2 * SEGMENT_BYTES) {
+                let from = self.journal.roll();
+                tracing::info!(
+                    journal_bytes = total,
+                    live_estimate = live,
+                    from_segment = from,
+                    "sweeping the journal"
+                );
+                self.sweep_from = Some(from);
+                store.start_sweep();
+            }
+        }
+        let mut swept = false;
+        if self.sweep_from.is_some() {
+            let step = SWEEP_STEP.max(self.records.len());
+            swept = store.sweep_step(step, &mut self.records);
+        }
+        if self.records.is_empty() && !swept {
+            return;
+        }
+        for r in self.records.drain(..) {
+            self.journal.append(&r);
+        }
+        if let Err(err) = self.journal.commit() {
+            fail(&err);
+        }
+        if swept {
+            if let Some(from) = self.sweep_from.take() {
+                match self.journal.remove_below(from) {
+                    Ok(freed) => tracing::info!(
+                        freed_bytes = freed,
+                        journal_bytes = self.journal.total_bytes(),
+                        "journal swept"
+                    ),
+                    Err(err) => fail(&err),
+                }
+            }
+        }
+    }
+}
+
+/// Ends the process after a failed write or sync of the journal.
+fn fail(err: &std::io::Error) -> ! {
+    tracing::error!(error = %err, "cannot write the journal; stopping (a restart recovers what was committed)");
+    eprintln!("miyamoto: cannot write the journal: {err}; stopping");
+    std::process::exit(74) // EX_IOERR
 }
 
 fn flush(out: &mut Vec<Event>, events: &Sender<Event>, bell: &Bell) {

@@ -852,6 +852,8 @@ impl Sim {
                 me: m.clone(),
                 bootstrap: via.is_none(),
                 remove_after: REMOVE_AFTER,
+                saved: None,
+                persist: false,
             },
             self.rng.next(),
         ) {

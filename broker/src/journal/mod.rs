@@ -104,6 +104,9 @@ pub struct Journal<D: Disk> {
     /// Records appended, and records covered by a commit.
     appended: u64,
     committed: u64,
+    /// Every segment on disk and its length, the one appended to included
+    /// once written.
+    sizes: std::collections::BTreeMap<u64, u64>,
 }
 
 fn segment_name(n: u64) -> String {
@@ -195,19 +198,23 @@ impl<D: Disk> Journal<D> {
             .collect();
         segments.sort_unstable();
         let mut rec = Recovered::default();
+        let mut sizes = std::collections::BTreeMap::new();
         for (i, &n) in segments.iter().enumerate() {
             let name = segment_name(n);
             let bytes = disk.read(&name)?;
+            sizes.insert(n, bytes.len() as u64);
             let last = i + 1 == segments.len();
             match read_segment(&bytes, &mut rec.records) {
                 Stop::End => {}
                 Stop::Torn(at) if last => {
                     rec.torn_bytes = bytes.len() as u64 - at;
                     disk.truncate(&name, at)?;
+                    sizes.insert(n, at);
                 }
                 Stop::Torn(at) | Stop::Bad(at, _) if options.salvage => {
                     let mut aside = Vec::new();
                     for &later in &segments[i..] {
+                        sizes.remove(&later);
                         let from = segment_name(later);
                         let to = format!("{from}.damaged");
                         disk.rename(&from, &to)?;
@@ -219,6 +226,7 @@ impl<D: Disk> Journal<D> {
                     if !good.is_empty() {
                         disk.append(&name, &good)?;
                         disk.sync(&name)?;
+                        sizes.insert(n, at);
                     }
                     rec.salvaged = Some((name, at, aside));
                     break;
@@ -249,6 +257,7 @@ impl<D: Disk> Journal<D> {
             buf: Vec::new(),
             appended: count,
             committed: count,
+            sizes,
         };
         Ok((journal, rec))
     }
@@ -286,9 +295,45 @@ impl<D: Disk> Journal<D> {
             self.disk.sync(&name)?;
         }
         self.segment_len += self.buf.len() as u64;
+        self.sizes.insert(self.segment, self.segment_len);
         self.buf.clear();
         self.committed = self.appended;
         Ok(self.committed)
+    }
+
+    /// Starts a new segment for the next commit (unless the current one
+    /// is still empty); returns its number. Every record committed from
+    /// now on lies in it or after it.
+    pub fn roll(&mut self) -> u64 {
+        if self.segment_len > 0 {
+            self.segment += 1;
+            self.segment_len = 0;
+        }
+        self.segment
+    }
+
+    /// Deletes every segment numbered below `segment`, oldest first (so
+    /// a crash half-way leaves a suffix of the journal, which replays to
+    /// the same state). Call only once what they held that is still live
+    /// was committed again at or after `segment`.
+    pub fn remove_below(&mut self, segment: u64) -> io::Result<u64> {
+        let old: Vec<u64> = self.sizes.range(..segment).map(|(n, _)| *n).collect();
+        let mut freed = 0;
+        for n in old {
+            self.disk.remove(&segment_name(n))?;
+            freed += self.sizes.remove(&n).unwrap_or(0);
+        }
+        Ok(freed)
+    }
+
+    /// Bytes of every segment.
+    pub fn total_bytes(&self) -> u64 {
+        self.sizes.values().sum()
+    }
+
+    /// Segments on disk.
+    pub fn segment_count(&self) -> usize {
+        self.sizes.len()
     }
 
     /// Records appended and not yet committed.

@@ -342,6 +342,7 @@ impl Store {
             now_us + REQUEST_DEDUP.as_micros() as u64,
             REQUEST_DEDUP_MAX,
         );
+        self.persist_reply(&reply.request_id);
     }
 
     /// Configure, pause, resume and purge: from a client or a peer alike.
@@ -357,12 +358,14 @@ impl Store {
             }
             ClientCommand::PauseQueue { queue } => {
                 self.queue_mut(&queue, now_us).paused = true;
+                self.persist_queue(&queue);
                 ReplyBody::Queue {
                     queue: self.queue_info(&queue, now_us),
                 }
             }
             ClientCommand::ResumeQueue { queue } => {
                 self.queue_mut(&queue, now_us).paused = false;
+                self.persist_queue(&queue);
                 self.pump(&queue, now_us, out);
                 ReplyBody::Queue {
                     queue: self.queue_info(&queue, now_us),
@@ -480,6 +483,7 @@ impl Store {
             return error(ErrorCode::BadRequest, reason);
         }
         q.set_config(config);
+        self.persist_queue(queue);
         self.pump(queue, now_us, out);
         ReplyBody::Queue {
             queue: self.queue_info(queue, now_us),

@@ -57,6 +57,7 @@ impl Store {
             }
             Change::Remove => {
                 let t = self.tasks.remove(&id)?;
+                self.persist_removed(&t);
                 self.task_bytes = self.task_bytes.saturating_sub(t.footprint());
                 let delivery = (t.state == TaskState::Running)
                     .then(|| t.delivery())

@@ -406,6 +406,14 @@ pub struct Store {
     task_bytes: u64,
     /// When queues left with nothing are next looked for (unix µs).
     queue_sweep_at_us: u64,
+    /// What the journal still has to be given ([`Store::record_changes`]).
+    persist: Option<persist::Persist>,
+    /// Tasks recovered from the journal that other nodes hold too: asked
+    /// about once this node is in a roster (`persist::confirm_recovered`).
+    unconfirmed: Vec<Uuid>,
+    /// Recovered tasks whose other holders are being asked: they fire
+    /// only once answered (or after [`PEER_TIMEOUT`]).
+    awaiting: HashSet<Uuid>,
     pub stats: Stats,
 }
 
@@ -514,6 +522,9 @@ impl Store {
             urls: Interner::default(),
             task_bytes: 0,
             queue_sweep_at_us: now_us + QUEUE_SWEEP_EVERY_US,
+            persist: None,
+            unconfirmed: Vec::new(),
+            awaiting: HashSet::new(),
             stats: Stats::default(),
         }
     }
@@ -752,6 +763,7 @@ fn error(code: ErrorCode, reason: impl Into<String>) -> ReplyBody {
 
 mod admit;
 mod lifecycle;
+mod persist;
 mod recent;
 mod replication;
 mod table;
@@ -760,4 +772,5 @@ mod tests;
 mod timers;
 mod views;
 
+pub use persist::Restored;
 pub use replication::{CLAIM_GRACE, HANDOFF_AFTER, PEER_TIMEOUT};

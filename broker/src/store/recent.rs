@@ -13,7 +13,6 @@
 //! * the lookup table holds only each entry's 32-bit position, 5 bytes a
 //!   slot.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
@@ -102,10 +101,32 @@ pub struct Recent {
     base_s: Option<u64>,
 }
 
-fn key(request_id: &str) -> u64 {
-    let mut h = DefaultHasher::new();
+/// A request id's key: SipHash-2-4 with zero keys. The journal keeps
+/// keys, not request ids, so the function must never change; std's
+/// `DefaultHasher` does not promise that, `SipHasher` names its
+/// algorithm (it is deprecated only in favour of crates that do the same).
+pub fn key(request_id: &str) -> u64 {
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0, 0);
     request_id.hash(&mut h);
     h.finish()
+}
+
+/// A remembered reply as the journal records it (`STORAGE.md`): the
+/// request id's key, its expiry, and the reply in the compact form kept
+/// here (an `enqueued` reply without its queue, which the resend names).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedReply {
+    pub key: u64,
+    pub expires_us: u64,
+    pub reply: SavedBody,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SavedBody {
+    Enqueued { id: u128, eta: f64, replicas: u32 },
+    Batch(Vec<SavedBody>),
+    Other(Box<ReplyBody>),
 }
 
 impl Recent {
@@ -173,12 +194,15 @@ impl Recent {
     /// Remembers `body` until `expires_us`, dropping the oldest entries
     /// beyond `max` (a batch counts once per result).
     pub fn insert(&mut self, request_id: &str, body: &ReplyBody, expires_us: u64, max: usize) {
+        self.insert_keyed(key(request_id), body, expires_us, max);
+    }
+
+    fn insert_keyed(&mut self, k: u64, body: &ReplyBody, expires_us: u64, max: usize) {
         while !self.entries.is_empty()
             && self.entries.len() + self.batch_results >= max.clamp(1, u32::MAX as usize / 2)
         {
             self.pop_oldest();
         }
-        let k = key(request_id);
         if let Some(pos) = self.position(k) {
             // The first reply stands; but a copy stored here for another
             // coordinator (marked `replicas` 0) gives way to this node's
@@ -245,9 +269,89 @@ impl Recent {
         }
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The positions held now, oldest first: `(first, count)`.
+    pub fn positions(&self) -> (u32, u32) {
+        (self.head, self.entries.len() as u32)
+    }
+
+    /// The entry of `request_id`, as the journal records it.
+    pub fn export(&self, request_id: &str) -> Option<SavedReply> {
+        self.export_at(self.position(key(request_id))?)
+    }
+
+    /// The entry at position `pos`, if it is still held.
+    pub fn export_at(&self, pos: u32) -> Option<SavedReply> {
+        let offset = pos.wrapping_sub(self.head);
+        if offset >= self.entries.len() as u32 {
+            return None;
+        }
+        let e = self.entry(pos)?;
+        let reply = if !e.id.is_nil() {
+            SavedBody::Enqueued {
+                id: e.id.as_u128(),
+                eta: e.eta,
+                replicas: e.replicas,
+            }
+        } else {
+            match self.others.get(&e.key)? {
+                Kept::Other(b) => SavedBody::Other(b.clone()),
+                Kept::Batch(items) => SavedBody::Batch(
+                    items
+                        .iter()
+                        .map(|i| match i {
+                            Item::Enqueued { id, eta, replicas } => SavedBody::Enqueued {
+                                id: id.as_u128(),
+                                eta: *eta,
+                                replicas: *replicas,
+                            },
+                            Item::Other(b) => SavedBody::Other(b.clone()),
+                        })
+                        .collect(),
+                ),
+            }
+        };
+        Some(SavedReply {
+            key: e.key,
+            expires_us: self.absolute_us(e.expires_s),
+            reply,
+        })
+    }
+
+    /// Takes back an entry the journal recorded (a later record of the
+    /// same key replaces the earlier one).
+    pub fn import(&mut self, saved: SavedReply, max: usize) {
+        let body = |b: SavedBody| match b {
+            SavedBody::Enqueued { id, eta, replicas } => {
+                enqueued(Uuid::from_u128(id), "", eta, replicas)
+            }
+            SavedBody::Other(b) => *b,
+            // A batch holds no batch.
+            SavedBody::Batch(_) => ReplyBody::Batch {
+                results: Vec::new(),
+            },
+        };
+        let reply = match saved.reply {
+            SavedBody::Batch(items) => ReplyBody::Batch {
+                results: items.into_iter().map(body).collect(),
+            },
+            other => body(other),
+        };
+        if let Some(pos) = self.position(saved.key) {
+            // A later record of the same entry: its own replica count.
+            let head = self.head;
+            if let (Some(e), Some((id, eta, replicas))) = (
+                self.entries.get_mut(pos.wrapping_sub(head) as usize),
+                compact(&reply),
+            ) {
+                (e.id, e.eta, e.replicas) = (id, eta, replicas);
+            }
+            return;
+        }
+        self.insert_keyed(saved.key, &reply, saved.expires_us, max);
     }
 }
 

@@ -122,6 +122,15 @@ pub enum Pending {
     Request(PendingRequest),
     Batch(PendingBatch),
     Copy(PendingCopy),
+    Confirm(PendingConfirm),
+}
+
+/// A task recovered from the journal, asked about of its other holders
+/// before it may fire (`persist`'s `confirm_recovered`).
+pub struct PendingConfirm {
+    pub(super) id: Uuid,
+    pub(super) outstanding: usize,
+    pub(super) timer: (u64, u64),
 }
 
 /// Times a re-replication copy is sent without an answer before this node
@@ -253,7 +262,7 @@ pub(super) fn new_record(
     }
 }
 
-fn spec_of(r: &ReplicaRecord) -> ValidTask {
+pub(super) fn spec_of(r: &ReplicaRecord) -> ValidTask {
     // A peer's record was validated where it was enqueued; an unknown
     // method (a newer peer) falls back to POST rather than losing the task.
     ValidTask::from_parts(TaskParts {
@@ -370,7 +379,10 @@ impl Store {
     /// Resets a pending task's timer from `due_us` and its replica index.
     pub(super) fn retime(&mut self, id: Uuid) {
         let offset = self.config.replica_offset.as_micros() as u64;
-        let Some(t) = self.tasks.get_mut(&id) else {
+        if !self.awaiting.is_empty() && self.awaiting.contains(&id) {
+            return; // fires once its other holders answered
+        }
+        let Some(t) = self.tasks.get_mut_quiet(&id) else {
             return;
         };
         if !matches!(t.state, TaskState::Scheduled | TaskState::Retrying) {
@@ -790,6 +802,7 @@ impl Store {
             now_us + REQUEST_DEDUP.as_micros() as u64,
             REQUEST_DEDUP_MAX,
         );
+        self.persist_reply(key);
     }
 
     /// Forgets a copy refused elsewhere (its name taken, or another task
@@ -981,6 +994,12 @@ impl Store {
                     self.send_copy(c.id, c.to, c.sends + 1, now_us);
                 }
             }
+            Some(Pending::Confirm(_)) => {
+                if let Some(Pending::Confirm(c)) = self.pending.remove(&req) {
+                    self.timers.remove(&c.timer);
+                    self.confirmed(c.id, now_us);
+                }
+            }
             Some(Pending::Request(_)) => {
                 if let Some(Pending::Request(p)) = self.pending.remove(&req) {
                     self.timers.remove(&p.timer);
@@ -1073,6 +1092,15 @@ impl Store {
     /// A peer's answer to a forwarded request: the first one that found
     /// the task is the client's; `not_found` only when every peer says so.
     fn on_peer_reply(&mut self, req: u64, body: ReplyBody, now_us: u64, out: &mut Vec<Event>) {
+        if let Some(Pending::Confirm(c)) = self.pending.get_mut(&req) {
+            c.outstanding = c.outstanding.saturating_sub(1);
+            let (id, done) = (c.id, c.outstanding == 0);
+            self.holder_says(id, body, now_us, out);
+            if done {
+                self.pending_expired(req, now_us, out);
+            }
+            return;
+        }
         let found = !matches!(
             body,
             ReplyBody::Error {
@@ -1346,6 +1374,7 @@ impl Store {
     ) {
         members.sort_unstable();
         members.dedup();
+        let confirm = !self.unconfirmed.is_empty() && members.binary_search(&me).is_ok();
         let mut suspects = std::mem::take(&mut self.cluster.suspects);
         suspects.retain(|s| members.binary_search(s).is_ok());
         self.cluster = ClusterView {
@@ -1357,6 +1386,9 @@ impl Store {
         let share = self.cluster.share();
         for q in self.queues.values_mut() {
             q.share = share;
+        }
+        if confirm {
+            self.confirm_recovered(now_us);
         }
         if !self.cluster.is_clustered() {
             return;

@@ -38,7 +38,7 @@ impl Store {
                 let Some(Reverse((_, id))) = self.task_timers.pop() else {
                     break;
                 };
-                let Some(task) = self.tasks.get_mut(&id) else {
+                let Some(task) = self.tasks.get_mut_quiet(&id) else {
                     continue;
                 };
                 if !task.timed || task.fire_at_us != at {
@@ -127,7 +127,7 @@ impl Store {
 
     /// Clears a task's timer (its heap entry goes stale).
     pub(super) fn clear_timer(&mut self, id: Uuid) {
-        if let Some(t) = self.tasks.get_mut(&id) {
+        if let Some(t) = self.tasks.get_mut_quiet(&id) {
             t.timed = false;
         }
     }
@@ -141,7 +141,7 @@ impl Store {
 
     /// Sets a task's timer to `at_us`, which becomes its `fire_at_us`.
     pub(super) fn set_task_timer(&mut self, id: Uuid, at_us: u64) {
-        let Some(t) = self.tasks.get_mut(&id) else {
+        let Some(t) = self.tasks.get_mut_quiet(&id) else {
             return;
         };
         t.fire_at_us = at_us;
