@@ -324,12 +324,18 @@ fn separate_gateway_survives_a_broker_restart() {
         };
         node.wait_ready();
         let rx = Receiver::start();
-        let (status, _) = post_form(
+        let (status, v) = post_form(
             &node.url("/queue"),
             &format!("task.url={}", rx.url("/before")),
         );
         assert_eq!(status, 200);
         assert_eq!(rx.expect(Duration::from_secs(10)).target, "/before");
+        // Recorded as done before the kill: the restarted broker, which
+        // recovers its data directory, must not deliver it again.
+        let id = v["id"].as_str().unwrap();
+        wait_task(&node, "default", id, Duration::from_secs(10), |t| {
+            t["state"] == "succeeded"
+        });
 
         h.kill(broker);
         h.broker(base);

@@ -488,3 +488,175 @@ fn a_damaged_journal_stops_the_start_and_salvage_starts_from_the_last_good_recor
         assert!(aside >= 1, "the damaged segment was not set aside");
     });
 }
+
+/// The member id of the node named `name`, as the cluster's view names it.
+fn member_id(v: &serde_json::Value, name: &str) -> Option<u64> {
+    v["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+        .and_then(|n| n["id"].as_u64())
+}
+
+/// Enqueues `n` tasks through the gateway, countdown `countdown`; their
+/// tags.
+fn enqueue_tagged(url: &str, target: &str, prefix: &str, n: usize, countdown: f64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let tag = format!("{prefix}{i}");
+            let (s, v) = post_form(
+                url,
+                &format!("task.url={target}&task.countdown={countdown}&c={tag}"),
+            );
+            assert_eq!(s, 200, "{v}");
+            assert_eq!(v["replicas"], 2, "{v}");
+            tag
+        })
+        .collect()
+}
+
+#[test]
+fn a_member_restarted_within_the_removal_time_rejoins_as_itself_and_fires_nothing_delivered_meanwhile(
+) {
+    let _one = heavy();
+    run(Duration::from_secs(180), |h| {
+        let rx = Arc::new(Receiver::start());
+        let target = rx.url("/w");
+        let seen = Seen::count(rx.clone());
+        let extra = ["--replica-offset", "2", "--remove-after", "60"];
+        let c = Cluster::start(h, 3, &extra);
+        let url = c.gateway.url("/queue");
+        let before = c.wait_for(Duration::from_secs(10), |v| member_id(v, "n2").is_some());
+        let id = member_id(&before, "n2");
+        let tags = enqueue_tagged(&url, &target, "t", 60, 2.0);
+        // n2 goes down before any is due; the others deliver them all.
+        h.kill(c.pids[2]);
+        let missing = seen.wait_all(tags.iter().map(String::as_str), Duration::from_secs(30));
+        assert!(
+            missing.is_empty(),
+            "not delivered while n2 was down: {missing:?}"
+        );
+        let base_s = c.bases[2].to_string();
+        let mut args = vec!["broker", "--port", &base_s, "--node-id", "n2"];
+        args.extend_from_slice(&extra);
+        h.spawn(&args);
+        let after = c.wait_for(Duration::from_secs(20), |v| {
+            v["leader"].is_u64()
+                && v["nodes"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["alive"] == true))
+        });
+        assert_eq!(
+            member_id(&after, "n2"),
+            id,
+            "n2 came back under another id: {after}"
+        );
+        // Its copies would have fired by now (replica 1 of a task due 2 s
+        // after the enqueue, long past): none may fire again.
+        thread::sleep(Duration::from_secs(6));
+        let twice: Vec<(String, u32)> = tags
+            .iter()
+            .map(|t| (t.clone(), seen.get(t)))
+            .filter(|(_, n)| *n > 1)
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "delivered again by the restarted node: {twice:?}"
+        );
+        // And it serves: a new task is stored on two nodes.
+        let more = enqueue_tagged(&url, &target, "after", 10, 0.0);
+        let missing = seen.wait_all(more.iter().map(String::as_str), Duration::from_secs(20));
+        assert!(missing.is_empty(), "{missing:?}");
+    });
+}
+
+#[test]
+fn a_member_removed_while_down_rejoins_under_its_id_and_loses_nothing() {
+    let _one = heavy();
+    run(Duration::from_secs(180), |h| {
+        let rx = Arc::new(Receiver::start());
+        let target = rx.url("/w");
+        let seen = Seen::count(rx.clone());
+        let extra = ["--replica-offset", "2", "--remove-after", "2"];
+        let c = Cluster::start(h, 3, &extra);
+        let url = c.gateway.url("/queue");
+        let before = c.wait_for(Duration::from_secs(10), |v| member_id(v, "n2").is_some());
+        let id = member_id(&before, "n2");
+        let tags = enqueue_tagged(&url, &target, "t", 40, 12.0);
+        h.kill(c.pids[2]);
+        c.wait_for(Duration::from_secs(30), |v| {
+            v["leader"].is_u64() && v["nodes"].as_array().is_some_and(|a| a.len() == 2)
+        });
+        let base_s = c.bases[2].to_string();
+        let mut args = vec!["broker", "--port", &base_s, "--node-id", "n2"];
+        args.extend_from_slice(&extra);
+        h.spawn(&args);
+        let after = c.wait_for(Duration::from_secs(30), |v| {
+            v["leader"].is_u64()
+                && v["nodes"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["alive"] == true))
+        });
+        assert_eq!(
+            member_id(&after, "n2"),
+            id,
+            "n2 came back under another id: {after}"
+        );
+        let missing = seen.wait_all(tags.iter().map(String::as_str), Duration::from_secs(40));
+        assert!(missing.is_empty(), "lost: {missing:?}");
+        thread::sleep(Duration::from_secs(4));
+        let twice: Vec<(String, u32)> = tags
+            .iter()
+            .map(|t| (t.clone(), seen.get(t)))
+            .filter(|(_, n)| *n > 1)
+            .collect();
+        println!(
+            "removed while down: {} tasks, {} delivered twice: {twice:?}",
+            tags.len(),
+            twice.len()
+        );
+        // Its recovered copies learnt the tasks' current holders and went.
+        assert!(twice.is_empty(), "delivered twice: {twice:?}");
+    });
+}
+
+#[test]
+fn a_disk_below_its_reserve_refuses_new_tasks_and_goes_on_delivering() {
+    run(Duration::from_secs(90), |h| {
+        let rx = Arc::new(Receiver::start());
+        let target = rx.url("/w");
+        let seen = Seen::count(rx.clone());
+        let node = h.standalone();
+        let (s, v) = post_form(
+            &node.url("/queue"),
+            &format!("task.url={target}&task.countdown=3&c=before"),
+        );
+        assert_eq!(s, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        h.kill(node.pid);
+        // A reserve larger than any disk: the disk is "full".
+        let full = h.standalone_at(node.base, node.http, &["--min-free-disk", "1000000G"]);
+        let (s, v) = post_form(&full.url("/queue"), &format!("task.url={target}&c=refused"));
+        assert_eq!(s, 429, "{v}");
+        assert!(
+            v["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("--min-free-disk"),
+            "{v}"
+        );
+        let missing = seen.wait_all(["before"].into_iter(), Duration::from_secs(20));
+        assert!(missing.is_empty(), "the task held was not delivered");
+        // Its success was recorded: it is still succeeded after a restart.
+        wait_task(&full, "default", &id, Duration::from_secs(10), |t| {
+            t["state"] == "succeeded"
+        });
+        h.kill(full.pid);
+        let again = h.standalone_at(node.base, node.http, &[]);
+        wait_task(&again, "default", &id, Duration::from_secs(10), |t| {
+            t["state"] == "succeeded"
+        });
+        let (s, _) = post_form(&again.url("/queue"), &format!("task.url={target}&c=after"));
+        assert_eq!(s, 200);
+    });
+}

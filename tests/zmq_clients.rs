@@ -179,6 +179,16 @@ fn workers_reregister_after_a_broker_restart() {
             .unwrap()
             .expect("first task");
         w.report(&job, protocol::Outcome::Success, None).unwrap();
+        // Recorded as done before the kill (the restarted broker recovers
+        // its data directory and would deliver it again otherwise).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while p.get("default", &job.task.id).unwrap().state != protocol::TaskState::Succeeded {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never recorded as succeeded"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
 
         h.kill(pid);
         h.broker(base);

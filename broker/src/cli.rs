@@ -80,6 +80,11 @@ pub struct BrokerArgs {
     /// record; the damaged part is renamed *.damaged, not deleted.
     #[arg(long)]
     pub salvage_journal: bool,
+    /// Below this much free space on the data directory's disk, new tasks
+    /// are refused (busy, HTTP 429) while the node goes on delivering and
+    /// recording what finishes.
+    #[arg(long, value_parser = parse_bytes, default_value = "256MiB")]
+    pub min_free_disk: u64,
 }
 
 /// `--fsync`.
@@ -171,6 +176,7 @@ impl BrokerArgs {
                 FsyncArg::Never => crate::journal::Fsync::Never,
             },
             salvage: self.salvage_journal,
+            min_free: self.min_free_disk,
         });
         Ok(NodeConfig {
             data,

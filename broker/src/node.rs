@@ -72,6 +72,9 @@ pub struct DataConfig {
     pub fsync: crate::journal::Fsync,
     /// Start from the last good record past damage (`--salvage-journal`).
     pub salvage: bool,
+    /// Below this many free bytes on the directory's disk, new tasks are
+    /// refused (`--min-free-disk`).
+    pub min_free: u64,
 }
 
 impl Default for NodeConfig {
@@ -272,7 +275,7 @@ fn random_id() -> u64 {
 /// id and its saved Raft state.
 struct Opened {
     store: Store,
-    journal: Option<Journal<DirDisk>>,
+    journal: Option<(Journal<DirDisk>, scheduler::DiskWatch)>,
     id: u64,
     saved: Option<SavedRaft>,
     /// Where the election saves the Raft state.
@@ -359,9 +362,13 @@ fn open_data(config: &NodeConfig) -> Result<Opened, StartError> {
         member = id,
         "recovered the data directory"
     );
+    let watch = scheduler::DiskWatch {
+        dir: data.dir.clone(),
+        min_free: data.min_free,
+    };
     Ok(Opened {
         store,
-        journal: Some(journal),
+        journal: Some((journal, watch)),
         id,
         saved: Some(saved),
         raft_dir: Some(data.dir.clone()),
@@ -756,9 +763,13 @@ impl IoLoop {
     }
 
     /// A DEALER with identity `peer-<our id>` to a member's peer port, and
-    /// a subscription to its events.
+    /// a subscription to its events. It queues messages only on a live
+    /// connection: a member that restarts (as itself, from its data
+    /// directory) must not be handed, on reconnection, the copies and
+    /// requests sent while it was down, which its peers have long settled
+    /// without it (a copy adopted that late fires a task already delivered).
     fn connect_peer(&mut self, m: &Member) {
-        match sockets::dealer(&self.ctx, false) {
+        match sockets::dealer(&self.ctx, true) {
             Ok(d) => {
                 let _ = d.set_identity(format!("peer-{}", self.membership.me().id).as_bytes());
                 let _ = d.connect(&m.peer);

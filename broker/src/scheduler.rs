@@ -30,7 +30,7 @@ pub struct Figures {
 /// reports is on disk.
 pub fn spawn(
     store: Store,
-    journal: Option<Journal<DirDisk>>,
+    journal: Option<(Journal<DirDisk>, DiskWatch)>,
     commands: Receiver<Command>,
     events: Sender<Event>,
     bell: Bell,
@@ -41,7 +41,7 @@ pub fn spawn(
         .name("scheduler".into())
         .spawn(move || {
             let mut store = store;
-            let mut disk = journal.map(Durable::new);
+            let mut disk = journal.map(|(j, w)| Durable::new(j, w));
             let mut out = Vec::new();
             loop {
                 client::logging::test_fault_point("scheduler");
@@ -102,6 +102,9 @@ pub fn spawn(
 /// disk fails.
 struct Durable {
     journal: Journal<DirDisk>,
+    watch: DiskWatch,
+    /// When the free space was last looked at.
+    watched: Option<std::time::Instant>,
     records: Vec<Vec<u8>>,
     /// The first segment of the sweep under way.
     sweep_from: Option<u64>,
@@ -112,9 +115,11 @@ struct Durable {
 const SWEEP_STEP: usize = 512;
 
 impl Durable {
-    fn new(journal: Journal<DirDisk>) -> Durable {
+    fn new(journal: Journal<DirDisk>, watch: DiskWatch) -> Durable {
         Durable {
             journal,
+            watch,
+            watched: None,
             records: Vec::new(),
             sweep_from: None,
         }
@@ -125,6 +130,7 @@ impl Durable {
     /// is unknown after a failed `fdatasync` (`STORAGE.md`), and the
     /// replies of this batch must not go out.
     fn commit(&mut self, store: &mut Store) {
+        self.watch_space(store);
         store.take_records(&mut self.records);
         if self.sweep_from.is_none() {
             let total = self.journal.total_bytes();
@@ -166,6 +172,43 @@ impl Durable {
                     Err(err) => fail(&err),
                 }
             }
+        }
+    }
+}
+
+/// Where the journal's disk space is watched, and the free space below
+/// which new tasks are refused (`--min-free-disk`).
+#[derive(Debug, Clone)]
+pub struct DiskWatch {
+    pub dir: std::path::PathBuf,
+    pub min_free: u64,
+}
+
+/// How often the free space is looked at.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+impl Durable {
+    /// Below `min_free`, the store refuses new tasks (`busy`, naming the
+    /// flag) and goes on delivering and recording what finishes, which
+    /// the space kept free holds. A write that fails anyway (the disk
+    /// filled faster than it was watched) ends the process.
+    fn watch_space(&mut self, store: &mut Store) {
+        let now = std::time::Instant::now();
+        if self
+            .watched
+            .is_some_and(|t| now.duration_since(t) < WATCH_EVERY)
+        {
+            return;
+        }
+        self.watched = Some(now);
+        match fs4::available_space(&self.watch.dir) {
+            Ok(free) if free < self.watch.min_free => store.set_disk_low(Some(format!(
+                "the data directory's disk has {} MiB free, less than --min-free-disk ({} MiB); nothing was stored: retry later",
+                free >> 20,
+                self.watch.min_free >> 20
+            ))),
+            Ok(_) => store.set_disk_low(None),
+            Err(err) => tracing::warn!(error = %err, "cannot read the data directory's free space"),
         }
     }
 }

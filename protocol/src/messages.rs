@@ -368,6 +368,10 @@ pub struct TaskInfo {
     /// Only in full views (`get`, `list_tasks` with `full`).
     #[serde(default)]
     pub detail: Option<TaskDetail>,
+    /// The member ids holding the task, in replica order; absent on a
+    /// single node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<u64>,
 }
 
 /// The parts of a task a listing leaves out unless asked.
@@ -962,6 +966,7 @@ mod tests {
                     replica_offset: 5.0,
                     first_attempt: Some(2.0),
                     detail: Some(TaskDetail::default()),
+                    holders: vec![1, 2],
                 },
             },
         ];

@@ -414,6 +414,9 @@ pub struct Store {
     /// Recovered tasks whose other holders are being asked: they fire
     /// only once answered (or after [`PEER_TIMEOUT`]).
     awaiting: HashSet<Uuid>,
+    /// Why the data directory's disk takes no new tasks, when it is low
+    /// ([`Store::set_disk_low`]).
+    disk_low: Option<String>,
     pub stats: Stats,
 }
 
@@ -525,6 +528,7 @@ impl Store {
             persist: None,
             unconfirmed: Vec::new(),
             awaiting: HashSet::new(),
+            disk_low: None,
             stats: Stats::default(),
         }
     }
@@ -532,6 +536,21 @@ impl Store {
     /// What the tasks held count against the memory budget, in bytes.
     pub fn task_bytes(&self) -> u64 {
         self.task_bytes
+    }
+
+    /// The data directory's disk is low (`Some(reason)`): clients'
+    /// enqueues are answered `busy` with the reason, while what is held
+    /// goes on being delivered and recorded; or it has room again.
+    pub fn set_disk_low(&mut self, reason: Option<String>) {
+        if reason.is_some() != self.disk_low.is_some() {
+            match &reason {
+                Some(r) => tracing::warn!(reason = %r, "refusing new tasks"),
+                None => {
+                    tracing::info!("the data directory's disk has room again: taking new tasks")
+                }
+            }
+        }
+        self.disk_low = reason;
     }
 
     /// Queues known.
@@ -543,7 +562,9 @@ impl Store {
     /// taken now (a `busy` answer), or `None`.
     pub(super) fn over_limits(&self, queue: &str, new_tasks: usize) -> Option<ReplyBody> {
         let l = &self.config.limits;
-        let reason = if self.task_bytes >= l.max_task_bytes {
+        let reason = if let Some(why) = &self.disk_low {
+            why.clone()
+        } else if self.task_bytes >= l.max_task_bytes {
             format!(
                 "this node's memory budget for tasks is spent ({} of {} bytes, --max-pending-bytes); nothing was stored: retry later",
                 self.task_bytes, l.max_task_bytes

@@ -537,47 +537,55 @@ impl Store {
     /// it finished finishes it here too, one delivering it pushes its time
     /// past that delivery's deadline.
     pub(super) fn confirm_recovered(&mut self, now_us: u64) {
-        let me = self.cluster.me;
         for id in std::mem::take(&mut self.unconfirmed) {
-            let Some(t) = self.tasks.get(&id) else {
-                self.awaiting.remove(&id);
-                continue;
-            };
-            let others: Vec<u64> = t
-                .holders
-                .iter()
-                .copied()
-                .filter(|h| *h != me && self.cluster.members.binary_search(h).is_ok())
-                .collect();
-            let command = ClientCommand::Get {
-                queue: t.spec.queue.to_string(),
-                id: id.to_string(),
-            };
-            if others.is_empty() {
-                self.confirmed(id, now_us);
-                continue;
-            }
-            let req = self.next_req;
-            self.next_req += 1;
-            let msg = PeerMessage::Request {
-                req,
-                from: me,
-                command,
-            };
-            let outstanding = self.send_to_others(&others, msg);
-            let timer = self.add_timer(
-                now_us + PEER_TIMEOUT.as_micros() as u64,
-                Timer::Pending(req),
-            );
-            self.pending.insert(
-                req,
-                replication::Pending::Confirm(replication::PendingConfirm {
-                    id,
-                    outstanding,
-                    timer,
-                }),
-            );
+            self.ask_holders(id, 1, now_us);
         }
+    }
+
+    /// Sends the `sends`-th question about recovered task `id` to its other
+    /// live holders (or confirms it when there are none).
+    pub(super) fn ask_holders(&mut self, id: Uuid, sends: u32, now_us: u64) {
+        let me = self.cluster.me;
+        let Some(t) = self.tasks.get(&id) else {
+            self.awaiting.remove(&id);
+            return;
+        };
+        let others: Vec<u64> = t
+            .holders
+            .iter()
+            .copied()
+            .filter(|h| *h != me && self.cluster.members.binary_search(h).is_ok())
+            .collect();
+        let command = ClientCommand::Get {
+            queue: t.spec.queue.to_string(),
+            id: id.to_string(),
+        };
+        if others.is_empty() {
+            self.confirmed(id, now_us);
+            return;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let msg = PeerMessage::Request {
+            req,
+            from: me,
+            command,
+        };
+        let outstanding = self.send_to_others(&others, msg);
+        let timer = self.add_timer(
+            now_us + PEER_TIMEOUT.as_micros() as u64,
+            Timer::Pending(req),
+        );
+        self.pending.insert(
+            req,
+            replication::Pending::Confirm(replication::PendingConfirm {
+                id,
+                outstanding,
+                answered: false,
+                sends,
+                timer,
+            }),
+        );
     }
 
     /// What another holder says of a recovered task.
@@ -616,6 +624,12 @@ impl Store {
             self.transition(id, task.state, out);
             self.finish(id, now_us, out);
             self.pump(&queue, now_us, out);
+        } else if !task.holders.is_empty() && !task.holders.contains(&self.cluster.me) {
+            // This node was removed while it was down and the task moved
+            // on: its current holders have it, so this copy goes.
+            tracing::debug!(task = %id, holders = ?task.holders, "a recovered task has other holders now; dropping this copy");
+            self.awaiting.remove(&id);
+            self.drop_copy(id, now_us, out);
         } else if task.state == TaskState::Running {
             let deadline =
                 now_us + secs_to_micros(t.spec.timeout()) + CLAIM_GRACE.as_micros() as u64;
@@ -680,7 +694,11 @@ mod tests {
 
     impl Node {
         fn start(disk: MemDisk, now: u64) -> (Node, Restored) {
-            let (journal, rec) = Journal::open(disk, Options::default()).expect("open");
+            let options = Options {
+                segment_bytes: 4096,
+                ..Options::default()
+            };
+            let (journal, rec) = Journal::open(disk, options).expect("open");
             let mut store = Store::new(config(), now, TaskIds::seeded(now));
             store.record_changes();
             let found = store
@@ -926,18 +944,34 @@ mod tests {
             n.journal.append(&r);
         }
         n.commit();
-        assert!(n.journal.remove_below(first).expect("remove") > 0);
-        let mut disk = n.journal.into_disk();
-        disk.crash();
-        let (m, found) = Node::start(disk, T0 + 3 * S);
-        assert_eq!(found.tasks, before.len());
-        let after = m.tasks();
-        for (id, info) in &before {
-            if info.state != TaskState::Running {
-                assert_eq!(&after[id], info);
+        // A crash at every step of the removal (none, some, all of the
+        // old segments gone, oldest first) recovers the same state.
+        let disk = n.journal.disk().clone();
+        let mut old: Vec<String> = crate::journal::Disk::list(&disk)
+            .expect("list")
+            .into_iter()
+            .filter(|f| f.ends_with(".journal"))
+            .filter(|f| u64::from_str_radix(&f[..16], 16).is_ok_and(|k| k < first))
+            .collect();
+        old.sort();
+        assert!(old.len() >= 2, "{old:?}");
+        for k in 0..=old.len() {
+            let mut d = disk.clone();
+            for f in &old[..k] {
+                crate::journal::Disk::remove(&mut d, f).expect("remove");
             }
+            d.crash();
+            let (m, found) = Node::start(d, T0 + 3 * S);
+            assert_eq!(found.tasks, before.len(), "after removing {k} old segments");
+            let after = m.tasks();
+            for (id, info) in &before {
+                if info.state != TaskState::Running {
+                    assert_eq!(&after[id], info, "after removing {k} old segments");
+                }
+            }
+            assert_eq!(m.store.queue_info("q", T0 + 3 * S).config.rate, 7.0);
+            assert!(found.replies >= 50);
         }
-        assert_eq!(m.store.queue_info("q", T0 + 3 * S).config.rate, 7.0);
-        assert!(found.replies >= 50);
+        assert!(n.journal.remove_below(first).expect("remove") > 0);
     }
 }

@@ -130,8 +130,16 @@ pub enum Pending {
 pub struct PendingConfirm {
     pub(super) id: Uuid,
     pub(super) outstanding: usize,
+    /// Whether any holder answered.
+    pub(super) answered: bool,
+    /// Times the question was sent.
+    pub(super) sends: u32,
     pub(super) timer: (u64, u64),
 }
+
+/// Times the holders of a recovered task are asked about it, [`PEER_TIMEOUT`]
+/// apart, before it fires without their word.
+pub const CONFIRM_SENDS: u32 = 4;
 
 /// Times a re-replication copy is sent without an answer before this node
 /// gives up on that new holder (the next roster change tries again).
@@ -808,7 +816,7 @@ impl Store {
     /// Forgets a copy refused elsewhere (its name taken, or another task
     /// kept for its request), freeing its name at once; a delivery of it
     /// under way is revoked and its queue may dispatch the next task.
-    fn drop_copy(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
+    pub(super) fn drop_copy(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
         let Some(queue) = self.tasks.get(&id).map(|t| t.spec.queue.to_string()) else {
             return;
         };
@@ -997,7 +1005,13 @@ impl Store {
             Some(Pending::Confirm(_)) => {
                 if let Some(Pending::Confirm(c)) = self.pending.remove(&req) {
                     self.timers.remove(&c.timer);
-                    self.confirmed(c.id, now_us);
+                    if c.answered || c.sends >= CONFIRM_SENDS {
+                        self.confirmed(c.id, now_us);
+                    } else {
+                        // No holder answered: just restarted, this node
+                        // may not be connected to them yet.
+                        self.ask_holders(c.id, c.sends + 1, now_us);
+                    }
                 }
             }
             Some(Pending::Request(_)) => {
@@ -1094,6 +1108,7 @@ impl Store {
     fn on_peer_reply(&mut self, req: u64, body: ReplyBody, now_us: u64, out: &mut Vec<Event>) {
         if let Some(Pending::Confirm(c)) = self.pending.get_mut(&req) {
             c.outstanding = c.outstanding.saturating_sub(1);
+            c.answered = true;
             let (id, done) = (c.id, c.outstanding == 0);
             self.holder_says(id, body, now_us, out);
             if done {

@@ -154,6 +154,7 @@ impl Store {
                 replica_offset: 0.0,
                 first_attempt: None,
                 detail: None,
+                holders: Vec::new(),
             };
         };
         let s = &t.spec;
@@ -187,6 +188,7 @@ impl Store {
                 failure_callback_url: s.rare().failure_callback_url.clone(),
                 last_response: t.last_response().map(ByteBuf::from),
             }),
+            holders: t.holders.to_vec(),
         }
     }
 }

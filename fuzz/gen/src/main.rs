@@ -134,6 +134,7 @@ fn task_info() -> TaskInfo {
             last_response: Some(ByteBuf::from(b"oops".to_vec())),
             ..Default::default()
         }),
+        holders: Vec::new(),
     }
 }
 
