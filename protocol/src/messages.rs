@@ -214,6 +214,9 @@ pub struct ClientReply {
 /// The content of a reply.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// A task view is the largest reply; replies are built and encoded once,
+// so boxing it would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ReplyBody {
     Enqueued {
         id: String,
