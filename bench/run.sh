@@ -20,7 +20,7 @@ else
 fi
 CONC=${CONC:-32}
 OUT=target/bench
-BIN=target/release/miyamoto
+BIN=$PWD/target/release/miyamoto
 mkdir -p "$OUT"
 : > "$OUT/results.jsonl"
 
@@ -33,18 +33,15 @@ trap stop_all EXIT
 
 # A fresh single node: broker on 7500..7503, HTTP on 7600.
 single() {
-    "$BIN" standalone --port 7500 --listen 127.0.0.1:7600 >"$OUT/node.log" 2>&1 &
-    PIDS+=($!)
+    spawn "$OUT/node.log" "$BIN" standalone --port 7500 --listen 127.0.0.1:7600
     wait_http 7600
 }
 
 # One broker and a gateway as separate processes (the cluster's layout,
 # for the 3-nodes-beside-1 rows): broker on 7500..7503, HTTP on 7600.
 separate() {
-    "$BIN" broker --port 7500 --node-id b1 >"$OUT/b1.log" 2>&1 &
-    PIDS+=($!)
-    "$BIN" gateway --listen 127.0.0.1:7600 --broker tcp://127.0.0.1:7500 >"$OUT/gw.log" 2>&1 &
-    PIDS+=($!)
+    spawn "$OUT/b1.log" "$BIN" broker --port 7500 --node-id b1
+    spawn "$OUT/gw.log" "$BIN" gateway --listen 127.0.0.1:7600 --broker tcp://127.0.0.1:7500
     wait_http 7600  # /health answers once the gateway reaches the broker
 }
 
@@ -102,8 +99,7 @@ LEAD=$(( N_TIMERS / 15000 + 10 ))
 for run in $(seq 1 "$TIMER_RUNS"); do
     window=$TIMER_WINDOW
     [ "$run" -gt 1 ] && window=$(( TIMER_WINDOW < 30 ? TIMER_WINDOW : 30 ))
-    "$BIN" broker --port 7500 >"$OUT/timers.log" 2>&1 &
-    PIDS+=($!)
+    spawn "$OUT/timers.log" "$BIN" broker --port 7500
     TIMER_PID=$!
     sleep 1
     bench timers timers --broker $Z --tasks "$N_TIMERS" --window "$window" --lead "$LEAD" --pid "$TIMER_PID" --window-requests 256
@@ -114,10 +110,8 @@ done
 # run at once and probes of $N_PROBE enqueues alternate between them.
 N_PROBE=${N_PROBE:-100000}
 [ -n "${SMALL:-}" ] && N_PROBE=5000
-"$BIN" broker --port 7500 >"$OUT/pending-full.log" 2>&1 &
-PIDS+=($!)
-"$BIN" broker --port 7510 >"$OUT/pending-empty.log" 2>&1 &
-PIDS+=($!)
+spawn "$OUT/pending-full.log" "$BIN" broker --port 7500
+spawn "$OUT/pending-empty.log" "$BIN" broker --port 7510
 sleep 1
 bench pending enqueue-pending --broker $Z --empty-broker tcp://127.0.0.1:7510 --pending "$N_TIMERS" --probe "$N_PROBE" --rounds 5 --window 256
 stop_all

@@ -27,7 +27,7 @@ RESULTS=$OUT/side-by-side.jsonl
 : > "$RESULTS"
 
 cargo build --release --bin miyamoto
-CAND=target/release/miyamoto
+CAND=$PWD/target/release/miyamoto
 # BASE_BIN: a release binary of BASE built already, to skip the build.
 BASEBIN=${BASE_BIN:-}
 if [ -z "$BASEBIN" ]; then
@@ -38,16 +38,16 @@ if [ -z "$BASEBIN" ]; then
         git -C "$WT" checkout -q --detach "$BASE"
     fi
     (cd "$WT" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release --bin miyamoto)
-    BASEBIN=target/side-by-side/target/release/miyamoto
+    BASEBIN=$PWD/target/side-by-side/target/release/miyamoto
 fi
+case "$BASEBIN" in /*) ;; *) BASEBIN=$PWD/$BASEBIN ;; esac
 
 source bench/common.sh
 trap stop_all EXIT
 
 # A fresh standalone node of binary $1.
 single() {
-    "$1" standalone --port 7500 --listen 127.0.0.1:7600 >"$OUT/side-node.log" 2>&1 &
-    PIDS+=($!)
+    spawn "$OUT/side-node.log" "$1" standalone --port 7500 --listen 127.0.0.1:7600
     wait_http 7600
 }
 

@@ -72,7 +72,8 @@ use protocol::{
 use uuid::Uuid;
 
 use crate::dispatch::{DispatchConfig, Dispatcher, Out};
-use crate::election::{Election, ElectionConfig, FromElection, TICK};
+use crate::election::{Election, ElectionConfig, FromElection, SavedRaft, TICK};
+use crate::journal::{self, Journal, MemDisk};
 use crate::membership::{Decision, Membership};
 use crate::store::{splitmix64, Command, Event, Store, StoreConfig, TaskIds};
 
@@ -157,6 +158,11 @@ pub struct Faults {
     /// Crashes timed to an enqueue or a delivery in flight, and second
     /// crashes before the first is healed.
     pub timed_kills: bool,
+    /// Nodes keep a data directory (the journal on a [`MemDisk`], the
+    /// Raft state as last saved): a crash keeps only what was synced, and
+    /// most crashed nodes restart from it as themselves (same id, same
+    /// address, no join).
+    pub disk: bool,
 }
 
 impl Faults {
@@ -167,6 +173,7 @@ impl Faults {
             (self.same_address, "same-address"),
             (self.raft_meddling, "raft"),
             (self.timed_kills, "kills"),
+            (self.disk, "disk"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -187,18 +194,29 @@ impl Faults {
                 "same-address" => f.same_address = true,
                 "raft" => f.raft_meddling = true,
                 "kills" => f.timed_kills = true,
+                "disk" => f.disk = true,
                 "all" => f = Faults::ALL,
+                "durable" => f = Faults::DURABLE,
                 _ => return None,
             }
         }
         Some(f)
     }
 
-    /// Every fault.
+    /// Every fault of nodes that keep nothing on disk (the runs of issue
+    /// 14; the default, so its regression seeds replay as found).
     pub const ALL: Faults = Faults {
         same_address: true,
         raft_meddling: true,
         timed_kills: true,
+        disk: false,
+    };
+    /// Every fault, with nodes that restart from their data directory.
+    pub const DURABLE: Faults = Faults {
+        same_address: true,
+        raft_meddling: true,
+        timed_kills: true,
+        disk: true,
     };
     /// Only the network's faults, partitions and crashes at random
     /// moments, one at a time: the runs of issue 13.
@@ -206,6 +224,7 @@ impl Faults {
         same_address: false,
         raft_meddling: false,
         timed_kills: false,
+        disk: false,
     };
 }
 
@@ -315,6 +334,8 @@ pub struct Report {
     pub restarts_same_address: u64,
     /// Restarts at a new address.
     pub restarts_new_address: u64,
+    /// Restarts as itself, from its data directory ([`Faults::disk`]).
+    pub restarts_from_disk: u64,
     /// Peer messages addressed to a member that reached another node, its
     /// successor at its address.
     pub readdressed: u64,
@@ -363,7 +384,7 @@ impl Report {
             "seed {}: {} steps, {} acknowledged, {} delivered, {} deliveries ({} duplicates), \
              {} lost with all holders ({} acknowledged with one copy, {} with two or more, {} of them one crash at a time), \
              {} resends stored twice, {} stored again after loss, {} dead-lettered, {} cancels ({} deliveries after), \
-             {} crashes ({} during enqueues, {} during deliveries, {} in a row; restarts: {} at the same address, {} at a new one), \
+             {} crashes ({} during enqueues, {} during deliveries, {} in a row; restarts: {} at the same address, {} at a new one, {} from disk), \
              {} partitions, {} messages ({} dropped, {} duplicated, {} readdressed), \
              raft: {} misdirected, {} stale, {} forged heartbeats, {} refused, longest leaderless {:.1?}, term {}, {} violations",
             self.seed,
@@ -387,6 +408,7 @@ impl Report {
             self.crashes_in_a_row,
             self.restarts_same_address,
             self.restarts_new_address,
+            self.restarts_from_disk,
             self.partitions,
             self.messages,
             self.dropped,
@@ -523,9 +545,11 @@ enum Wake {
     },
     Producer(usize),
     Crash,
-    /// A crashed node comes back: at its old address, or a new one.
+    /// A crashed node comes back: at its old address, or a new one; or,
+    /// with [`Faults::disk`], as itself (`id`).
     Restart {
         addr: Option<u64>,
+        id: u64,
     },
     /// A crash timed by [`Sim::armed`] or a crash in a row.
     Kill {
@@ -581,6 +605,12 @@ struct SimNode {
     next_dispatch_tick: Instant,
     /// When the node is woken next (at most one wake-up is queued).
     wake_at: Option<Instant>,
+    /// With [`Faults::disk`]: its journal, committed before each batch's
+    /// events go out, as the scheduler does.
+    journal: Option<Journal<MemDisk>>,
+    /// With [`Faults::disk`]: the Raft state it last saved (durable at
+    /// once, as `raft.state` is written before what depends on it).
+    raft_saved: Option<SavedRaft>,
 }
 
 /// A pull worker registered with every live node, as the gateway is
@@ -633,6 +663,9 @@ struct Ledger {
     /// (node, task) pairs the node recorded as cancelled.
     known_cancelled: HashSet<(u64, Uuid)>,
     lost: BTreeSet<Uuid>,
+    /// With [`Faults::disk`]: the copies of each dead node that are on its
+    /// disk, which come back if it restarts from it (not lost meanwhile).
+    dormant: HashMap<u64, HashSet<Uuid>>,
     /// Acknowledged tasks whose copies changed this step.
     touched: BTreeSet<Uuid>,
 }
@@ -853,7 +886,7 @@ impl Sim {
                 bootstrap: via.is_none(),
                 remove_after: REMOVE_AFTER,
                 saved: None,
-                persist: false,
+                persist: self.config.faults.disk,
             },
             self.rng.next(),
         ) {
@@ -881,9 +914,20 @@ impl Sim {
             next_raft_tick: self.now + TICK,
             next_dispatch_tick: self.now + DISPATCH_TICK,
             wake_at: None,
+            journal: None,
+            raft_saved: None,
         };
         self.nodes.insert(id, node);
         self.occupant.insert(addr, id);
+        if self.config.faults.disk {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                match Journal::open(MemDisk::default(), journal::Options::default()) {
+                    Ok((j, _)) => n.journal = Some(j),
+                    Err(e) => tracing::error!(error = %e, "a memory disk would not open"),
+                }
+                n.store.record_changes();
+            }
+        }
         let mut first = Vec::new();
         if let Some(n) = self.nodes.get_mut(&id) {
             n.membership.start(&mut first);
@@ -957,7 +1001,7 @@ impl Sim {
             } => self.job_done(worker, identity, delivery, task_id, outcome),
             Wake::Producer(p) => self.producer_tick(p),
             Wake::Crash => self.crash(),
-            Wake::Restart { addr } => self.restart(addr),
+            Wake::Restart { addr, id } => self.restart(addr, id),
             Wake::Kill { id, cause } => {
                 if self.faults_on() && self.alive(id) {
                     self.kill(id, cause);
@@ -1226,6 +1270,20 @@ impl Sim {
     }
 
     fn store_events(&mut self, id: u64, events: Vec<Event>) {
+        // As the scheduler: the batch's records are committed before its
+        // events go out.
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(j) = &mut n.journal {
+                let mut records = Vec::new();
+                n.store.take_records(&mut records);
+                for r in &records {
+                    j.append(r);
+                }
+                if let Err(e) = j.commit() {
+                    tracing::error!(error = %e, "a memory disk failed");
+                }
+            }
+        }
         self.take_changes(id);
         let now = self.now;
         let mut out = Vec::new();
@@ -1390,6 +1448,13 @@ impl Sim {
         let mut d = Vec::new();
         let mut views = Vec::new();
         for m in out {
+            if let FromElection::Persist(bytes) = &m {
+                let frames = [&[][..], &protocol::frames::header()[..], &bytes[..]];
+                if let Ok(saved) = protocol::decode::<SavedRaft, _>(&frames) {
+                    n.raft_saved = Some(saved);
+                }
+                continue;
+            }
             if self.config.trace {
                 if let FromElection::State {
                     epoch,
@@ -1869,12 +1934,16 @@ impl Sim {
                 self.trace(|| format!("node {id} crashes ({cause:?})"));
             }
         }
+        if self.config.faults.disk {
+            let held = self.ledger.held_by.get(&id).cloned().unwrap_or_default();
+            self.ledger.dormant.insert(id, held);
+        }
         self.forget_copies(id);
         let back = self
             .rng
             .between(Duration::from_secs(2), Duration::from_secs(6));
         let addr = (self.config.faults.same_address && self.frng.chance(0.5)).then_some(addr);
-        self.at(now + back, Wake::Restart { addr });
+        self.at(now + back, Wake::Restart { addr, id });
         if self.config.faults.timed_kills && cause != Cause::InARow && self.frng.chance(0.5) {
             let margin = Duration::from_millis(300);
             let after = self.frng.between(margin, REMOVE_AFTER - margin);
@@ -1883,8 +1952,16 @@ impl Sim {
     }
 
     /// A crashed node comes back, joining through a live one: at `addr`
-    /// (its previous incarnation's, still free) or at a new address.
-    fn restart(&mut self, addr: Option<u64>) {
+    /// (its previous incarnation's, still free) or at a new address; with
+    /// [`Faults::disk`], mostly as itself from its directory.
+    fn restart(&mut self, addr: Option<u64>, dead: u64) {
+        if self.config.faults.disk && self.frng.chance(0.7) && self.revive(dead) {
+            return;
+        }
+        // Not from its disk: what was on it is gone for good.
+        if let Some(d) = self.ledger.dormant.remove(&dead) {
+            self.ledger.touched.extend(d);
+        }
         let via = self.live_ids();
         if via.is_empty() {
             return;
@@ -1903,6 +1980,112 @@ impl Sim {
             }
             None => self.trace(|| format!("node {id} starts, joining through {v}")),
         }
+    }
+
+    /// Node `id`, dead, starts again from its data directory: after a
+    /// power cut (only what was synced is left), with its id, its address
+    /// and its saved Raft state, asking its known members to add it again.
+    /// False when it cannot (no directory, or its address is taken).
+    fn revive(&mut self, id: u64) -> bool {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        if n.alive || self.occupant.contains_key(&n.addr) {
+            return false;
+        }
+        let (Some(journal), Some(saved)) = (n.journal.take(), n.raft_saved.clone()) else {
+            return false;
+        };
+        let addr = n.addr;
+        let mut disk = journal.into_disk();
+        disk.crash();
+        let (journal, recovered) = match Journal::open(disk, journal::Options::default()) {
+            Ok(j) => j,
+            Err(e) => {
+                self.violation(
+                    "disk",
+                    format!("node {id}: its journal would not open: {e}"),
+                );
+                return false;
+            }
+        };
+        let now_us = self.now_us();
+        let mut store = Store::new(store_config(id), now_us, TaskIds::seeded(self.rng.next()));
+        store.observe_changes();
+        store.apply(Command::Identity(id), now_us, &mut Vec::new());
+        store.record_changes();
+        if let Err(e) = store.restore(recovered.records.iter().map(|r| r.as_slice()), now_us) {
+            self.violation(
+                "disk",
+                format!("node {id}: its journal would not replay: {e}"),
+            );
+            return false;
+        }
+        let m = member(id, addr);
+        let election = match Election::new(
+            &ElectionConfig {
+                me: m.clone(),
+                bootstrap: false,
+                remove_after: REMOVE_AFTER,
+                saved: Some(saved.clone()),
+                persist: true,
+            },
+            self.rng.next(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.violation(
+                    "raft",
+                    format!("node {id}: Raft would not start again: {e}"),
+                );
+                return false;
+            }
+        };
+        let via = self
+            .live_ids()
+            .into_iter()
+            .next()
+            .and_then(|v| Some((v, self.nodes.get(&v)?.addr)));
+        let mut membership = Membership::new(m, 2, Duration::from_secs(2), false, self.now);
+        membership.rejoin();
+        let dispatch = DispatchConfig {
+            result_grace: Duration::from_secs(2),
+            ..DispatchConfig::default()
+        };
+        let node = SimNode {
+            membership,
+            alive: true,
+            addr,
+            store,
+            dispatcher: Dispatcher::new(dispatch),
+            election,
+            dealers: BTreeMap::new(),
+            subscribed: BTreeSet::new(),
+            join_via: via,
+            next_raft_tick: self.now + TICK,
+            next_dispatch_tick: self.now + DISPATCH_TICK,
+            wake_at: None,
+            journal: Some(journal),
+            raft_saved: Some(saved),
+        };
+        self.nodes.insert(id, node);
+        self.occupant.insert(addr, id);
+        self.died_at.remove(&id);
+        self.report.restarts_from_disk += 1;
+        if let Some(d) = self.ledger.dormant.remove(&id) {
+            self.ledger.touched.extend(d);
+        }
+        self.trace(|| format!("node {id} starts again from its data directory at address {addr}"));
+        // Its recovered copies are in the ledger again.
+        self.take_changes(id);
+        let mut first = Vec::new();
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.membership.start(&mut first);
+        }
+        self.decide(id, first);
+        self.election_input(id, None);
+        self.wake_node(id, self.now);
+        true
     }
 
     /// An armed kill's moment: `node` just did what `kind` waits for.
@@ -2308,6 +2491,9 @@ impl Sim {
             }
             if l.copies.get(&id).is_some_and(|c| !c.is_empty()) {
                 continue;
+            }
+            if l.dormant.values().any(|d| d.contains(&id)) {
+                continue; // on the disk of a node that may come back
             }
             let survivor = l
                 .ever_held
