@@ -59,7 +59,9 @@ for round in $(seq 1 "$ROUNDS"); do
     esac
     for mode in $order; do
         single "$mode"; bench "$mode" enqueue-zmq --broker $Z --requests "$N_ZMQ" --window 64; stop_all
+        single "$mode"; bench "$mode" enqueue-zmq --broker $Z --requests "$N_ZMQ" --window 256; stop_all
         single "$mode"; bench "$mode" enqueue-http --url $U --requests "$N_HTTP" --concurrency "$CONC" --format json; stop_all
+        single "$mode"; bench "$mode" enqueue-http --url $U --requests "$N_HTTP" --concurrency 128 --format json; stop_all
         # One request at a time: the latency of a lone enqueue, sync included.
         single "$mode"; bench "$mode" enqueue-zmq --broker $Z --requests "$N_LAT" --window 1; stop_all
         single "$mode"; bench "$mode" end-to-end --url $U --tasks "$N_E2E" --concurrency "$CONC" --batch 100 --delay 1 --same-eta; stop_all
@@ -77,11 +79,15 @@ for line in open(sys.argv[1]):
     key = r["scenario"]
     if key == "enqueue-zmq":
         key += " window %s" % extra.get("window", "?")
+    if key == "enqueue-http":
+        key += " concurrency %s" % extra.get("concurrency", "?")
     rows.setdefault(key, {}).setdefault(r["label"], {})[rnd] = r
 names = {
     "enqueue-zmq window 64": "ZeroMQ enqueue (window 64)",
+    "enqueue-zmq window 256": "ZeroMQ enqueue (window 256)",
     "enqueue-zmq window 1": "ZeroMQ enqueue, one at a time",
-    "enqueue-http": "HTTP enqueue (JSON)",
+    "enqueue-http concurrency 32": "HTTP enqueue (JSON, 32 connections)",
+    "enqueue-http concurrency 128": "HTTP enqueue (JSON, 128 connections)",
     "end-to-end": "delivery alone (100 per request, one eta)",
 }
 print("| row | mode | median /s | ratio to in-memory (median; per round) | latency p50 / p99 ms |")
@@ -146,5 +152,5 @@ curl -sf -XPOST $U/queue -d task.url=http://127.0.0.1:9/x -d task.countdown=3600
 sleep 10
 AFTER=$(du -sb "$NODE_DIR" | cut -f1)
 echo "come and gone: $N_CYCLE tasks; data directory at the end of the load $((PEAK >> 20)) MiB, 15 s later $((AFTER >> 20)) MiB"
-grep -c "journal swept" "$OUT/durability-node.log" | sed 's/^/sweeps: /'
+echo "sweeps: $(grep -c "journal swept" "$OUT/durability-node.log" || true)"
 stop_all

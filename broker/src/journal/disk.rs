@@ -55,6 +55,11 @@ pub struct DirDisk {
 pub const LOCK_FILE: &str = "LOCK";
 
 impl DirDisk {
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens (creating) `dir` and locks it.
     pub fn open(dir: &Path) -> Result<DirDisk, DirError> {
         let io_err = |source| DirError::Io {

@@ -282,23 +282,49 @@ impl<D: Disk> Journal<D> {
     /// [`Fsync::Always`], one `fdatasync`; returns the number of the last
     /// record now durable. An error must end the process (see the module).
     pub fn commit(&mut self) -> io::Result<u64> {
+        if let Some((name, _)) = self.write()? {
+            if self.options.fsync == Fsync::Always {
+                self.disk.sync(&name)?;
+            }
+        }
+        Ok(self.committed)
+    }
+
+    /// Writes every buffered record with one write and no sync; returns
+    /// the segment written to and whether this write made it (a new file,
+    /// whose directory entry needs a sync too), for whoever syncs it (the
+    /// scheduler's syncer thread, so that the next batch is applied while
+    /// this one syncs). Durable only once synced.
+    pub fn write(&mut self) -> io::Result<Option<(String, bool)>> {
         if self.buf.is_empty() {
-            return Ok(self.committed);
+            return Ok(None);
         }
         if self.segment_len >= self.options.segment_bytes {
             self.segment += 1;
             self.segment_len = 0;
         }
+        let new = self.segment_len == 0;
         let name = segment_name(self.segment);
         self.disk.append(&name, &self.buf)?;
-        if self.options.fsync == Fsync::Always {
-            self.disk.sync(&name)?;
-        }
         self.segment_len += self.buf.len() as u64;
         self.sizes.insert(self.segment, self.segment_len);
         self.buf.clear();
         self.committed = self.appended;
-        Ok(self.committed)
+        Ok(Some((name, new)))
+    }
+
+    /// Syncs the segment appended to (with [`Fsync::Never`], before old
+    /// segments whose live records were written again go).
+    pub fn sync_current(&mut self) -> io::Result<()> {
+        if self.segment_len == 0 {
+            return Ok(());
+        }
+        self.disk.sync(&segment_name(self.segment))
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> Options {
+        self.options
     }
 
     /// Starts a new segment for the next commit (unless the current one
