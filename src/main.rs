@@ -64,6 +64,13 @@ struct DevClusterArgs {
     /// Nodes holding each task.
     #[arg(long, default_value_t = 2)]
     replicas: u32,
+    /// Where the nodes keep their state, each in DIR/node-N: started
+    /// again, the cluster comes back with its tasks.
+    #[arg(long, default_value = "miyamoto-data")]
+    data_dir: std::path::PathBuf,
+    /// Keep nothing on disk.
+    #[arg(long)]
+    in_memory: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -279,6 +286,11 @@ fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
             "--replicas",
             &args.replicas.to_string(),
         ]);
+        if args.in_memory {
+            cmd.arg("--in-memory");
+        } else {
+            cmd.arg("--data-dir").arg(&args.data_dir);
+        }
         if i > 0 {
             cmd.args(["--join", &format!("tcp://127.0.0.1:{}", port - 10)]);
         }

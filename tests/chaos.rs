@@ -2,7 +2,8 @@
 //! steady load, half over HTTP through the gateway and half over ZeroMQ
 //! straight to the brokers, while a random broker is killed with `kill -9`
 //! every 8 s and restarted 3 s later on the same ports under the same
-//! `--node-id` (a new member: a fresh id, no data).
+//! `--node-id`, from its data directory (the same member, with its tasks:
+//! issue 15).
 //!
 //! Every enqueue is recorded (acknowledged or not, latency, when it was sent
 //! relative to the kills); every webhook is matched to its enqueue by a

@@ -660,3 +660,42 @@ fn a_disk_below_its_reserve_refuses_new_tasks_and_goes_on_delivering() {
         assert_eq!(s, 200);
     });
 }
+
+#[test]
+fn a_damaged_raft_state_stops_the_start_and_never_votes() {
+    run(Duration::from_secs(90), |h| {
+        let base = free_base();
+        let base_s = base.to_string();
+        let args = ["broker", "--port", base_s.as_str(), "--node-id", "solo"];
+        let pid = h.spawn(&args);
+        let mut p = client::Producer::connect(&format!("tcp://127.0.0.1:{base}")).unwrap();
+        p.ping().unwrap();
+        h.kill(pid);
+        let file = h.dir.join("miyamoto-data/solo/raft.state");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&file, &bytes).unwrap();
+        // Refused, naming the file and the way out.
+        let pid = h.spawn(&args);
+        let status = h
+            .wait_exit(pid, Duration::from_secs(20))
+            .expect("it should refuse to start");
+        assert!(!status.success());
+        let log = last_log_containing("raft.state is damaged");
+        assert!(
+            log.contains("--salvage-journal") && log.contains("--join"),
+            "{log}"
+        );
+        // Salvage without --join: still refused (it must not vote, and must
+        // not start a cluster of its own); the state is set aside.
+        let mut salvage = args.to_vec();
+        salvage.push("--salvage-journal");
+        let pid = h.spawn(&salvage);
+        let status = h
+            .wait_exit(pid, Duration::from_secs(20))
+            .expect("it should refuse to start");
+        assert!(!status.success());
+        assert!(h.dir.join("miyamoto-data/solo/raft.state.damaged").exists());
+    });
+}

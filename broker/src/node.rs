@@ -334,7 +334,11 @@ fn open_data(config: &NodeConfig) -> Result<Opened, StartError> {
         salvage: data.salvage,
         ..Default::default()
     };
-    let (journal, recovered) = Journal::open(disk, options)
+    // The store learns its member id first: recovered copies know which
+    // replica they are. Records are replayed as the journal reads them.
+    store.apply(Command::Identity(id), now, &mut Vec::new());
+    store.record_changes();
+    let (journal, recovered) = Journal::open_with(disk, options, |r| store.restore_one(r, now))
         .map_err(|e| StartError::Data(format!("{}: {e}", data.dir.display())))?;
     if recovered.torn_bytes > 0 {
         tracing::warn!(bytes = recovered.torn_bytes, dir = %data.dir.display(), "dropped a record cut short at the end of the journal (a crash in mid-write)");
@@ -342,16 +346,10 @@ fn open_data(config: &NodeConfig) -> Result<Opened, StartError> {
     if let Some((segment, offset, aside)) = &recovered.salvaged {
         tracing::warn!(%segment, offset, set_aside = ?aside, "--salvage-journal: started from the last good record before the damage; the damaged part was renamed, not deleted");
     }
-    // The store learns its member id first: recovered copies know which
-    // replica they are.
-    store.apply(Command::Identity(id), now, &mut Vec::new());
-    store.record_changes();
-    let found = store
-        .restore(recovered.records.iter().map(|r| r.as_slice()), now)
-        .map_err(|e| StartError::Data(format!("{}: {e}", data.dir.display())))?;
+    let found = store.finish_restore();
     tracing::info!(
         dir = %data.dir.display(),
-        records = recovered.records.len(),
+        records = recovered.count,
         tasks = found.tasks,
         pending = found.pending,
         names = found.keys,

@@ -79,13 +79,19 @@ pub enum OpenError {
     },
     #[error("journal: {0}")]
     Io(#[from] io::Error),
+    /// The reader of the records refused one ([`Journal::open_with`]).
+    #[error("{0}")]
+    Replay(String),
 }
 
 /// What an open found.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    /// Every good record's payload, in order.
+    /// Every good record's payload, in order ([`Journal::open`]; empty
+    /// with [`Journal::open_with`], which hands them over one by one).
     pub records: Vec<Vec<u8>>,
+    /// Good records read.
+    pub count: u64,
     /// Bytes of a torn tail cut off the last segment.
     pub torn_bytes: u64,
     /// With `salvage`: where the damage was, and the files set aside.
@@ -167,30 +173,53 @@ fn parse(rest: &[u8]) -> Result<(usize, &[u8]), &'static str> {
 /// in mid-write leaves a prefix of the last write (and maybe zeros), never
 /// a good record after a bad one. Damage in the middle leaves good records
 /// after it.
-fn read_segment(bytes: &[u8], out: &mut Vec<Vec<u8>>) -> Stop {
+fn read_segment(
+    bytes: &[u8],
+    visit: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    count: &mut u64,
+) -> Result<Stop, String> {
     let mut at = 0usize;
     while at < bytes.len() {
         match parse(&bytes[at..]) {
             Ok((size, payload)) => {
-                out.push(payload.to_vec());
+                visit(payload)?;
+                *count += 1;
                 at += size;
             }
             Err(reason) => {
                 let later = (at + 1..bytes.len()).any(|o| parse(&bytes[o..]).is_ok());
-                return if later {
+                return Ok(if later {
                     Stop::Bad(at as u64, reason)
                 } else {
                     Stop::Torn(at as u64)
-                };
+                });
             }
         }
     }
-    Stop::End
+    Ok(Stop::End)
 }
 
 impl<D: Disk> Journal<D> {
-    /// Opens the journal on `disk`, replaying what it holds.
-    pub fn open(mut disk: D, options: Options) -> Result<(Journal<D>, Recovered), OpenError> {
+    /// Opens the journal on `disk`, replaying what it holds into
+    /// [`Recovered::records`].
+    pub fn open(disk: D, options: Options) -> Result<(Journal<D>, Recovered), OpenError> {
+        let mut records = Vec::new();
+        let (journal, mut rec) = Journal::open_with(disk, options, |r| {
+            records.push(r.to_vec());
+            Ok(())
+        })?;
+        rec.records = records;
+        Ok((journal, rec))
+    }
+
+    /// Opens the journal on `disk`, handing every good record to `visit`
+    /// in order, one segment in memory at a time. An error from `visit`
+    /// stops the open ([`OpenError::Replay`]).
+    pub fn open_with(
+        mut disk: D,
+        options: Options,
+        mut visit: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(Journal<D>, Recovered), OpenError> {
         let mut segments: Vec<u64> = disk
             .list()?
             .iter()
@@ -204,7 +233,9 @@ impl<D: Disk> Journal<D> {
             let bytes = disk.read(&name)?;
             sizes.insert(n, bytes.len() as u64);
             let last = i + 1 == segments.len();
-            match read_segment(&bytes, &mut rec.records) {
+            let stop =
+                read_segment(&bytes, &mut visit, &mut rec.count).map_err(OpenError::Replay)?;
+            match stop {
                 Stop::End => {}
                 Stop::Torn(at) if last => {
                     rec.torn_bytes = bytes.len() as u64 - at;
@@ -248,7 +279,7 @@ impl<D: Disk> Journal<D> {
             }
         }
         let next = segments.last().map_or(1, |n| n + 1);
-        let count = rec.records.len() as u64;
+        let count = rec.count;
         let journal = Journal {
             disk,
             options,

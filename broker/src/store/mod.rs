@@ -417,6 +417,8 @@ pub struct Store {
     /// Why the data directory's disk takes no new tasks, when it is low
     /// ([`Store::set_disk_low`]).
     disk_low: Option<String>,
+    /// Journal records replayed by [`Store::restore_one`].
+    restored_records: u64,
     pub stats: Stats,
 }
 
@@ -529,6 +531,7 @@ impl Store {
             unconfirmed: Vec::new(),
             awaiting: HashSet::new(),
             disk_low: None,
+            restored_records: 0,
             stats: Stats::default(),
         }
     }

@@ -362,98 +362,130 @@ impl Store {
         records: impl IntoIterator<Item = &'a [u8]>,
         now_us: u64,
     ) -> Result<Restored, String> {
-        let mut tasks: HashMap<u128, SavedTask> = HashMap::new();
-        let mut keys: HashMap<(String, bool, String), SavedKey> = HashMap::new();
-        let mut replies: Vec<SavedReply> = Vec::new();
-        let mut queues: BTreeMap<String, SavedQueue> = BTreeMap::new();
-        for (i, rec) in records.into_iter().enumerate() {
-            let (&kind, body) = rec.split_first().ok_or("an empty journal record")?;
-            let at = |e: String| format!("journal record {}: {e}", i + 1);
-            match kind {
-                TASK => {
-                    let t: SavedTask = decode(body, "task").map_err(at)?;
-                    let id = Uuid::parse_str(&t.record.id)
-                        .map_err(|e| at(format!("a task id cannot be read: {e}")))?;
-                    tasks.insert(id.as_u128(), t);
+        for rec in records {
+            self.restore_one(rec, now_us)?;
+        }
+        Ok(self.finish_restore())
+    }
+
+    /// Replays one record (see [`Store::restore`]); the journal hands them
+    /// over one at a time, so a start holds one segment, never the whole
+    /// journal, beside the store. Each record is applied as it comes: a
+    /// later one of the same task replaces the task.
+    pub fn restore_one(&mut self, rec: &[u8], now_us: u64) -> Result<(), String> {
+        self.restored_records += 1;
+        let at = |e: String| format!("journal record {}: {e}", self.restored_records);
+        let (&kind, body) = rec
+            .split_first()
+            .ok_or_else(|| at("an empty record".into()))?;
+        match kind {
+            TASK => {
+                let t: SavedTask = decode(body, "task").map_err(at)?;
+                let id = Uuid::parse_str(&t.record.id)
+                    .map_err(|e| at(format!("a task id cannot be read: {e}")))?;
+                if self.tasks.get(&id).is_some() {
+                    self.forget_restored(id);
                 }
-                GONE => {
-                    let id: [u8; 16] = body
-                        .try_into()
-                        .map_err(|_| at("a removal record of the wrong size".into()))?;
-                    tasks.remove(&u128::from_le_bytes(id));
-                }
-                KEY => {
-                    let k: SavedKey = decode(body, "name").map_err(at)?;
-                    keys.insert((k.queue.clone(), k.idempotency, k.key.clone()), k);
-                }
-                REPLY => replies.push(decode(body, "reply").map_err(at)?),
-                QUEUE => {
-                    let q: SavedQueue = decode(body, "queue").map_err(at)?;
-                    queues.insert(q.name.clone(), q);
-                }
-                other => {
-                    return Err(at(format!(
-                        "unknown record kind {other:#04x} (written by a newer Miyamoto?)"
-                    )))
+                self.restore_task(t, now_us);
+            }
+            GONE => {
+                let id: [u8; 16] = body
+                    .try_into()
+                    .map_err(|_| at("a removal record of the wrong size".into()))?;
+                let id = Uuid::from_u128(u128::from_le_bytes(id));
+                if self.tasks.get(&id).is_some() {
+                    self.forget_restored(id);
                 }
             }
-        }
-        let mut found = Restored {
-            queues: queues.len(),
-            ..Restored::default()
-        };
-        for (name, q) in queues {
-            let queue = self.queue_mut(&name, now_us);
-            queue.set_config(q.config);
-            queue.paused = q.paused;
-            if let Some(p) = &mut self.persist {
-                p.recorded_queues.insert(name);
+            KEY => {
+                let k: SavedKey = decode(body, "name").map_err(at)?;
+                if k.until_us > now_us {
+                    let kind = if k.idempotency {
+                        KeyKind::Idempotency
+                    } else {
+                        KeyKind::Name
+                    };
+                    self.queue_mut(&k.queue, now_us).keys.insert(
+                        (kind, k.key.clone()),
+                        DedupEntry {
+                            id: Uuid::from_u128(k.id),
+                            tombstone_until: Some(k.until_us),
+                        },
+                    );
+                    self.add_timer(
+                        k.until_us,
+                        Timer::Tombstone(Box::new((k.queue, kind, k.key))),
+                    );
+                }
+            }
+            REPLY => {
+                let r: SavedReply = decode(body, "reply").map_err(at)?;
+                if r.expires_us > now_us {
+                    self.recent.import(r, REQUEST_DEDUP_MAX);
+                }
+            }
+            QUEUE => {
+                let q: SavedQueue = decode(body, "queue").map_err(at)?;
+                let queue = self.queue_mut(&q.name, now_us);
+                queue.set_config(q.config);
+                queue.paused = q.paused;
+                if let Some(p) = &mut self.persist {
+                    p.recorded_queues.insert(q.name);
+                }
+            }
+            other => {
+                return Err(at(format!(
+                    "unknown record kind {other:#04x} (written by a newer Miyamoto?)"
+                )))
             }
         }
-        for k in keys.into_values() {
-            if k.until_us <= now_us {
-                continue;
-            }
-            let kind = if k.idempotency {
-                KeyKind::Idempotency
-            } else {
-                KeyKind::Name
-            };
-            self.queue_mut(&k.queue, now_us).keys.insert(
-                (kind, k.key.clone()),
-                DedupEntry {
-                    id: Uuid::from_u128(k.id),
-                    tombstone_until: Some(k.until_us),
-                },
-            );
-            self.add_timer(
-                k.until_us,
-                Timer::Tombstone(Box::new((k.queue, kind, k.key))),
-            );
-            found.keys += 1;
-        }
-        // In creation order, as the queues' indexes keep them.
-        let mut tasks: Vec<SavedTask> = tasks.into_values().collect();
-        tasks.sort_by_key(|t| (t.record.created_us, t.record.id.clone()));
-        for t in tasks {
-            found.pending += usize::from(!t.record.state.is_final());
-            self.restore_task(t, now_us);
-            found.tasks += 1;
-        }
-        for r in replies {
-            if r.expires_us > now_us {
-                self.recent.import(r, REQUEST_DEDUP_MAX);
-            }
-        }
-        found.replies = self.recent.len();
-        // Nothing restored is a change to record again.
+        Ok(())
+    }
+
+    /// A task replayed earlier that a later record replaces or removes:
+    /// gone without a trace (its names are freed; a later `K` record
+    /// takes them again).
+    fn forget_restored(&mut self, id: Uuid) {
+        self.free_keys(id);
+        self.remove_task(id, &mut Vec::new());
+        self.awaiting.remove(&id);
+    }
+
+    /// Ends a replay: what it found. Nothing replayed is a change to
+    /// record again.
+    pub fn finish_restore(&mut self) -> Restored {
         self.tasks.take_changed();
         if let Some(p) = &mut self.persist {
             p.queues.clear();
             p.removed.clear();
         }
+        let awaiting = &self.awaiting;
+        self.unconfirmed.retain(|id| awaiting.contains(id));
+        self.unconfirmed.sort_unstable();
+        self.unconfirmed.dedup();
+        let pending = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| !t.state.is_final())
+            .count();
+        let keys = self
+            .queues
+            .values()
+            .map(|q| {
+                q.keys
+                    .values()
+                    .filter(|e| e.tombstone_until.is_some())
+                    .count()
+            })
+            .sum();
         // Due tasks fire from their timers at the first `fire_due`.
-        Ok(found)
+        Restored {
+            tasks: self.tasks.len(),
+            pending,
+            keys,
+            replies: self.recent.len(),
+            queues: self.persist.as_ref().map_or(0, |p| p.recorded_queues.len()),
+        }
     }
 
     fn restore_task(&mut self, saved: SavedTask, now_us: u64) {
