@@ -21,9 +21,9 @@ use protocol::{ClientCommand, ClientReply, ClientRequest, ReplyBody, TaskSpec};
 use crate::cluster::Cluster;
 use crate::util::*;
 
-/// Webhooks seen, by their `c` parameter.
+/// Webhooks seen, by their `c` parameter: how many, and when the first.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<HashMap<String, u32>>>);
+struct Seen(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
 
 impl Seen {
     /// Counts every webhook `rx` receives, from now on.
@@ -32,14 +32,23 @@ impl Seen {
         let s = seen.clone();
         thread::spawn(move || loop {
             if let Some(w) = rx.next(Duration::from_millis(200)) {
-                *s.0.lock().unwrap().entry(w.form("c")).or_insert(0) += 1;
+                s.0.lock()
+                    .unwrap()
+                    .entry(w.form("c"))
+                    .or_insert((0, Instant::now()))
+                    .0 += 1;
             }
         });
         seen
     }
 
     fn get(&self, tag: &str) -> u32 {
-        self.0.lock().unwrap().get(tag).copied().unwrap_or(0)
+        self.0.lock().unwrap().get(tag).map_or(0, |e| e.0)
+    }
+
+    /// When `tag` was first delivered.
+    fn first(&self, tag: &str) -> Option<Instant> {
+        self.0.lock().unwrap().get(tag).map(|e| e.1)
     }
 
     /// Waits until every tag has been seen; the ones never seen.
@@ -269,7 +278,7 @@ fn a_node_killed_mid_load_delivers_every_acknowledged_task_after_its_restart() {
             &target,
         );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while load.count() < 1500 {
+        while load.count() < 2500 {
             assert!(
                 Instant::now() < deadline,
                 "only {} enqueues in 30 s",
@@ -279,6 +288,7 @@ fn a_node_killed_mid_load_delivers_every_acknowledged_task_after_its_restart() {
         }
         // Killed while the producers are still sending.
         h.kill(node.pid);
+        let killed_at = Instant::now();
         let acked = load.stop();
         let restarted = h.standalone_at(node.base, node.http, &[]);
         let missing = seen.wait_all(
@@ -299,8 +309,20 @@ fn a_node_killed_mid_load_delivers_every_acknowledged_task_after_its_restart() {
             missing.len(),
             &missing[..missing.len().min(20)]
         );
-        // Countdowns of 2 s or more: none was under way at the kill.
-        assert!(dups.is_empty(), "delivered twice: {dups:?}");
+        // Only a task whose webhook went out in the last second before the
+        // kill may come again (its success may not have been recorded yet:
+        // at least once).
+        let unexplained: Vec<&(String, u32)> = dups
+            .iter()
+            .filter(|(t, _)| {
+                seen.first(t)
+                    .is_none_or(|at| at + Duration::from_secs(1) < killed_at || at > killed_at)
+            })
+            .collect();
+        assert!(
+            unexplained.is_empty(),
+            "delivered twice though not under way at the kill: {unexplained:?}"
+        );
         assert_tombstoned(&restarted.url("/queue"), &target, &early);
         // A producer resends an acknowledged request: the same task.
         let ctx = zmq::Context::new();
@@ -342,7 +364,7 @@ fn a_cluster_killed_all_at_once_delivers_every_acknowledged_task() {
             .collect();
         let load = Load::start(&[url.clone(), url.clone()], &endpoints, &target);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while load.count() < 1000 {
+        while load.count() < 2000 {
             assert!(
                 Instant::now() < deadline,
                 "only {} enqueues in 30 s",
