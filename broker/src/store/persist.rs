@@ -667,7 +667,15 @@ impl Store {
                 now_us + secs_to_micros(t.spec.timeout()) + CLAIM_GRACE.as_micros() as u64;
             t.due_us = t.due_us.max(deadline);
         } else {
+            // The holder has it pending, and was up while this node was
+            // down: this copy goes after it (replica i now fires
+            // `holders` offsets from now, plus its own), so the holder's
+            // `claimed` reaches this node first. Its subscribers may not
+            // have reconnected to this node yet to hear this copy's.
             t.attempts = t.attempts.max(task.attempts);
+            let offset = self.config.replica_offset.as_micros() as u64;
+            let behind = now_us + t.holders.len() as u64 * offset;
+            t.due_us = t.due_us.max(behind);
         }
     }
 
