@@ -429,6 +429,16 @@ fn body_for(format: Format, target: &str, i: u64, due: Due) -> (Bytes, &'static 
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// The `Authorization` header of a gateway that wants a token: the
+/// bench sends `MIYAMOTO_BENCH_TOKEN`, when set, with every API request.
+fn with_token(b: hyper::http::request::Builder) -> hyper::http::request::Builder {
+    static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match TOKEN.get_or_init(|| std::env::var("MIYAMOTO_BENCH_TOKEN").ok()) {
+        Some(t) => b.header("authorization", format!("Bearer {t}")),
+        None => b,
+    }
+}
+
 fn http_client(concurrency: usize) -> HttpClient {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
@@ -473,8 +483,7 @@ async fn http_load(
                     i,
                     Due::countdown(3600.0),
                 );
-                let req = hyper::Request::post(&url)
-                    .header("content-type", ct)
+                let req = with_token(hyper::Request::post(&url).header("content-type", ct))
                     .body(Full::new(body));
                 let t = Instant::now();
                 let ok = match req {
@@ -808,9 +817,9 @@ async fn enqueue_webhook_tasks(
                 } else {
                     body_for(Format::Form, &target, first, due)
                 };
-                let Ok(req) = hyper::Request::post(&endpoint)
-                    .header("content-type", ct)
-                    .body(Full::new(body))
+                let Ok(req) =
+                    with_token(hyper::Request::post(&endpoint).header("content-type", ct))
+                        .body(Full::new(body))
                 else {
                     continue;
                 };

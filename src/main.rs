@@ -360,6 +360,13 @@ fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         tracing::info!(%listen, broker = %endpoint, "miyamoto standalone ready");
+        if let Some(w) = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| limits.access.warning(&a))
+        {
+            tracing::warn!("{w}");
+        }
         gateway::serve(listener, link, webhooks, limits, async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -223,7 +223,7 @@ fn slow_and_idle_http_clients_are_cut_off() {
         // A chunked upload at a byte a second.
         let mut upload = connect(&node);
         upload
-            .write_all(b"POST /queue HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\n")
+            .write_all(b"POST /queue HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\n")
             .unwrap();
         let mut up = upload.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -285,7 +285,7 @@ fn a_body_over_the_limit_gets_its_413_after_being_written_whole() {
         let body = vec![b'a'; 2 * 1024 * 1024];
         let mut s = connect(&node);
         let head = format!(
-            "POST /queue HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+            "POST /queue HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
@@ -295,7 +295,7 @@ fn a_body_over_the_limit_gets_its_413_after_being_written_whole() {
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
         // With Expect: 100-continue the answer comes at once, unread.
         let mut s = connect(&node);
-        let head = "POST /queue HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000000\r\n\r\n";
+        let head = "POST /queue HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 5000000\r\n\r\n";
         s.write_all(head.as_bytes()).unwrap();
         let text = read_head(&mut s, Duration::from_secs(10));
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");

@@ -14,5 +14,6 @@ mod link;
 mod python;
 mod queues;
 mod restarts;
+mod security;
 mod webhooks;
 mod zmq_clients;

@@ -399,6 +399,16 @@ pub fn try_http(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Result<(u16, Value), String> {
+    try_http_headers(method, url, headers, body).map(|(s, _, v)| (s, v))
+}
+
+/// Like [`try_http`], with the answer's headers.
+pub fn try_http_headers(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<(u16, hyper::HeaderMap, Value), String> {
     let mut req = hyper::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -413,13 +423,18 @@ pub fn try_http(
         let fut = async {
             let resp = client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
-            Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+            Ok((
+                status,
+                headers,
+                serde_json::from_slice(&body).unwrap_or(Value::Null),
+            ))
         };
         tokio::time::timeout(Duration::from_secs(15), fut)
             .await

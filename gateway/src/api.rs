@@ -1,6 +1,6 @@
 //! The REST API: routing, request parsing and the JSON answers. Every
-//! request passes through [`Api::handle`], the one place where
-//! authentication will sit.
+//! request passes through [`Api::handle`], which checks first who may
+//! make it ([`crate::auth`]).
 
 use std::convert::Infallible;
 
@@ -30,11 +30,13 @@ pub const MAX_DRAINED_BYTES: usize = 8 * 1024 * 1024;
 
 type Resp = Response<Full<Bytes>>;
 
-/// The API's state: the link to the brokers and the HTTP bounds.
+/// The API's state: the link to the brokers, the HTTP bounds and who may
+/// call it.
 #[derive(Clone)]
 pub struct Api {
     link: BrokerLink,
     body_timeout: Duration,
+    access: std::sync::Arc<crate::auth::Access>,
 }
 
 impl Api {
@@ -42,12 +44,57 @@ impl Api {
         Api {
             link,
             body_timeout: limits.body_timeout,
+            access: std::sync::Arc::new(limits.access),
         }
     }
 
-    /// Answers one HTTP request.
-    pub async fn handle(self, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    /// Answers one HTTP request from `peer`: refused as [`crate::auth`]
+    /// says, or routed.
+    pub async fn handle(
+        self,
+        req: Request<Incoming>,
+        peer: std::net::IpAddr,
+    ) -> Result<Resp, Infallible> {
+        let need = need_of(req.method(), req.uri().path());
+        if let Err(r) = self.access.check(peer, req.headers(), &need) {
+            let mut resp = error(r.status, r.reason);
+            if r.challenge {
+                resp.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
+            }
+            return Ok(resp);
+        }
         handle(req, self.link, self.body_timeout).await
+    }
+}
+
+/// What a request needs ([`crate::auth::Need`]), by its route.
+fn need_of(method: &Method, path: &str) -> crate::auth::Need {
+    use crate::auth::Need;
+    let path = path.trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    match segments.as_slice() {
+        ["health"] if read => Need::Open,
+        ["queue"] if *method == Method::POST => Need::Enqueue(DEFAULT_QUEUE.to_string()),
+        ["queue", q] | ["queue", q, "batch"] if *method == Method::POST => {
+            Need::Enqueue((*q).to_string())
+        }
+        ["queue", _]
+        | ["queues"]
+        | ["cluster"]
+        | ["queue", _, "tasks"]
+        | ["queue", _, "tasks", _]
+            if read =>
+        {
+            Need::Read
+        }
+        ["queue", ..] => Need::Admin,
+        // Unknown endpoints and methods: whoever may read learns they are
+        // unknown.
+        _ => Need::Read,
     }
 }
 

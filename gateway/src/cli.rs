@@ -47,6 +47,29 @@ pub struct HttpArgs {
     /// 503 and closed (default: half the file descriptors, 16 to 16384).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// An API token that may call the API, sent as `Authorization: Bearer
+    /// TOKEN`: `TOKEN` (every scope), `TOKEN:SCOPES` (enqueue, read,
+    /// admin, comma-separated) or `TOKEN:enqueue:QUEUES` (names, or
+    /// prefixes as `jobs-*`). Repeatable. Also MIYAMOTO_API_TOKENS
+    /// (tokens separated by white space).
+    #[arg(long = "api-token")]
+    pub api_tokens: Vec<String>,
+    /// A file of API tokens, one a line as `--api-token` takes them;
+    /// blank lines and `#` comments are skipped.
+    #[arg(long = "api-tokens")]
+    pub api_token_file: Option<std::path::PathBuf>,
+    /// Serve every client without a token. Without tokens and without
+    /// this, only loopback clients are served.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Web origins (`https://dash.example.com`) whose pages may call the
+    /// API from a browser; other pages' requests are refused.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Host names the gateway answers to, beyond addresses and localhost
+    /// (`queue.example.com`, `*.internal`, or `*` for any).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl HttpArgs {
@@ -61,7 +84,22 @@ impl HttpArgs {
                 ))
             }
         };
+        let mut specs = self.api_tokens.clone();
+        if let Some(path) = &self.api_token_file {
+            specs.extend(crate::auth::read_token_file(path).map_err(anyhow::Error::msg)?);
+        }
+        if let Ok(env) = std::env::var("MIYAMOTO_API_TOKENS") {
+            specs.extend(env.split_whitespace().map(str::to_string));
+        }
+        let access = crate::auth::Access::new(
+            &specs,
+            self.no_auth,
+            self.allowed_origins.clone(),
+            self.allowed_hosts.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
         Ok(crate::HttpLimits {
+            access,
             header_timeout: secs("header-timeout", self.header_timeout)?,
             body_timeout: secs("body-timeout", self.body_timeout)?,
             max_connections: self
@@ -114,6 +152,13 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     tracing::info!(%listen, brokers = ?args.broker, "gateway listening");
     let webhooks = args.webhook_config()?;
     let limits = args.http.limits()?;
+    if let Some(w) = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| limits.access.warning(&a))
+    {
+        tracing::warn!("{w}");
+    }
     crate::serve(listener, link, webhooks, limits, async {
         let _ = tokio::signal::ctrl_c().await;
     })

@@ -9,6 +9,7 @@
 //! * [`cli`] — the `miyamoto-gateway` command line.
 
 pub mod api;
+pub mod auth;
 pub mod broker_link;
 pub mod cli;
 pub mod webhooks;
@@ -37,6 +38,8 @@ pub struct HttpLimits {
     /// Connections served at once; past it, a new connection is answered
     /// `503` and closed.
     pub max_connections: usize,
+    /// Who may call the API ([`auth`]).
+    pub access: auth::Access,
 }
 
 impl Default for HttpLimits {
@@ -45,6 +48,7 @@ impl Default for HttpLimits {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: default_max_connections(),
+            access: auth::Access::default(),
         }
     }
 }
@@ -96,7 +100,7 @@ pub async fn serve(
     let api = api::Api::new(link.clone(), limits.clone());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -116,7 +120,8 @@ pub async fn serve(
         let api = api.clone();
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            let service = service_fn(move |req| api.clone().handle(req));
+            let peer = peer.ip();
+            let service = service_fn(move |req| api.clone().handle(req, peer));
             if let Err(e) = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
