@@ -336,6 +336,7 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
     let inproc = format!("standalone-{}", std::process::id());
+    broker::validate::set_target_guard(args.broker.target_guard()?);
     let node = broker::Node::start_in(args.broker.node_config()?, ctx.clone(), Some(&inproc))?;
     // The node's advertised endpoint, as its roster names it: the link
     // reaches it over inproc whatever the roster says.
@@ -352,7 +353,8 @@ fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         client,
         worker,
     });
-    let webhooks = gateway::cli::webhook_config(&args.signing_secrets)?;
+    let mut webhooks = gateway::cli::webhook_config(&args.signing_secrets)?;
+    webhooks.guard = std::sync::Arc::new(args.broker.target_guard()?);
     let limits = args.http.limits()?;
     let rt = tokio_runtime()?;
     rt.block_on(async {

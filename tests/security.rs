@@ -357,3 +357,198 @@ fn pages_from_other_origins_and_rebound_names_are_refused() {
         assert_eq!(status_of("POST", &url, &[], task), 200);
     });
 }
+
+#[test]
+fn the_target_guard_refuses_metadata_user_information_and_denied_ranges() {
+    run(Duration::from_secs(60), |h| {
+        let rx = Receiver::start();
+        let port = rx.addr.port();
+        let node = h.standalone();
+        let url = node.url("/queue");
+        // The defaults: metadata endpoints, link-local, unspecified.
+        for target in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://metadata.google.internal/computeMetadata/v1/",
+            "http://metadata/",
+            "http://[fd00:ec2::254]/",
+            "http://100.100.100.200/",
+            "http://0.0.0.0:80/",
+            "http://[::]/",
+            "http://[::ffff:169.254.169.254]/",
+        ] {
+            let (s, v) = post_form(&url, &format!("task.url={target}"));
+            assert_eq!(s, 400, "{target}: {v}");
+            assert!(
+                v["reason"].as_str().unwrap_or("").contains("denied"),
+                "{target}: {v}"
+            );
+        }
+        // User information is refused; the callback passes the same guard.
+        let (s, v) = post_form(
+            &url,
+            &format!("task.url=http://alice:s3cr3t@127.0.0.1:{port}/w"),
+        );
+        assert_eq!(s, 400, "{v}");
+        assert!(
+            v["reason"].as_str().unwrap().contains("user information"),
+            "{v}"
+        );
+        let (s, _) = post_form(
+            &url,
+            &format!(
+                "task.url=http://127.0.0.1:{port}/w&task.callback_url=http://169.254.169.254/"
+            ),
+        );
+        assert_eq!(s, 400);
+        // Loopback spelt another way is loopback, and allowed by default.
+        let (s, v) = post_form(&url, &format!("task.url=http://2130706433:{port}/spelt"));
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(rx.expect(Duration::from_secs(10)).target, "/spelt");
+    });
+}
+
+#[test]
+fn a_host_name_resolving_to_a_denied_address_is_refused_at_delivery_without_a_request() {
+    run(Duration::from_secs(60), |h| {
+        let rx = Receiver::start();
+        let port = rx.addr.port();
+        // A strict configuration: loopback denied, one address let back.
+        let node = h.standalone_with(&[
+            "--deny-targets",
+            "127.0.0.0/8,::1",
+            "--allow-targets",
+            "127.0.0.2",
+        ]);
+        let url = node.url("/queue");
+        let (s, v) = post_form(&url, &format!("task.url=http://127.0.0.1:{port}/literal"));
+        assert_eq!(s, 400, "{v}");
+        let (s, v) = post_form(&url, &format!("task.url=http://127.1:{port}/short"));
+        assert_eq!(s, 400, "{v}");
+        // A name is checked where it resolves: localhost is loopback.
+        let (s, v) = post_form(&url, &format!("task.url=http://localhost:{port}/named"));
+        assert_eq!(s, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let t = wait_task(&node, "default", &id, Duration::from_secs(10), |t| {
+            t["state"] == "failed"
+        });
+        assert_eq!(t["attempts"], 1, "{t}");
+        let err = t["last_error"].as_str().unwrap_or("");
+        assert!(
+            err.contains("target denied") && err.contains("localhost"),
+            "{t}"
+        );
+        assert!(
+            rx.next(Duration::from_millis(500)).is_none(),
+            "a request reached the receiver"
+        );
+        // The allowed address goes through the denied range.
+        let (s, v) = post_form(&url, &format!("task.url=http://127.0.0.2:{port}/allowed"));
+        assert_eq!(s, 200, "{v}");
+    });
+}
+
+/// A `store` on the peer port as a member (or anyone who reaches it)
+/// would send; the outcome the broker answers.
+fn forged_store(base: u16, me: u64, record: protocol::ReplicaRecord) -> protocol::StoreOutcome {
+    let ctx = zmq::Context::new();
+    let d = ctx.socket(zmq::DEALER).unwrap();
+    d.set_identity(b"peer-4242").unwrap();
+    d.set_linger(0).unwrap();
+    d.connect(&format!("tcp://127.0.0.1:{}", base + 2)).unwrap();
+    let msg = protocol::PeerMessage::Store {
+        req: 7,
+        from: 4242,
+        record,
+        check: true,
+    };
+    let _ = me;
+    d.send_multipart(protocol::encode(&msg), 0).unwrap();
+    assert!(
+        d.poll(zmq::POLLIN, 10_000).unwrap() > 0,
+        "no answer to the store"
+    );
+    let parts = d.recv_multipart(0).unwrap();
+    match protocol::decode::<protocol::PeerMessage, _>(&parts).unwrap() {
+        protocol::PeerMessage::StoreResult { outcome, .. } => outcome,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_peers_copy_passes_the_checks_an_enqueue_passes() {
+    run(Duration::from_secs(60), |h| {
+        let node = h.standalone();
+        let mut p = client::Producer::connect(&node.client_endpoint()).unwrap();
+        let me = match p.request(protocol::ClientCommand::ClusterInfo).unwrap() {
+            protocol::ReplyBody::Cluster { cluster } => cluster.node,
+            other => panic!("{other:?}"),
+        };
+        let good = protocol::ReplicaRecord {
+            id: "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b".into(),
+            queue: "default".into(),
+            name: None,
+            url: "http://127.0.0.1:9/w".into(),
+            pool: "*http".into(),
+            method: "POST".into(),
+            params: vec![],
+            body: None,
+            content_type: None,
+            headers: vec![],
+            eta: now() + 3600.0,
+            timeout: 30.0,
+            callback_url: None,
+            failure_callback_url: None,
+            idempotency_key: None,
+            is_callback: false,
+            created_us: 1,
+            state: protocol::TaskState::Scheduled,
+            due_us: 1,
+            attempts: 0,
+            executions: 0,
+            last_status: None,
+            last_error: None,
+            first_attempt_us: None,
+            holders: vec![me],
+            request: None,
+        };
+        let bad = [
+            protocol::ReplicaRecord {
+                queue: "bad queue name!".into(),
+                ..good.clone()
+            },
+            protocol::ReplicaRecord {
+                method: "TRACE".into(),
+                ..good.clone()
+            },
+            protocol::ReplicaRecord {
+                callback_url: Some("file:///etc/passwd".into()),
+                ..good.clone()
+            },
+            protocol::ReplicaRecord {
+                url: "http://169.254.169.254/".into(),
+                ..good.clone()
+            },
+            protocol::ReplicaRecord {
+                url: "http://u:p@127.0.0.1:9/".into(),
+                ..good.clone()
+            },
+        ];
+        for record in bad {
+            let what = format!(
+                "{} {} {:?} {}",
+                record.queue, record.method, record.callback_url, record.url
+            );
+            match forged_store(node.base, me, record) {
+                protocol::StoreOutcome::Rejected { reason } => assert!(!reason.is_empty()),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        assert!(p.get("default", &good.id).unwrap_err().is_not_found());
+        // The same copy, valid, is stored.
+        assert!(matches!(
+            forged_store(node.base, me, good.clone()),
+            protocol::StoreOutcome::Stored
+        ));
+        assert!(p.get("default", &good.id).is_ok());
+    });
+}

@@ -85,6 +85,16 @@ pub struct BrokerArgs {
     /// recording what finishes.
     #[arg(long, value_parser = parse_bytes, default_value = "256MiB")]
     pub min_free_disk: u64,
+    /// Webhook targets let through whatever the deny rules say: CIDR
+    /// ranges (`10.1.0.0/16`, an address) and host names (`*.internal`),
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_targets: Vec<String>,
+    /// Webhook targets refused, beside the defaults (link-local ranges,
+    /// cloud metadata names and addresses, 0.0.0.0 and ::): CIDR ranges
+    /// and host names, comma-separated. An enqueue naming one gets 400.
+    #[arg(long, value_delimiter = ',')]
+    pub deny_targets: Vec<String>,
 }
 
 /// `--fsync`.
@@ -131,6 +141,12 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 impl BrokerArgs {
+    /// The target guard of `--allow-targets` and `--deny-targets`.
+    pub fn target_guard(&self) -> anyhow::Result<protocol::targets::TargetGuard> {
+        protocol::targets::TargetGuard::new(&self.allow_targets, &self.deny_targets)
+            .map_err(anyhow::Error::msg)
+    }
+
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
         // A year at most: `Duration::from_secs_f64` panics past u64 seconds.
         let secs = |name: &str, v: f64| {
@@ -241,6 +257,7 @@ pub fn parse_queue_file(
 
 /// Starts a node and serves until the process is stopped.
 pub fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    crate::validate::set_target_guard(args.target_guard()?);
     let node = Node::start(args.node_config()?)?;
     node.wait();
     Ok(())

@@ -245,12 +245,53 @@ pub fn validate(queue: &str, spec: TaskSpec, now: f64) -> Result<ValidTask, Stri
     validate_with(queue, spec, now, DEFAULT_TIMEOUT_SECS)
 }
 
+/// A peer's copy passes the checks an enqueue passes (issue 16): its
+/// queue name, URL (normalised, through the target guard, no user
+/// information), method, payload, name, timeout and callback URLs. A
+/// member is admitted to the cluster, but what it sends is not trusted
+/// blindly. `now` is unix seconds; the copy's eta may lie in the past.
+pub fn check_record(r: &protocol::ReplicaRecord, now: f64) -> Result<(), String> {
+    let spec = TaskSpec {
+        url: r.url.clone(),
+        method: Some(r.method.clone()),
+        params: r.params.clone(),
+        body: r.body.clone(),
+        content_type: r.content_type.clone(),
+        headers: r.headers.clone(),
+        countdown: None,
+        eta: Some(r.eta.min(now)),
+        name: r.name.clone(),
+        timeout: Some(r.timeout),
+        callback_url: r.callback_url.clone(),
+        failure_callback_url: r.failure_callback_url.clone(),
+        idempotency_key: r.idempotency_key.clone(),
+    };
+    let v = validate(&r.queue, spec, now)?;
+    if *v.url != r.url {
+        return Err("task.url is not in its normal form".into());
+    }
+    if v.pool() != r.pool {
+        return Err("the copy's pool does not match its URL".into());
+    }
+    Ok(())
+}
+
 /// A callback URL must be a plain http(s) URL with a host.
 fn callback(field: &str, url: Option<String>) -> Result<Option<String>, String> {
     let Some(url) = url else { return Ok(None) };
     let parsed = url::Url::parse(&url).map_err(|e| format!("{field} is not a valid URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("{field} must be an http or https URL with a host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!(
+            "{field} must not carry user information (user:password@)"
+        ));
+    }
+    if let Some(host) = parsed.host_str() {
+        target_guard()
+            .check_host(host)
+            .map_err(|e| format!("{field}: {e}"))?;
     }
     Ok(Some(parsed.to_string()))
 }
@@ -406,13 +447,38 @@ fn check_headers(spec: &TaskSpec) -> Result<(), String> {
 }
 
 /// Parses and checks a task URL; returns its normalized form.
+/// The target guard enqueues are checked against (`--allow-targets`,
+/// `--deny-targets`): set once at start ([`set_target_guard`]), the
+/// defaults otherwise. A process-wide setting, like the flags it comes
+/// from; the store's validation reads it without threading it through
+/// every call.
+static TARGET_GUARD: std::sync::OnceLock<protocol::targets::TargetGuard> =
+    std::sync::OnceLock::new();
+
+/// Sets the target guard, once, before the node starts.
+pub fn set_target_guard(guard: protocol::targets::TargetGuard) {
+    let _ = TARGET_GUARD.set(guard);
+}
+
+fn target_guard() -> &'static protocol::targets::TargetGuard {
+    static DEFAULT: std::sync::OnceLock<protocol::targets::TargetGuard> =
+        std::sync::OnceLock::new();
+    TARGET_GUARD
+        .get()
+        .unwrap_or_else(|| DEFAULT.get_or_init(protocol::targets::TargetGuard::default))
+}
+
 pub fn normalize_url(raw: &str) -> Result<String, String> {
     let url = url::Url::parse(raw).map_err(|e| format!("task.url is not a valid URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {
-            if url.host_str().is_none_or(str::is_empty) {
+            let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
                 return Err("task.url must name a host".into());
+            };
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err("task.url must not carry user information (user:password@): it would not be sent, and anyone reading the task would see it; send credentials in a header".into());
             }
+            target_guard().check_host(host)?;
         }
         "zmq" => {
             let pool = url.host_str().unwrap_or("");

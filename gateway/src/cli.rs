@@ -28,6 +28,15 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     pub signing_secrets: Vec<String>,
+    /// Webhook targets let through whatever the deny rules say: CIDR
+    /// ranges and host names (`*.internal`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_targets: Vec<String>,
+    /// Webhook targets refused, beside the defaults (link-local, cloud
+    /// metadata, 0.0.0.0 and ::); checked on every address a host name
+    /// resolves to. A refused delivery fails its task without retries.
+    #[arg(long, value_delimiter = ',')]
+    pub deny_targets: Vec<String>,
     #[command(flatten)]
     pub http: HttpArgs,
 }
@@ -112,7 +121,12 @@ impl HttpArgs {
 impl GatewayArgs {
     /// The dispatcher's settings, with the secrets checked.
     pub fn webhook_config(&self) -> anyhow::Result<crate::webhooks::WebhookConfig> {
-        webhook_config(&self.signing_secrets)
+        let mut c = webhook_config(&self.signing_secrets)?;
+        c.guard = std::sync::Arc::new(
+            protocol::targets::TargetGuard::new(&self.allow_targets, &self.deny_targets)
+                .map_err(anyhow::Error::msg)?,
+        );
+        Ok(c)
     }
 }
 
@@ -125,6 +139,7 @@ pub fn webhook_config(secrets: &[String]) -> anyhow::Result<crate::webhooks::Web
     }
     Ok(crate::webhooks::WebhookConfig {
         signing_secrets: secrets.to_vec(),
+        guard: Default::default(),
     })
 }
 

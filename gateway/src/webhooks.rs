@@ -26,11 +26,57 @@ use crate::broker_link::{BrokerLink, Delivery};
 /// The `User-Agent` of every webhook.
 pub const USER_AGENT_VALUE: &str = concat!("miyamoto/", env!("CARGO_PKG_VERSION"));
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardResolver>>, Full<Bytes>>;
 
-/// Builds the pooled client.
-pub fn client(max_idle_per_host: usize) -> HttpsClient {
-    let mut http = HttpConnector::new();
+/// What starts the reason of a delivery the target guard refused.
+const DENIED: &str = "target denied: ";
+
+/// The resolver of webhook host names: it resolves (the system's
+/// resolver, on tokio's blocking pool) and hands the connector only
+/// addresses the target guard allows, so the connection goes to an
+/// address that was checked, with no second lookup for DNS rebinding to
+/// slip through. A name with any denied address is refused whole.
+#[derive(Clone)]
+pub struct GuardResolver {
+    guard: Arc<protocol::targets::TargetGuard>,
+}
+
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for GuardResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            for a in &addrs {
+                if let Err(why) = guard.check_ip(a.ip()) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!("{DENIED}{host} resolves to {}: {why}", a.ip()),
+                    ));
+                }
+            }
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+/// Builds the pooled client, its host names resolved through `guard`.
+pub fn client(max_idle_per_host: usize, guard: Arc<protocol::targets::TargetGuard>) -> HttpsClient {
+    let mut http = HttpConnector::new_with_resolver(GuardResolver { guard });
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -51,6 +97,8 @@ pub struct WebhookConfig {
     /// Secrets (`whsec_…`) signing webhooks of queues that have none of
     /// their own.
     pub signing_secrets: Vec<String>,
+    /// Where webhooks may go (`--allow-targets`, `--deny-targets`).
+    pub guard: Arc<protocol::targets::TargetGuard>,
 }
 
 /// Delivers every task arriving on `jobs`, reporting through `link`.
@@ -60,7 +108,7 @@ pub async fn run(
     max_idle: usize,
     config: WebhookConfig,
 ) {
-    let client = client(max_idle);
+    let client = client(max_idle, config.guard.clone());
     let config = Arc::new(config);
     while let Some(mut job) = jobs.recv().await {
         let client = client.clone();
@@ -72,7 +120,7 @@ pub async fn run(
             if job.task.signing_secrets.is_empty() {
                 job.task.signing_secrets = config.signing_secrets.clone();
             }
-            let result = deliver(&client, job.delivery, job.task).await;
+            let result = deliver(&client, &config.guard, job.delivery, job.task).await;
             link.report(job.broker, result);
         }));
     }
@@ -240,6 +288,7 @@ fn headers(
 /// Performs one attempt and turns its outcome into a result.
 pub async fn deliver(
     client: &HttpsClient,
+    guard: &protocol::targets::TargetGuard,
     delivery: u64,
     mut task: DeliveredTask,
 ) -> DeliveryResult {
@@ -262,6 +311,18 @@ pub async fn deliver(
             return result;
         }
     };
+    // An address in the URL is not resolved: it is checked here. A
+    // refused target fails the task at once, without retries.
+    if let Some(host) = req.uri().host() {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+            if let Err(why) = guard.check_ip(ip) {
+                result.reason = Some(format!("{DENIED}{why}"));
+                result.no_retry = true;
+                return result;
+            }
+        }
+    }
     // The broker's number, through the one gate: a NaN panicked here once.
     let timeout = protocol::limits::clamp_secs(task.timeout, Duration::from_secs(86400))
         .max(Duration::from_millis(1));
@@ -309,10 +370,23 @@ pub async fn deliver(
         Ok(Err(e)) => {
             let mut reason = e.to_string();
             let mut source = std::error::Error::source(&e);
+            let mut denied = None;
             while let Some(s) = source {
                 reason.push_str(": ");
                 reason.push_str(&s.to_string());
+                if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                    if io.kind() == std::io::ErrorKind::PermissionDenied
+                        && io.to_string().starts_with(DENIED)
+                    {
+                        denied = Some(io.to_string());
+                    }
+                }
                 source = s.source();
+            }
+            // The target guard refused the host's addresses: no retry.
+            if let Some(d) = denied {
+                result.no_retry = true;
+                reason = d;
             }
             result.reason = Some(reason);
         }

@@ -51,7 +51,7 @@ fn post(addr: &str, body: &str) -> std::io::Result<(String, String)> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "POST /queue HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /queue HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut out = String::new();

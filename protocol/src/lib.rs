@@ -22,6 +22,7 @@ pub mod frames;
 pub mod limits;
 pub mod messages;
 pub mod peer;
+pub mod targets;
 
 pub use error::Error;
 pub use fast::FastDecode;

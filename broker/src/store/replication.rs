@@ -1238,6 +1238,12 @@ impl Store {
                 }
             }
         }
+        if let Err(reason) =
+            crate::validate::check_record(&record, crate::clock::micros_to_secs(now_us))
+        {
+            tracing::warn!(task = %record.id, %reason, "a peer's copy refused");
+            return StoreOutcome::Rejected { reason };
+        }
         let mut spec = spec_of(&record);
         self.intern_peer(&mut spec);
         if check {
