@@ -27,6 +27,8 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once at start: boxing the largest would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Broker and gateway in one process: HTTP on $INTERFACE:8088, ZeroMQ on 7000/7001.
     Standalone(StandaloneArgs),
@@ -355,6 +357,7 @@ fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     });
     let mut webhooks = gateway::cli::webhook_config(&args.signing_secrets)?;
     webhooks.guard = std::sync::Arc::new(args.broker.target_guard()?);
+    webhooks.extra_roots = args.http.webhook_roots()?;
     let limits = args.http.limits()?;
     let rt = tokio_runtime()?;
     rt.block_on(async {

@@ -552,3 +552,166 @@ fn a_peers_copy_passes_the_checks_an_enqueue_passes() {
         assert!(p.get("default", &good.id).is_ok());
     });
 }
+
+/// A test CA and a certificate it signed for `localhost` and 127.0.0.1,
+/// made with the `openssl` command in `dir`: (CA PEM path, leaf PEM,
+/// leaf key PEM).
+fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=miyamoto test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        std::fs::read(dir.join("leaf.pem")).unwrap(),
+        std::fs::read(dir.join("leaf.key")).unwrap(),
+    )
+}
+
+/// An HTTPS receiver with `cert`/`key` on a free port of 127.0.0.1: the
+/// paths of the requests it answered (200), as they arrive.
+fn tls_receiver(cert: &[u8], key: &[u8]) -> (u16, std::sync::mpsc::Receiver<String>) {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let _ = tx.send(req.uri().path().to_string());
+                            async {
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+    });
+    (port, rx)
+}
+
+#[test]
+fn https_webhooks_trust_a_private_ca_when_told_and_refuse_it_otherwise() {
+    run(Duration::from_secs(90), |h| {
+        let (ca, cert, key) = test_ca(&h.dir);
+        let (port, seen) = tls_receiver(&cert, &key);
+        let target = format!("https://localhost:{port}/secure");
+        // Trusted with --webhook-ca: delivered.
+        let ca_s = ca.to_str().unwrap().to_string();
+        let trusting = h.standalone_with(&["--webhook-ca", &ca_s]);
+        let (s, v) = post_form(&trusting.url("/queue"), &format!("task.url={target}"));
+        assert_eq!(s, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            seen.recv_timeout(Duration::from_secs(15)).unwrap(),
+            "/secure"
+        );
+        wait_task(&trusting, "default", &id, Duration::from_secs(10), |t| {
+            t["state"] == "succeeded"
+        });
+        // Without it, the certificate is refused and nothing arrives.
+        let wary = h.standalone();
+        let (s, v) = post_form(&wary.url("/queue"), &format!("task.url={target}"));
+        assert_eq!(s, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let t = wait_task(&wary, "default", &id, Duration::from_secs(15), |t| {
+            t["attempts"].as_u64().unwrap_or(0) >= 1 && t["last_error"].is_string()
+        });
+        let err = t["last_error"].as_str().unwrap_or("").to_lowercase();
+        assert!(
+            err.contains("certificate") || err.contains("unknownissuer"),
+            "{t}"
+        );
+        assert!(
+            seen.recv_timeout(Duration::from_millis(500)).is_err(),
+            "a request got through"
+        );
+    });
+}

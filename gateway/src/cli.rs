@@ -79,6 +79,20 @@ pub struct HttpArgs {
     /// (`queue.example.com`, `*.internal`, or `*` for any).
     #[arg(long, value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
+    /// A PEM file of CA certificates trusted for HTTPS webhooks, beside
+    /// the usual web roots (a private CA's).
+    #[arg(long)]
+    pub webhook_ca: Option<std::path::PathBuf>,
+}
+
+impl HttpArgs {
+    /// The extra roots of `--webhook-ca`.
+    pub fn webhook_roots(&self) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+        match &self.webhook_ca {
+            Some(p) => crate::webhooks::read_roots(p).map_err(anyhow::Error::msg),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 impl HttpArgs {
@@ -122,6 +136,7 @@ impl GatewayArgs {
     /// The dispatcher's settings, with the secrets checked.
     pub fn webhook_config(&self) -> anyhow::Result<crate::webhooks::WebhookConfig> {
         let mut c = webhook_config(&self.signing_secrets)?;
+        c.extra_roots = self.http.webhook_roots()?;
         c.guard = std::sync::Arc::new(
             protocol::targets::TargetGuard::new(&self.allow_targets, &self.deny_targets)
                 .map_err(anyhow::Error::msg)?,
@@ -140,6 +155,7 @@ pub fn webhook_config(secrets: &[String]) -> anyhow::Result<crate::webhooks::Web
     Ok(crate::webhooks::WebhookConfig {
         signing_secrets: secrets.to_vec(),
         guard: Default::default(),
+        extra_roots: Vec::new(),
     })
 }
 

@@ -74,21 +74,72 @@ impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for 
     }
 }
 
-/// Builds the pooled client, its host names resolved through `guard`.
-pub fn client(max_idle_per_host: usize, guard: Arc<protocol::targets::TargetGuard>) -> HttpsClient {
+/// Builds the pooled client, its host names resolved through `guard`,
+/// trusting the webpki roots and `extra_roots` (`--webhook-ca`).
+pub fn client(
+    max_idle_per_host: usize,
+    guard: Arc<protocol::targets::TargetGuard>,
+    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> HttpsClient {
     let mut http = HttpConnector::new_with_resolver(GuardResolver { guard });
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match tls_config(extra_roots) {
+        Some(config) => builder.with_tls_config(config),
+        None => builder.with_webpki_roots(),
+    };
+    let https = builder.https_or_http().enable_http1().wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(max_idle_per_host)
         .build(https)
+}
+
+/// A TLS configuration trusting the webpki roots and `extra` too, or
+/// `None` without extra roots (or if one cannot be used: it was checked
+/// when read, see [`read_roots`]).
+fn tls_config(extra: &[rustls_pki_types::CertificateDer<'static>]) -> Option<rustls::ClientConfig> {
+    if extra.is_empty() {
+        return None;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for c in extra {
+        if let Err(e) = roots.add(c.clone()) {
+            tracing::error!(error = %e, "a --webhook-ca certificate cannot be used");
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(config)
+}
+
+/// The certificates of a PEM file (`--webhook-ca`): roots trusted for
+/// HTTPS webhooks beside the webpki ones.
+pub fn read_roots(
+    path: &std::path::Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for c in &certs {
+        store
+            .add(c.clone())
+            .map_err(|e| format!("{}: a certificate cannot be a root: {e}", path.display()))?;
+    }
+    Ok(certs)
 }
 
 /// Settings of the dispatcher.
@@ -99,6 +150,9 @@ pub struct WebhookConfig {
     pub signing_secrets: Vec<String>,
     /// Where webhooks may go (`--allow-targets`, `--deny-targets`).
     pub guard: Arc<protocol::targets::TargetGuard>,
+    /// Roots trusted for HTTPS webhooks beside the webpki ones
+    /// (`--webhook-ca`).
+    pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// Delivers every task arriving on `jobs`, reporting through `link`.
@@ -108,7 +162,7 @@ pub async fn run(
     max_idle: usize,
     config: WebhookConfig,
 ) {
-    let client = client(max_idle, config.guard.clone());
+    let client = client(max_idle, config.guard.clone(), &config.extra_roots);
     let config = Arc::new(config);
     while let Some(mut job) = jobs.recv().await {
         let client = client.clone();
