@@ -219,26 +219,18 @@ impl Membership {
             self.suspects = suspects.clone();
             out.push(Decision::Store(Command::Suspects(suspects)));
         }
-        if self.rejoining && !self.joining {
-            if self.leader.is_some() && self.is_member() {
-                self.rejoining = false;
-                out.push(Decision::Joined);
-            } else if self
-                .last_join
-                .is_none_or(|t| now.duration_since(t) >= JOIN_EVERY)
-            {
-                self.last_join = Some(now);
-                out.push(Decision::Join(PeerMessage::Join {
-                    member: self.me.clone(),
-                }));
-            }
+        // Joining ends once this node is a member; rejoining once it also
+        // hears a leader.
+        let done = if self.joining {
+            self.is_member()
+        } else if self.rejoining {
+            self.leader.is_some() && self.is_member()
+        } else {
             return;
-        }
-        if !self.joining {
-            return;
-        }
-        if self.is_member() {
+        };
+        if done {
             self.joining = false;
+            self.rejoining = false;
             out.push(Decision::Joined);
         } else if self
             .last_join

@@ -896,27 +896,9 @@ impl Sim {
                 return id;
             }
         };
-        let dispatch = DispatchConfig {
-            result_grace: Duration::from_secs(2),
-            ..DispatchConfig::default()
-        };
         let join_via = via.and_then(|v| Some((v, self.nodes.get(&v)?.addr)));
-        let node = SimNode {
-            membership: Membership::new(m, 2, Duration::from_secs(2), via.is_some(), self.now),
-            alive: true,
-            addr,
-            store,
-            dispatcher: Dispatcher::new(dispatch),
-            election,
-            dealers: BTreeMap::new(),
-            subscribed: BTreeSet::new(),
-            join_via,
-            next_raft_tick: self.now + TICK,
-            next_dispatch_tick: self.now + DISPATCH_TICK,
-            wake_at: None,
-            journal: None,
-            raft_saved: None,
-        };
+        let membership = Membership::new(m, 2, Duration::from_secs(2), via.is_some(), self.now);
+        let node = self.sim_node(addr, store, election, membership, join_via);
         self.nodes.insert(id, node);
         self.occupant.insert(addr, id);
         if self.config.faults.disk {
@@ -939,6 +921,37 @@ impl Sim {
             self.election_input(id, None);
         }
         id
+    }
+
+    /// A live node at `addr`, its timers starting now.
+    fn sim_node(
+        &self,
+        addr: u64,
+        store: Store,
+        election: Election,
+        membership: Membership,
+        join_via: Option<(u64, u64)>,
+    ) -> SimNode {
+        let dispatch = DispatchConfig {
+            result_grace: Duration::from_secs(2),
+            ..DispatchConfig::default()
+        };
+        SimNode {
+            membership,
+            alive: true,
+            addr,
+            store,
+            dispatcher: Dispatcher::new(dispatch),
+            election,
+            dealers: BTreeMap::new(),
+            subscribed: BTreeSet::new(),
+            join_via,
+            next_raft_tick: self.now + TICK,
+            next_dispatch_tick: self.now + DISPATCH_TICK,
+            wake_at: None,
+            journal: None,
+            raft_saved: None,
+        }
     }
 
     fn live_ids(&self) -> Vec<u64> {
@@ -2048,26 +2061,9 @@ impl Sim {
             .and_then(|v| Some((v, self.nodes.get(&v)?.addr)));
         let mut membership = Membership::new(m, 2, Duration::from_secs(2), false, self.now);
         membership.rejoin();
-        let dispatch = DispatchConfig {
-            result_grace: Duration::from_secs(2),
-            ..DispatchConfig::default()
-        };
-        let node = SimNode {
-            membership,
-            alive: true,
-            addr,
-            store,
-            dispatcher: Dispatcher::new(dispatch),
-            election,
-            dealers: BTreeMap::new(),
-            subscribed: BTreeSet::new(),
-            join_via: via,
-            next_raft_tick: self.now + TICK,
-            next_dispatch_tick: self.now + DISPATCH_TICK,
-            wake_at: None,
-            journal: Some(journal),
-            raft_saved: Some(saved),
-        };
+        let mut node = self.sim_node(addr, store, election, membership, via);
+        node.journal = Some(journal);
+        node.raft_saved = Some(saved);
         self.nodes.insert(id, node);
         self.occupant.insert(addr, id);
         self.died_at.remove(&id);

@@ -336,13 +336,13 @@ impl Store {
     /// Remembers a change's reply, so a resend of its request gets it
     /// again instead of acting twice.
     pub(super) fn remember(&mut self, reply: &ClientReply, now_us: u64) {
-        self.recent.insert(
+        let k = self.recent.insert(
             &reply.request_id,
             &reply.body,
             now_us + REQUEST_DEDUP.as_micros() as u64,
             REQUEST_DEDUP_MAX,
         );
-        self.persist_reply(&reply.request_id);
+        self.persist_reply(k);
     }
 
     /// Configure, pause, resume and purge: from a client or a peer alike.

@@ -310,6 +310,17 @@ impl Task {
         self.update_run(delivery.is_none(), |r| r.delivery = delivery);
     }
 
+    /// Takes a record's progress: due time, attempt counts, last answer,
+    /// first attempt (a peer's copy being stored, or a journal record).
+    fn load_progress(&mut self, r: &ReplicaRecord) {
+        self.due_us = r.due_us;
+        self.attempts = r.attempts;
+        self.executions = r.executions;
+        self.last_status = r.last_status;
+        self.set_last_error(r.last_error.clone());
+        self.set_first_attempt_us(r.first_attempt_us);
+    }
+
     /// Takes a peer's attempt counts (the larger ones) and last answer.
     fn merge_attempts(
         &mut self,

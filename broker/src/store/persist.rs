@@ -172,20 +172,7 @@ impl Store {
 
     /// A task's `T` record.
     fn task_record(&self, t: &Task) -> Vec<u8> {
-        let mut r = replication::new_record(
-            t.id,
-            &t.spec,
-            t.is_callback,
-            t.created_us,
-            t.holders.to_vec(),
-        );
-        r.state = t.state;
-        r.due_us = t.due_us;
-        r.attempts = t.attempts;
-        r.executions = t.executions;
-        r.last_status = t.last_status;
-        r.last_error = t.last_error();
-        r.first_attempt_us = t.first_attempt_us();
+        let r = replication::record_of_task(t);
         let tombstone_until = t
             .state
             .is_final()
@@ -249,13 +236,13 @@ impl Store {
         }
     }
 
-    /// Records the reply remembered for `request_id` (just inserted or
+    /// Records the reply remembered under key `k` (just inserted or
     /// changed).
-    pub(super) fn persist_reply(&mut self, request_id: &str) {
+    pub(super) fn persist_reply(&mut self, k: u64) {
         if self.persist.is_none() {
             return;
         }
-        if let Some(saved) = self.recent.export(request_id) {
+        if let Some(saved) = self.recent.export_key(k) {
             let r = encode(REPLY, &saved, true);
             if let Some(p) = &mut self.persist {
                 p.records.push(r);
@@ -504,12 +491,7 @@ impl Store {
         self.insert_task(id, spec, r.is_callback, r.created_us, r.holders.clone());
         self.stats.enqueued -= 1;
         if let Some(t) = self.tasks.get_mut(&id) {
-            t.due_us = r.due_us;
-            t.attempts = r.attempts;
-            t.executions = r.executions;
-            t.last_status = r.last_status;
-            t.set_last_error(r.last_error.clone());
-            t.set_first_attempt_us(r.first_attempt_us);
+            t.load_progress(&r);
             let grown = t.set_last_response(response.map(|b| b.into_vec()));
             self.task_bytes = self.task_bytes.saturating_add_signed(grown);
         }

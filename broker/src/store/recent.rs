@@ -193,8 +193,17 @@ impl Recent {
 
     /// Remembers `body` until `expires_us`, dropping the oldest entries
     /// beyond `max` (a batch counts once per result).
-    pub fn insert(&mut self, request_id: &str, body: &ReplyBody, expires_us: u64, max: usize) {
-        self.insert_keyed(key(request_id), body, expires_us, max);
+    /// Returns the request id's key (for [`Recent::export_key`]).
+    pub fn insert(
+        &mut self,
+        request_id: &str,
+        body: &ReplyBody,
+        expires_us: u64,
+        max: usize,
+    ) -> u64 {
+        let k = key(request_id);
+        self.insert_keyed(k, body, expires_us, max);
+        k
     }
 
     fn insert_keyed(&mut self, k: u64, body: &ReplyBody, expires_us: u64, max: usize) {
@@ -278,9 +287,9 @@ impl Recent {
         (self.head, self.entries.len() as u32)
     }
 
-    /// The entry of `request_id`, as the journal records it.
-    pub fn export(&self, request_id: &str) -> Option<SavedReply> {
-        self.export_at(self.position(key(request_id))?)
+    /// The entry of a request id's key, as the journal records it.
+    pub fn export_key(&self, k: u64) -> Option<SavedReply> {
+        self.export_at(self.position(k)?)
     }
 
     /// The entry at position `pos`, if it is still held.

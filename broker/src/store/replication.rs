@@ -270,6 +270,25 @@ pub(super) fn new_record(
     }
 }
 
+/// A task's record as it stands: its specification and progress.
+pub(super) fn record_of_task(t: &Task) -> ReplicaRecord {
+    let mut r = new_record(
+        t.id,
+        &t.spec,
+        t.is_callback,
+        t.created_us,
+        t.holders.to_vec(),
+    );
+    r.state = t.state;
+    r.due_us = t.due_us;
+    r.attempts = t.attempts;
+    r.executions = t.executions;
+    r.last_status = t.last_status;
+    r.last_error = t.last_error();
+    r.first_attempt_us = t.first_attempt_us();
+    r
+}
+
 pub(super) fn spec_of(r: &ReplicaRecord) -> ValidTask {
     // A peer's record was validated where it was enqueued; an unknown
     // method (a newer peer) falls back to POST rather than losing the task.
@@ -345,19 +364,12 @@ impl Store {
     /// would say): a copy made during a delivery must not fire at once.
     fn record_of(&self, id: Uuid, now_us: u64) -> Option<ReplicaRecord> {
         let t = self.tasks.get(&id)?;
-        let mut r = new_record(id, &t.spec, t.is_callback, t.created_us, t.holders.to_vec());
-        r.state = t.state;
-        r.due_us = t.due_us;
+        let mut r = record_of_task(t);
         if t.state == TaskState::Running {
             let deadline =
                 now_us + secs_to_micros(t.spec.timeout()) + CLAIM_GRACE.as_micros() as u64;
             r.due_us = r.due_us.max(deadline);
         }
-        r.attempts = t.attempts;
-        r.executions = t.executions;
-        r.last_status = t.last_status;
-        r.last_error = t.last_error();
-        r.first_attempt_us = t.first_attempt_us();
         Some(r)
     }
 
@@ -804,13 +816,13 @@ impl Store {
             result: None,
             replicas: 0,
         };
-        self.recent.insert(
+        let k = self.recent.insert(
             key,
             &body,
             now_us + REQUEST_DEDUP.as_micros() as u64,
             REQUEST_DEDUP_MAX,
         );
-        self.persist_reply(key);
+        self.persist_reply(k);
     }
 
     /// Forgets a copy refused elsewhere (its name taken, or another task
@@ -1263,12 +1275,7 @@ impl Store {
             record.holders.clone(),
         );
         if let Some(t) = self.tasks.get_mut(&id) {
-            t.due_us = record.due_us;
-            t.attempts = record.attempts;
-            t.executions = record.executions;
-            t.last_status = record.last_status;
-            t.set_last_error(record.last_error.clone());
-            t.set_first_attempt_us(record.first_attempt_us);
+            t.load_progress(&record);
         }
         if record.state == TaskState::Retrying {
             self.transition(id, TaskState::Retrying, out);
