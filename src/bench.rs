@@ -631,7 +631,7 @@ fn zmq_enqueue(
     task: impl Fn(u64) -> TaskSpec,
 ) -> anyhow::Result<(Report, Vec<Instant>)> {
     let ctx = zmq::Context::new();
-    let s = client::sockets::dealer(&ctx, false)?;
+    let s = client::sockets::dealer(&ctx, false, None)?;
     s.connect(endpoint)?;
     let progress = Progress::start(scenario, requests);
     let mut sent_at: Vec<Instant> = Vec::with_capacity(requests as usize);

@@ -50,6 +50,15 @@ enum Command {
     DevCluster(DevClusterArgs),
     /// Load scenarios and their bare ceilings (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Write a CURVE key pair: PATH.key (public) and PATH.key_secret.
+    CurveKeygen(KeygenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// Where to write, without the suffix: `keys/server` writes
+    /// keys/server.key and keys/server.key_secret (never over existing files).
+    path: std::path::PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +101,8 @@ struct WorkerArgs {
     /// Answer failure instead of success.
     #[arg(long)]
     fail: bool,
+    #[command(flatten)]
+    curve: gateway::cli::CurveClientArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -133,6 +144,8 @@ struct EnqueueArgs {
     name: Option<String>,
     #[arg(long)]
     method: Option<String>,
+    #[command(flatten)]
+    curve: gateway::cli::CurveClientArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +153,8 @@ struct ClusterArgs {
     /// Any broker's base-port endpoint.
     #[arg(long, default_value = "tcp://127.0.0.1:7000")]
     broker: String,
+    #[command(flatten)]
+    curve: gateway::cli::CurveClientArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,6 +164,8 @@ struct TaskRef {
     #[arg(long, default_value = "default")]
     queue: String,
     id: String,
+    #[command(flatten)]
+    curve: gateway::cli::CurveClientArgs,
 }
 
 fn main() -> ExitCode {
@@ -186,12 +203,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 method: a.method,
                 ..Default::default()
             };
-            let (id, eta) = Producer::connect(&a.broker)?.enqueue(&a.queue, spec)?;
+            let (id, eta) =
+                Producer::connect_with(&a.broker, a.curve.keys()?.as_ref())?.enqueue(&a.queue, spec)?;
             println!("{{\"status\": \"scheduled\", \"id\": \"{id}\", \"eta\": {eta}}}");
             Ok(())
         }
         Command::Get(t) => {
-            let info = Producer::connect(&t.broker)?.get(&t.queue, &t.id)?;
+            let info =
+                Producer::connect_with(&t.broker, t.curve.keys()?.as_ref())?.get(&t.queue, &t.id)?;
             // Byte fields (a raw body, the worker's answer) print as
             // arrays of numbers: JSON has no byte strings.
             println!("{}", serde_json::to_string(&info)?);
@@ -199,7 +218,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(w) => work(w),
         Command::Cluster(c) => {
-            let mut p = Producer::connect(&c.broker)?;
+            let mut p = Producer::connect_with(&c.broker, c.curve.keys()?.as_ref())?;
             match p.request(protocol::ClientCommand::ClusterInfo)? {
                 protocol::ReplyBody::Cluster { cluster } => {
                     println!("{}", serde_json::to_string(&cluster)?);
@@ -210,8 +229,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DevCluster(d) => dev_cluster(d),
         Command::Bench(b) => bench::run(b),
+        Command::CurveKeygen(k) => {
+            let pair = client::curve::KeyPair::generate().map_err(anyhow::Error::msg)?;
+            let (public, secret) = pair.write(&k.path).map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "wrote {} (public) and {} (secret: keep it to this machine)",
+                public.display(),
+                secret.display()
+            );
+            println!("{}", client::curve::z85_encode(&pair.public));
+            Ok(())
+        }
         Command::Cancel(t) => {
-            Producer::connect(&t.broker)?.cancel(&t.queue, &t.id)?;
+            Producer::connect_with(&t.broker, t.curve.keys()?.as_ref())?.cancel(&t.queue, &t.id)?;
             println!("{{\"status\": \"cancelled\", \"id\": \"{}\"}}", t.id);
             Ok(())
         }
@@ -223,7 +253,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn work(args: WorkerArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let pools: Vec<&str> = args.pools.iter().map(String::as_str).collect();
-    let mut worker = client::Worker::connect(&args.broker, &pools, args.credit)?;
+    let mut worker =
+        client::Worker::connect_with(&args.broker, &pools, args.credit, false, args.curve.keys()?)?;
     let hold = std::time::Duration::from_secs_f64(args.hold.max(0.0));
     loop {
         let Some(job) = worker.next(std::time::Duration::from_secs(1))? else {

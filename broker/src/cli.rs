@@ -95,6 +95,12 @@ pub struct BrokerArgs {
     /// and host names, comma-separated. An enqueue naming one gets 400.
     #[arg(long, value_delimiter = ',')]
     pub deny_targets: Vec<String>,
+    /// Encrypt and authenticate every ZeroMQ port with CURVE, keys from
+    /// DIR: server.key_secret (the same on every node), peer.key_secret
+    /// (this node's key towards its peers), and the public keys admitted
+    /// in producers/, workers/ and peers/ (see README, "Securing").
+    #[arg(long)]
+    pub curve_dir: Option<std::path::PathBuf>,
 }
 
 /// `--fsync`.
@@ -194,7 +200,15 @@ impl BrokerArgs {
             salvage: self.salvage_journal,
             min_free: self.min_free_disk,
         });
+        let curve = match &self.curve_dir {
+            Some(dir) => Some(
+                crate::zap::BrokerCurve::read_dir(dir)
+                    .map_err(|e| anyhow::anyhow!("--curve-dir: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(NodeConfig {
+            curve,
             data,
             bind: self.bind.clone(),
             advertise: self.advertise.clone(),

@@ -38,5 +38,6 @@ pub mod scheduler;
 pub mod sim;
 pub mod store;
 pub mod validate;
+pub mod zap;
 
 pub use node::{Node, NodeConfig, StartError};

@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub dispatch: DispatchConfig,
     /// Where the node keeps its state; `None` keeps it in memory only.
     pub data: Option<DataConfig>,
+    /// CURVE on every port (`--curve-dir`); `None` leaves them open.
+    pub curve: Option<crate::zap::BrokerCurve>,
 }
 
 /// A node's data directory (`STORAGE.md`).
@@ -89,6 +91,7 @@ impl Default for NodeConfig {
             scheduler: StoreConfig::default(),
             dispatch: DispatchConfig::default(),
             data: None,
+            curve: None,
         }
     }
 }
@@ -109,6 +112,8 @@ pub enum StartError {
     Join(String),
     #[error("{0}")]
     Data(String),
+    #[error("{0}")]
+    Curve(String),
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -194,9 +199,17 @@ impl Sockets {
         id: u64,
     ) -> Result<Sockets, StartError> {
         let at = |off: u16| endpoint(&config.bind, config.base_port.saturating_add(off));
+        // With CURVE, each port serves the cluster's key pair and the ZAP
+        // handler (already bound) admits the port's own keys.
+        let serve = |s: &zmq::Socket, domain: &str| match &config.curve {
+            Some(c) => client::curve::serve(s, &c.server, domain),
+            None => Ok(()),
+        };
         let clients = sockets::router(ctx)?;
+        serve(&clients, crate::zap::PRODUCERS)?;
         bind(&clients, &at(CLIENT_PORT_OFFSET))?;
         let workers = sockets::router(ctx)?;
+        serve(&workers, crate::zap::WORKERS)?;
         bind(&workers, &at(WORKER_PORT_OFFSET))?;
         if let Some(name) = inproc {
             let (client_ep, worker_ep) = inproc_endpoints(name);
@@ -204,10 +217,12 @@ impl Sockets {
             bind(&workers, &worker_ep)?;
         }
         let peers = sockets::router(ctx)?;
+        serve(&peers, crate::zap::PEERS)?;
         bind(&peers, &at(PEER_PORT_OFFSET))?;
         let publisher = sockets::publisher(ctx)?;
+        serve(&publisher, crate::zap::PEERS)?;
         bind(&publisher, &at(EVENTS_PORT_OFFSET))?;
-        let subscriber = sockets::subscriber(ctx)?;
+        let subscriber = sockets::subscriber(ctx, config.curve.as_ref().map(|c| &c.peer))?;
         let pair = ctx.socket(zmq::PAIR)?;
         pair.set_linger(0)?;
         pair.bind(&election_endpoint(id))?;
@@ -424,6 +439,16 @@ impl Node {
                 "restarting as the member saved in the data directory"
             );
         }
+        let stop = Arc::new(AtomicBool::new(false));
+        // The ZAP handler is bound before any CURVE port is.
+        let zap = match &config.curve {
+            Some(c) => Some(
+                crate::zap::spawn(&ctx, c.admitted.clone(), stop.clone())
+                    .map_err(StartError::Curve)?,
+            ),
+            None => None,
+        };
+        let peer_keys = config.curve.as_ref().map(|c| c.peer.clone());
         let sockets = Sockets::bind(&ctx, &config, inproc, me.id)?;
         let (bell, doorbell) = sockets::doorbell()?;
         let (cmd_tx, cmd_rx) = unbounded();
@@ -435,7 +460,7 @@ impl Node {
         let join_dealer = if join_peers.is_empty() {
             None
         } else {
-            let d = sockets::dealer(&ctx, false)?;
+            let d = sockets::dealer(&ctx, false, peer_keys.as_ref())?;
             // A new node is answered through this connection (the leader
             // routes to `peer-ID` before it has a connection of its own);
             // a restarted member is answered on the mesh, and must not
@@ -448,7 +473,6 @@ impl Node {
             }
             Some(d)
         };
-        let stop = Arc::new(AtomicBool::new(false));
         let (id, client_endpoint, worker_endpoint) = (me.id, me.client.clone(), me.worker.clone());
         let io = {
             let stop = stop.clone();
@@ -482,6 +506,7 @@ impl Node {
                         m
                     },
                     dealers: HashMap::new(),
+                    peer_keys,
                     decisions: Vec::new(),
                 };
                 io.run(&stop);
@@ -492,6 +517,10 @@ impl Node {
                 drop(io);
                 let _ = scheduler.join();
                 let _ = election.join();
+                stop.store(true, Ordering::Release);
+                if let Some(zap) = zap {
+                    let _ = zap.join();
+                }
                 drop(ctx);
             })?
         };
@@ -526,6 +555,8 @@ impl Node {
 struct IoLoop {
     ctx: zmq::Context,
     s: Sockets,
+    /// This node's CURVE keys for its peers' ports (`--curve-dir`).
+    peer_keys: Option<client::curve::ClientKeys>,
     /// Connected to the `--join` target until this node is a member.
     join_dealer: Option<zmq::Socket>,
     doorbell: Doorbell,
@@ -767,7 +798,7 @@ impl IoLoop {
     /// requests sent while it was down, which its peers have long settled
     /// without it (a copy adopted that late fires a task already delivered).
     fn connect_peer(&mut self, m: &Member) {
-        match sockets::dealer(&self.ctx, true) {
+        match sockets::dealer(&self.ctx, true, self.peer_keys.as_ref()) {
             Ok(d) => {
                 let _ = d.set_identity(format!("peer-{}", self.membership.me().id).as_bytes());
                 let _ = d.connect(&m.peer);

@@ -12,8 +12,11 @@
 //!   the broker's silence, and the results kept for a `results` message.
 //!   Both the blocking [`Worker`] and the gateway's broker link drive it.
 //! * [`worker`] — the blocking [`Worker`] for the worker port.
+//! * [`curve`] — CURVE key files (czmq/pyzmq format) and the client
+//!   and server settings of a socket.
 //! * [`logging`] — the log format every Miyamoto process starts with.
 
+pub mod curve;
 pub mod logging;
 pub mod producer;
 pub mod session;

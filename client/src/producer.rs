@@ -48,8 +48,17 @@ pub struct Producer {
 impl Producer {
     /// Connects to `endpoint`, e.g. `tcp://127.0.0.1:7000`.
     pub fn connect(endpoint: &str) -> Result<Producer, ClientError> {
+        Producer::connect_with(endpoint, None)
+    }
+
+    /// Connects as [`Producer::connect`] does, over CURVE when given keys
+    /// (`PROTOCOL.md` §17.2).
+    pub fn connect_with(
+        endpoint: &str,
+        curve: Option<&crate::curve::ClientKeys>,
+    ) -> Result<Producer, ClientError> {
         let ctx = zmq::Context::new();
-        let socket = sockets::dealer(&ctx, false)?;
+        let socket = sockets::dealer(&ctx, false, curve)?;
         socket.connect(endpoint)?;
         Ok(Producer {
             socket,
@@ -68,15 +77,23 @@ impl Producer {
         };
         let frames = protocol::encode(&request);
         for _ in 0..self.attempts.max(1) {
-            sockets::send_parts(&self.socket, &frames).or_else(|e| {
-                // DONTWAIT send: wait for room rather than fail.
-                if e == zmq::Error::EAGAIN {
-                    self.socket.send_multipart(&frames, 0)
-                } else {
-                    Err(e)
-                }
-            })?;
             let deadline = Instant::now() + self.attempt_timeout;
+            // DONTWAIT send: wait for room (or for a connection: a broker
+            // that refused the handshake leaves none) until the attempt's
+            // deadline, never longer.
+            loop {
+                match sockets::send_parts(&self.socket, &frames) {
+                    Ok(()) => break,
+                    Err(zmq::Error::EAGAIN) => {
+                        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                            break;
+                        };
+                        self.socket
+                            .poll(zmq::POLLOUT, left.as_millis().max(1) as i64)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 if self
                     .socket

@@ -11,6 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::curve::ClientKeys;
+
 /// High-water mark (messages) for every socket, both directions.
 pub const HWM: i32 = 100_000;
 
@@ -33,11 +35,19 @@ pub fn router(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
 
 /// Makes a DEALER. `immediate` queues messages only to completed
 /// connections, so a send while the peer is down fails at once (EAGAIN)
-/// instead of being delivered minutes later.
-pub fn dealer(ctx: &zmq::Context, immediate: bool) -> zmq::Result<zmq::Socket> {
+/// instead of being delivered minutes later. With `curve`, it connects
+/// as a CURVE client with those keys.
+pub fn dealer(
+    ctx: &zmq::Context,
+    immediate: bool,
+    curve: Option<&ClientKeys>,
+) -> zmq::Result<zmq::Socket> {
     let s = ctx.socket(zmq::DEALER)?;
     common(&s)?;
     s.set_immediate(immediate)?;
+    if let Some(k) = curve {
+        k.apply(&s)?;
+    }
     Ok(s)
 }
 
@@ -50,11 +60,14 @@ pub fn publisher(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
     Ok(s)
 }
 
-/// Makes a SUB subscribed to everything.
-pub fn subscriber(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
+/// Makes a SUB subscribed to everything, a CURVE client with `curve`.
+pub fn subscriber(ctx: &zmq::Context, curve: Option<&ClientKeys>) -> zmq::Result<zmq::Socket> {
     let s = ctx.socket(zmq::SUB)?;
     common(&s)?;
     s.set_subscribe(b"")?;
+    if let Some(k) = curve {
+        k.apply(&s)?;
+    }
     Ok(s)
 }
 

@@ -28,6 +28,8 @@ pub struct Worker {
     ctx: zmq::Context,
     socket: zmq::Socket,
     endpoint: String,
+    /// CURVE keys, kept for reconnections.
+    curve: Option<crate::curve::ClientKeys>,
     session: WorkerSession,
     /// Times the worker re-registered (disconnect or silent broker).
     pub reconnects: u64,
@@ -47,7 +49,7 @@ impl Worker {
     /// Connects to `endpoint` (e.g. `tcp://127.0.0.1:7001`), serving
     /// `pools` with up to `credit` tasks in flight.
     pub fn connect(endpoint: &str, pools: &[&str], credit: u32) -> Result<Worker, ClientError> {
-        Worker::start(endpoint, pools, credit, false)
+        Worker::connect_with(endpoint, pools, credit, false, None)
     }
 
     /// Like [`Worker::connect`], taking tasks and sending results several
@@ -58,17 +60,21 @@ impl Worker {
         pools: &[&str],
         credit: u32,
     ) -> Result<Worker, ClientError> {
-        Worker::start(endpoint, pools, credit, true)
+        Worker::connect_with(endpoint, pools, credit, true, None)
     }
 
-    fn start(
+    /// Connects as [`Worker::connect`] (`batch` false) or
+    /// [`Worker::connect_batched`] (`batch` true) do, over CURVE when
+    /// given keys (`PROTOCOL.md` §17.2).
+    pub fn connect_with(
         endpoint: &str,
         pools: &[&str],
         credit: u32,
         batch: bool,
+        curve: Option<crate::curve::ClientKeys>,
     ) -> Result<Worker, ClientError> {
         let ctx = zmq::Context::new();
-        let socket = sockets::dealer(&ctx, false)?;
+        let socket = sockets::dealer(&ctx, false, curve.as_ref())?;
         socket.connect(endpoint)?;
         let now = Instant::now();
         let name = format!("worker-{}", std::process::id());
@@ -77,6 +83,7 @@ impl Worker {
             ctx,
             socket,
             endpoint: endpoint.into(),
+            curve,
             session,
             reconnects: 0,
             inbox: VecDeque::new(),
@@ -114,7 +121,7 @@ impl Worker {
         // The broker has given the old registration's jobs back (or will,
         // when it forgets this worker), and ignores results for them.
         self.inbox.clear();
-        self.socket = sockets::dealer(&self.ctx, false)?;
+        self.socket = sockets::dealer(&self.ctx, false, self.curve.as_ref())?;
         self.socket.connect(&self.endpoint)?;
         self.reconnects += 1;
         let ready = self.session.renewed(Instant::now());

@@ -19,6 +19,14 @@ Command line (prints JSON on stdout):
     python producer.py --broker tcp://127.0.0.1:7000 cancel ID [--queue Q]
     python producer.py --broker tcp://127.0.0.1:7000 ping
 
+Over CURVE (a broker started with --curve-dir; PROTOCOL.md section 17.2), give
+the brokers' public key file and this client's secret key file, both as
+`miyamoto curve-keygen` or pyzmq's zmq.auth.create_certificates write them:
+
+    python producer.py --curve-server-key keys/server.key --curve-key me.key_secret ping
+
+(or MIYAMOTO_CURVE_SERVER_KEY and MIYAMOTO_CURVE_KEY in the environment).
+
 Exit status: 0 on success, 1 when the broker answered with an error reply,
 2 when no reply came after all tries, 3 on a protocol violation by the broker.
 
@@ -31,6 +39,7 @@ Replies whose `request_id` is not the one being waited for are discarded.
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -143,12 +152,38 @@ def pairs(value):
 # --------------------------------------------------------------------------
 
 
+def curve_keys(server_key_file, key_file):
+    """CURVE keys from key files (section 17.2): (server public, own public,
+    own secret), or None when neither file is given."""
+    if not server_key_file and not key_file:
+        return None
+    if not (server_key_file and key_file):
+        raise ValueError("the server key file and the client key file go together")
+    import zmq.auth
+    server_public, _ = zmq.auth.load_certificate(server_key_file)
+    public, secret = zmq.auth.load_certificate(key_file)
+    if secret is None:
+        raise ValueError(f"{key_file} holds no secret key (give the .key_secret file)")
+    return server_public, public, secret
+
+
+def apply_curve(socket, keys):
+    """Makes `socket` a CURVE client with `keys` (from curve_keys); before connect."""
+    if keys is not None:
+        server_public, public, secret = keys
+        socket.curve_serverkey = server_public
+        socket.curve_publickey = public
+        socket.curve_secretkey = secret
+
+
 class Producer:
-    """A client of the broker's base port (section 7)."""
+    """A client of the broker's base port (section 7). `curve` is
+    curve_keys(...) for a broker that requires CURVE."""
 
     def __init__(self, endpoint, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
-                 context=None):
+                 context=None, curve=None):
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.context = context or zmq.Context.instance()
@@ -164,6 +199,7 @@ class Producer:
         # LINGER 0: closing with unsent requests must not hang (section 7.8).
         # No ZMQ_ROUTING_ID: let ZeroMQ choose the identity (section 4).
         self.socket.setsockopt(zmq.LINGER, 0)
+        apply_curve(self.socket, self.curve)
         self.socket.connect(self.endpoint)
 
     def close(self):
@@ -319,6 +355,10 @@ def main(argv=None):
                         help=f"seconds to wait per try (default {DEFAULT_TIMEOUT:g})")
     common.add_argument("--retries", type=int, default=argparse.SUPPRESS,
                         help=f"resends after the first try (default {DEFAULT_RETRIES})")
+    common.add_argument("--curve-server-key", default=argparse.SUPPRESS,
+                        help="the brokers' public key file (server.key): connect over CURVE")
+    common.add_argument("--curve-key", default=argparse.SUPPRESS,
+                        help="this client's secret key file (NAME.key_secret)")
 
     top = argparse.ArgumentParser(description="Miyamoto producer", parents=[common])
     top.add_argument("command", choices=["enqueue", "get", "cancel", "ping"])
@@ -348,8 +388,10 @@ def main(argv=None):
     # An option given after the command wins over the same option before it.
     opts = {**vars(ns), **vars(args)}
     broker = opts.get("broker", "tcp://127.0.0.1:7000")
+    curve = curve_keys(opts.get("curve_server_key", os.environ.get("MIYAMOTO_CURVE_SERVER_KEY")),
+                       opts.get("curve_key", os.environ.get("MIYAMOTO_CURVE_KEY")))
     producer = Producer(broker, timeout=opts.get("timeout", DEFAULT_TIMEOUT),
-                        retries=opts.get("retries", DEFAULT_RETRIES))
+                        retries=opts.get("retries", DEFAULT_RETRIES), curve=curve)
     try:
         if ns.command == "enqueue":
             task_id, eta = producer.enqueue(

@@ -135,7 +135,7 @@ class Worker:
 
     def __init__(self, endpoint, pools, credit, handler, name=None, context=None,
                  heartbeat_interval=HEARTBEAT_INTERVAL, liveness=LIVENESS,
-                 reconnect_min=RECONNECT_MIN, reconnect_max=RECONNECT_MAX):
+                 reconnect_min=RECONNECT_MIN, reconnect_max=RECONNECT_MAX, curve=None):
         if isinstance(pools, str):
             pools = [pools]
         self.endpoint = endpoint
@@ -148,6 +148,9 @@ class Worker:
         self.liveness = liveness
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        # (server public, own public, own secret) for a CURVE broker
+        # (section 17.2); producer.curve_keys reads them from key files.
+        self.curve = curve
 
         # Counters, for tests and logs.
         self.handled = 0  # deliveries given to the handler
@@ -292,6 +295,11 @@ class Worker:
         self._generation += 1
         self._socket = self.context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            server_public, public, secret = self.curve
+            self._socket.curve_serverkey = server_public
+            self._socket.curve_publickey = public
+            self._socket.curve_secretkey = secret
         self._socket.connect(self.endpoint)
         self._reconnect_at = None
         self._last_recv = time.monotonic()  # give the new connection a full liveness period
@@ -416,7 +424,13 @@ def main(argv=None):
     parser.add_argument("--max-tasks", type=int, metavar="M", help="leave after M tasks")
     parser.add_argument("--name", help="worker name for the broker's logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    parser.add_argument("--curve-server-key", default=os.environ.get("MIYAMOTO_CURVE_SERVER_KEY"),
+                        help="the brokers' public key file (server.key): connect over CURVE")
+    parser.add_argument("--curve-key", default=os.environ.get("MIYAMOTO_CURVE_KEY"),
+                        help="this worker's secret key file (NAME.key_secret)")
     args = parser.parse_args(argv)
+    from producer import curve_keys
+    curve = curve_keys(args.curve_server_key, args.curve_key)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s worker %(levelname)s %(message)s")
@@ -437,7 +451,7 @@ def main(argv=None):
             raise TaskFailed(f"fail-first: delivery {seen} of the first {args.fail_first} fails")
         return True
 
-    worker = Worker(args.broker, args.pool, args.credit, handle, name=args.name)
+    worker = Worker(args.broker, args.pool, args.credit, handle, name=args.name, curve=curve)
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     worker.run(max_tasks=args.max_tasks)

@@ -77,6 +77,10 @@ pub struct LinkConfig {
     pub broker_expiry: Duration,
     /// A broker in this process (`miyamoto standalone`), reached in-process.
     pub local: Option<LocalBroker>,
+    /// CURVE keys for the brokers' ports (`--curve-server-key`,
+    /// `--curve-key`): this gateway's public key must be admitted on the
+    /// producer and worker ports.
+    pub curve: Option<client::curve::ClientKeys>,
 }
 
 /// A broker running in the same process and ZeroMQ context as the gateway.
@@ -144,6 +148,7 @@ impl LinkConfig {
             heartbeat_interval: Duration::from_secs(1),
             broker_expiry: Duration::from_secs(5),
             local: None,
+            curve: None,
         })
     }
 }
@@ -379,7 +384,7 @@ fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::E
         Some(l) => l.ctx.clone(),
         None => zmq::Context::new(),
     };
-    let client = sockets::dealer(&ctx, true)?;
+    let client = sockets::dealer(&ctx, true, config.curve.as_ref())?;
     let mut link = Link {
         ctx,
         client,
@@ -702,6 +707,7 @@ fn gather(
 /// dialogue's rules.
 struct Registration {
     endpoint: String,
+    curve: Option<client::curve::ClientKeys>,
     socket: zmq::Socket,
     session: WorkerSession,
 }
@@ -712,7 +718,7 @@ impl Registration {
         config: &LinkConfig,
         endpoint: &str,
     ) -> Result<Registration, zmq::Error> {
-        let socket = sockets::dealer(ctx, false)?;
+        let socket = sockets::dealer(ctx, false, config.curve.as_ref())?;
         socket.connect(endpoint)?;
         let mut session_config = SessionConfig::new(
             &[HTTP_POOL],
@@ -724,6 +730,7 @@ impl Registration {
         session_config.broker_expiry = config.broker_expiry;
         let mut r = Registration {
             endpoint: endpoint.to_string(),
+            curve: config.curve.clone(),
             socket,
             session: WorkerSession::new(session_config, Instant::now()),
         };
@@ -794,7 +801,7 @@ impl Registration {
         match self.session.tick(now) {
             Tick::Reconnect => {
                 tracing::warn!(broker = %self.endpoint, "broker silent; registering again on a new connection");
-                self.socket = sockets::dealer(ctx, false)?;
+                self.socket = sockets::dealer(ctx, false, self.curve.as_ref())?;
                 self.socket.connect(&self.endpoint)?;
                 let ready = self.session.renewed(now);
                 self.send(&ready);

@@ -38,7 +38,35 @@ pub struct GatewayArgs {
     #[arg(long, value_delimiter = ',')]
     pub deny_targets: Vec<String>,
     #[command(flatten)]
+    pub curve: CurveClientArgs,
+    #[command(flatten)]
     pub http: HttpArgs,
+}
+
+/// CURVE keys of a ZeroMQ client (the gateway, `miyamoto enqueue`, `get`,
+/// `cancel`, `cluster`, `worker`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CurveClientArgs {
+    /// The brokers' public key file (server.key of their --curve-dir):
+    /// connect over CURVE. Also MIYAMOTO_CURVE_SERVER_KEY.
+    #[arg(long, env = "MIYAMOTO_CURVE_SERVER_KEY", requires = "curve_key")]
+    pub curve_server_key: Option<std::path::PathBuf>,
+    /// This client's secret key file (NAME.key_secret, from `miyamoto
+    /// curve-keygen`); its public half must be admitted by the brokers.
+    /// Also MIYAMOTO_CURVE_KEY.
+    #[arg(long, env = "MIYAMOTO_CURVE_KEY", requires = "curve_server_key")]
+    pub curve_key: Option<std::path::PathBuf>,
+}
+
+impl CurveClientArgs {
+    /// The keys, read and checked; `None` without the flags.
+    pub fn keys(&self) -> anyhow::Result<Option<client::curve::ClientKeys>> {
+        client::curve::ClientKeys::from_options(
+            self.curve_server_key.as_deref(),
+            self.curve_key.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 /// The HTTP server's bounds (see `LIMITS.md`).
@@ -175,8 +203,9 @@ pub fn default_listen(port: u16) -> String {
 /// Runs the gateway until Ctrl-C.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let listen = args.listen.clone().unwrap_or_else(|| default_listen(8088));
-    let link =
+    let mut link =
         LinkConfig::for_brokers(&args.broker, args.concurrency).map_err(anyhow::Error::msg)?;
+    link.curve = args.curve.keys()?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
