@@ -203,14 +203,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 method: a.method,
                 ..Default::default()
             };
-            let (id, eta) =
-                Producer::connect_with(&a.broker, a.curve.keys()?.as_ref())?.enqueue(&a.queue, spec)?;
+            let (id, eta) = Producer::connect_with(&a.broker, a.curve.keys()?.as_ref())?
+                .enqueue(&a.queue, spec)?;
             println!("{{\"status\": \"scheduled\", \"id\": \"{id}\", \"eta\": {eta}}}");
             Ok(())
         }
         Command::Get(t) => {
-            let info =
-                Producer::connect_with(&t.broker, t.curve.keys()?.as_ref())?.get(&t.queue, &t.id)?;
+            let info = Producer::connect_with(&t.broker, t.curve.keys()?.as_ref())?
+                .get(&t.queue, &t.id)?;
             // Byte fields (a raw body, the worker's answer) print as
             // arrays of numbers: JSON has no byte strings.
             println!("{}", serde_json::to_string(&info)?);

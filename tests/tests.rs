@@ -8,6 +8,7 @@ mod api;
 mod bench;
 mod chaos;
 mod cluster;
+mod curve;
 mod durability;
 mod hardening;
 mod link;

@@ -300,23 +300,25 @@ fn log_file(args: &[&str]) -> std::fs::File {
 /// The newest process log (under `target/tmp/logs`) that contains
 /// `needle`, or a panic.
 pub fn last_log_containing(needle: &str) -> String {
+    try_last_log_containing(needle).unwrap_or_else(|| panic!("no log contains {needle:?}"))
+}
+
+/// The newest process log that contains `needle`, if any.
+pub fn try_last_log_containing(needle: &str) -> Option<String> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs");
     let mut logs: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(&dir)
-        .unwrap()
+        .ok()?
         .filter_map(|e| {
             let e = e.ok()?;
             Some((e.metadata().ok()?.modified().ok()?, e.path()))
         })
         .collect();
     logs.sort();
-    logs.iter()
-        .rev()
-        .find_map(|(_, p)| {
-            std::fs::read_to_string(p)
-                .ok()
-                .filter(|t| t.contains(needle))
-        })
-        .unwrap_or_else(|| panic!("no log contains {needle:?}"))
+    logs.iter().rev().find_map(|(_, p)| {
+        std::fs::read_to_string(p)
+            .ok()
+            .filter(|t| t.contains(needle))
+    })
 }
 
 /// A size in `/proc/PID/status` (`VmRSS:`, `VmHWM:`…), in bytes.

@@ -242,14 +242,27 @@ mod tests {
         assert_eq!(ok.frames[2], b"200");
         assert_eq!(ok.frames[1], b"7", "request id echoed");
         assert!(ok.refusal.is_none());
-        for (domain, key) in [(WORKERS, [1u8; 32]), (PRODUCERS, [2; 32]), ("other", [2; 32])] {
+        for (domain, key) in [
+            (WORKERS, [1u8; 32]),
+            (PRODUCERS, [2; 32]),
+            ("other", [2; 32]),
+        ] {
             let r = answer(&request(domain, "CURVE", &key), &admitted);
             assert_eq!(r.frames[2], b"400", "{domain}");
             assert_eq!(r.refusal.unwrap().address, "10.0.0.9");
         }
-        assert_eq!(answer(&request(PEERS, "CURVE", &[2; 32]), &admitted).frames[2], b"200");
-        assert_eq!(answer(&request(PEERS, "PLAIN", &[2; 32]), &admitted).frames[2], b"400");
-        assert_eq!(answer(&request(PEERS, "CURVE", &[2; 31]), &admitted).frames[2], b"400");
+        assert_eq!(
+            answer(&request(PEERS, "CURVE", &[2; 32]), &admitted).frames[2],
+            b"200"
+        );
+        assert_eq!(
+            answer(&request(PEERS, "PLAIN", &[2; 32]), &admitted).frames[2],
+            b"400"
+        );
+        assert_eq!(
+            answer(&request(PEERS, "CURVE", &[2; 31]), &admitted).frames[2],
+            b"400"
+        );
         assert_eq!(answer(&[b"1.0".to_vec()], &admitted).frames[2], b"400");
     }
 }

@@ -122,7 +122,8 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 
 /// Reads a key file: its public key, and its secret key if it has one.
 fn read_file(path: &Path) -> Result<(Key, Option<Key>), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.len() > MAX_KEY_FILE {
         return Err(format!("{} is too large for a key file", path.display()));
     }
@@ -256,10 +257,7 @@ pub fn z85_encode(key: &Key) -> String {
 pub fn key_from_z85(text: &str) -> Result<Key, String> {
     let bytes = text.as_bytes();
     if bytes.len() != 40 {
-        return Err(format!(
-            "a key is 40 Z85 characters, not {}",
-            bytes.len()
-        ));
+        return Err(format!("a key is 40 Z85 characters, not {}", bytes.len()));
     }
     let mut key = [0u8; 32];
     for (i, group) in bytes.chunks(5).enumerate() {
@@ -325,7 +323,10 @@ mod tests {
         // As pyzmq's zmq.auth.create_certificates writes them.
         let text = "#   ****  Generated on 2026-12-05 by pyzmq  ****\n#   ZeroMQ CURVE **Secret** Certificate\n\nmetadata\ncurve\n    public-key = \"rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7\"\n    secret-key = \"JTKVSB%%)wK0E.X)V>+}o?pNmC{O&4W4b!Ni{Lh6\"\n";
         let (public, secret) = parse(text).unwrap();
-        assert_eq!(z85_encode(&public), "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7");
+        assert_eq!(
+            z85_encode(&public),
+            "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+        );
         assert_eq!(
             z85_encode(&secret.unwrap()),
             "JTKVSB%%)wK0E.X)V>+}o?pNmC{O&4W4b!Ni{Lh6"

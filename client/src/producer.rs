@@ -78,21 +78,11 @@ impl Producer {
         let frames = protocol::encode(&request);
         for _ in 0..self.attempts.max(1) {
             let deadline = Instant::now() + self.attempt_timeout;
-            // DONTWAIT send: wait for room (or for a connection: a broker
-            // that refused the handshake leaves none) until the attempt's
-            // deadline, never longer.
-            loop {
-                match sockets::send_parts(&self.socket, &frames) {
-                    Ok(()) => break,
-                    Err(zmq::Error::EAGAIN) => {
-                        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                            break;
-                        };
-                        self.socket
-                            .poll(zmq::POLLOUT, left.as_millis().max(1) as i64)?;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            // Wait for room, or for a connection (none when the broker
+            // refused the handshake), until the attempt's deadline.
+            match sockets::send_parts_within(&self.socket, &frames, self.attempt_timeout) {
+                Ok(()) | Err(zmq::Error::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
             }
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 if self

@@ -174,6 +174,29 @@ pub fn send_parts(s: &zmq::Socket, parts: &[Vec<u8>]) -> zmq::Result<()> {
     Ok(())
 }
 
+/// Sends a multipart message, waiting up to `wait` for room or for a
+/// connection to take it (a DEALER whose every connection was refused,
+/// by CURVE say, has none); `EAGAIN` when none came. A blocking send
+/// would wait forever there.
+pub fn send_parts_within(
+    s: &zmq::Socket,
+    parts: &[Vec<u8>],
+    wait: std::time::Duration,
+) -> zmq::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match send_parts(s, parts) {
+            Err(zmq::Error::EAGAIN) => {
+                let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                    return Err(zmq::Error::EAGAIN);
+                };
+                s.poll(zmq::POLLOUT, left.as_millis().max(1) as i64)?;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends `frames` to the peer `identity` on a ROUTER.
 pub fn send_routed(s: &zmq::Socket, identity: &[u8], frames: &[Vec<u8>]) -> zmq::Result<()> {
     s.send(identity, zmq::DONTWAIT | zmq::SNDMORE)?;

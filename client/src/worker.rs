@@ -41,6 +41,10 @@ pub struct Worker {
     pub results_messages: u64,
 }
 
+/// How long a message waits for a connection to take it: none comes when
+/// the broker refused this worker (an unadmitted CURVE key).
+const SEND_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a batched worker that still has jobs in hand may keep a
 /// result, and the job time from which it keeps none.
 const RESULT_HOLD: Duration = Duration::from_millis(5);
@@ -102,7 +106,10 @@ impl Worker {
 
     fn send(&mut self, msg: &WorkerMessage) -> Result<(), ClientError> {
         let frames = protocol::encode(msg);
-        self.socket.send_multipart(&frames, 0)?;
+        match sockets::send_parts_within(&self.socket, &frames, SEND_WAIT) {
+            Err(zmq::Error::EAGAIN) => return Err(ClientError::Timeout(SEND_WAIT)),
+            other => other?,
+        }
         self.session.sent(Instant::now());
         if let WorkerMessage::Results { .. } = msg {
             self.results_messages += 1;
