@@ -631,7 +631,15 @@ fn zmq_enqueue(
     task: impl Fn(u64) -> TaskSpec,
 ) -> anyhow::Result<(Report, Vec<Instant>)> {
     let ctx = zmq::Context::new();
-    let s = client::sockets::dealer(&ctx, false, None)?;
+    // Over CURVE when the environment names keys, as the client commands
+    // take them (bench/curve.sh).
+    let path = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from);
+    let curve = client::curve::ClientKeys::from_options(
+        path("MIYAMOTO_CURVE_SERVER_KEY").as_deref(),
+        path("MIYAMOTO_CURVE_KEY").as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let s = client::sockets::dealer(&ctx, false, curve.as_ref())?;
     s.connect(endpoint)?;
     let progress = Progress::start(scenario, requests);
     let mut sent_at: Vec<Instant> = Vec::with_capacity(requests as usize);

@@ -341,7 +341,7 @@ fn restarted_node_rejoins_and_a_fourth_joins_through_a_follower() {
 
 /// Three test hosts in network namespaces on one bridge: real separate
 /// network stacks, so a node can be cut off by taking its link down.
-struct Hosts {
+pub(crate) struct Hosts {
     namespaces: Vec<String>,
     host_links: Vec<String>,
     bridge: String,
@@ -365,9 +365,13 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl Hosts {
-    fn setup(n: usize) -> Result<Hosts, String> {
-        let pid = std::process::id();
-        let subnet = format!("10.231.{}", pid % 250);
+    pub(crate) fn setup(n: usize) -> Result<Hosts, String> {
+        // Several sets in one test process (tests run in parallel) get
+        // their own names and subnets.
+        static SETS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let k = SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20;
+        let pid = format!("{}{k}", std::process::id() % 1_000_000);
+        let subnet = format!("10.{}.{}", 231 + k, std::process::id() % 250);
         let mut h = Hosts {
             namespaces: Vec::new(),
             host_links: Vec::new(),
@@ -412,8 +416,18 @@ impl Hosts {
         Ok(h)
     }
 
-    fn addr(&self, i: usize) -> String {
+    pub(crate) fn addr(&self, i: usize) -> String {
         format!("{}.{}", self.subnet, i + 1)
+    }
+
+    /// The host's own address on the test hosts' bridge.
+    pub(crate) fn bridge_addr(&self) -> String {
+        format!("{}.254", self.subnet)
+    }
+
+    /// Host `i`'s namespace, for `ip netns exec`.
+    pub(crate) fn namespace(&self, i: usize) -> &str {
+        &self.namespaces[i]
     }
 
     /// Cuts host `i` off (or reconnects it).
