@@ -180,6 +180,23 @@ fn a_cluster_over_curve_serves_its_keys_and_refuses_every_other() {
             assert!(Instant::now() < deadline, "no 3-node cluster: {v}");
             thread::sleep(Duration::from_millis(100));
         }
+        // Every broker knows itself a member (one still joining refuses
+        // clients with `unavailable`).
+        for base in &bases {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut p = producer(*base, Some(&keys.client("alice")), Duration::from_secs(2));
+                if let Ok(protocol::ReplyBody::Cluster { cluster }) =
+                    p.request(protocol::ClientCommand::ClusterInfo)
+                {
+                    if cluster.nodes.len() == 3 && cluster.leader.is_some() {
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "broker {base} never joined");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
         // Every port speaks CURVE only.
         for off in 0..4 {
             assert_eq!(mechanism_of(bases[1] + off), "CURVE", "port +{off}");

@@ -153,6 +153,28 @@ impl Dispatcher {
         self.workers.len()
     }
 
+    /// Workers and their free credit, by pool, in name order (at most
+    /// `limit` pools: the `stats` answer's bound).
+    pub fn pool_figures(&self, limit: usize) -> Vec<protocol::PoolFigures> {
+        self.pools
+            .values()
+            .take(limit)
+            .map(|p| {
+                let credit = p
+                    .members
+                    .iter()
+                    .filter_map(|id| self.workers.get(id))
+                    .map(|w| u64::from(w.window).saturating_sub(w.in_flight.len() as u64))
+                    .sum();
+                protocol::PoolFigures {
+                    pool: p.name.to_string(),
+                    workers: p.members.len() as u64,
+                    credit,
+                }
+            })
+            .collect()
+    }
+
     /// Tasks waiting for a worker with credit, over all pools.
     pub fn waiting(&self) -> usize {
         self.pools.values().map(|p| p.lines.waiting()).sum()

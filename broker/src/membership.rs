@@ -400,6 +400,30 @@ impl Membership {
         }
     }
 
+    /// The cluster part of the `stats` answer.
+    pub fn figures(&self, now: Instant, re_replicated: u64) -> protocol::ClusterFigures {
+        protocol::ClusterFigures {
+            members: self.members.len() as u64,
+            leader: self.leader,
+            is_leader: self.leader == Some(self.me.id),
+            term: self.term,
+            epoch: self.epoch,
+            re_replicated,
+            peers: self
+                .members
+                .iter()
+                .filter(|m| m.id != self.me.id)
+                .map(|m| {
+                    let alive = self
+                        .heard
+                        .get(&m.id)
+                        .is_some_and(|t| now.duration_since(*t) < ALIVE_WITHIN);
+                    (m.name.clone(), alive)
+                })
+                .collect(),
+        }
+    }
+
     /// The answer to `cluster_info`; `tasks` and `re_replicated` are this
     /// node's own figures.
     pub fn cluster_info(&self, now: Instant, tasks: u64, re_replicated: u64) -> ClusterInfo {

@@ -730,7 +730,13 @@ impl IoLoop {
         while let Ok(ev) = self.events.try_recv() {
             n += 1;
             match ev {
-                Event::Reply { identity, reply } => {
+                Event::Reply {
+                    identity,
+                    mut reply,
+                } => {
+                    if let ReplyBody::Stats { stats } = &mut reply.body {
+                        self.add_io_stats(stats, now);
+                    }
                     self.send_client(&identity, &reply);
                 }
                 Event::Dispatch {
@@ -951,6 +957,19 @@ impl IoLoop {
             }
         }
         n
+    }
+
+    /// The parts of a `stats` answer the scheduler does not know: the
+    /// workers, the cluster, the journal.
+    fn add_io_stats(&self, stats: &mut protocol::NodeStats, now: Instant) {
+        stats.pools = self
+            .dispatcher
+            .pool_figures(protocol::limits::MAX_STATS_QUEUES);
+        stats.cluster = self
+            .membership
+            .figures(now, self.figures.re_replicated.load(Ordering::Relaxed));
+        stats.journal_bytes = self.figures.journal_bytes();
+        stats.journal_sync = self.figures.journal_sync();
     }
 
     fn send_client(&self, identity: &[u8], reply: &ClientReply) {

@@ -159,6 +159,21 @@ pub struct Queue {
     pub share: u32,
     /// Creation order of the queue's tasks, for listing and purging.
     pub index: CreationIndex,
+    /// What happened to the queue's tasks on this node since it was made
+    /// (the `stats` answer; a queue forgotten when unused starts again
+    /// from zero, which Prometheus reads as a counter reset).
+    pub counters: Counters,
+}
+
+/// A queue's counters (`protocol::QueueCounters` without the gauges).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub enqueued: u64,
+    pub succeeded: u64,
+    pub failed_attempts: u64,
+    pub dead_letters: u64,
+    pub cancelled: u64,
+    pub retried: u64,
 }
 
 /// A queue's tasks in creation order, as (created µs, id): a sorted vector,
@@ -288,6 +303,7 @@ impl Queue {
             keys: HashMap::new(),
             index: CreationIndex::default(),
             share: 1,
+            counters: Counters::default(),
         }
     }
 

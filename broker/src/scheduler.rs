@@ -15,11 +15,35 @@ use crate::journal::{DirDisk, Journal, SEGMENT_BYTES};
 use crate::store::{Command, Event, Store};
 
 /// Figures the scheduler thread shares with the I/O loop (for
-/// heartbeats and `cluster_info`); written only by the scheduler.
+/// heartbeats, `cluster_info` and `stats`); written only by the scheduler.
 #[derive(Debug, Default)]
 pub struct Figures {
     pub tasks: std::sync::atomic::AtomicU64,
     pub re_replicated: std::sync::atomic::AtomicU64,
+    /// The journal: its size, and how long each batch's commit (write and
+    /// `fdatasync`) took; `None` in memory.
+    journal: std::sync::Mutex<Option<(u64, protocol::Histogram)>>,
+}
+
+impl Figures {
+    pub fn journal_bytes(&self) -> Option<u64> {
+        self.journal.lock().ok()?.as_ref().map(|(b, _)| *b)
+    }
+
+    pub fn journal_sync(&self) -> Option<protocol::Histogram> {
+        self.journal.lock().ok()?.as_ref().map(|(_, h)| h.clone())
+    }
+
+    fn journal_committed(&self, bytes: u64, took: Option<Duration>) {
+        if let Ok(mut j) = self.journal.lock() {
+            let (b, h) =
+                j.get_or_insert_with(|| (0, protocol::Histogram::new(protocol::LATENCY_BUCKETS)));
+            *b = bytes;
+            if let Some(t) = took {
+                h.observe(t.as_secs_f64());
+            }
+        }
+    }
 }
 
 /// Runs `store` on its own thread until [`Command::Shutdown`] or until
@@ -48,7 +72,7 @@ pub fn spawn(
                 let now = now_micros();
                 store.fire_due(now, &mut out);
                 if let Some(d) = &mut disk {
-                    d.commit(&mut store);
+                    d.commit(&mut store, &figures);
                 }
                 flush(&mut out, &events, &bell);
                 figures.tasks.store(store.len() as u64, Ordering::Relaxed);
@@ -86,7 +110,7 @@ pub fn spawn(
                     };
                 }
                 if let Some(d) = &mut disk {
-                    d.commit(&mut store);
+                    d.commit(&mut store, &figures);
                 }
                 flush(&mut out, &events, &bell);
                 if stop {
@@ -129,7 +153,7 @@ impl Durable {
     /// A failure to write or sync ends the process: what the kernel holds
     /// is unknown after a failed `fdatasync` (`STORAGE.md`), and the
     /// replies of this batch must not go out.
-    fn commit(&mut self, store: &mut Store) {
+    fn commit(&mut self, store: &mut Store, figures: &Figures) {
         self.watch_space(store);
         store.take_records(&mut self.records);
         if self.sweep_from.is_none() {
@@ -153,14 +177,19 @@ impl Durable {
             swept = store.sweep_step(step, &mut self.records);
         }
         if self.records.is_empty() && !swept {
+            if figures.journal_bytes().is_none() {
+                figures.journal_committed(self.journal.total_bytes(), None);
+            }
             return;
         }
         for r in self.records.drain(..) {
             self.journal.append(&r);
         }
+        let started = std::time::Instant::now();
         if let Err(err) = self.journal.commit() {
             fail(&err);
         }
+        figures.journal_committed(self.journal.total_bytes(), Some(started.elapsed()));
         if swept {
             if let Some(from) = self.sweep_from.take() {
                 // With `--fsync never` nothing synced the records written

@@ -37,14 +37,20 @@ pub struct Api {
     link: BrokerLink,
     body_timeout: Duration,
     access: std::sync::Arc<crate::auth::Access>,
+    metrics: std::sync::Arc<crate::metrics::GatewayMetrics>,
 }
 
 impl Api {
-    pub fn new(link: BrokerLink, limits: crate::HttpLimits) -> Api {
+    pub fn new(
+        link: BrokerLink,
+        limits: crate::HttpLimits,
+        metrics: std::sync::Arc<crate::metrics::GatewayMetrics>,
+    ) -> Api {
         Api {
             link,
             body_timeout: limits.body_timeout,
             access: std::sync::Arc::new(limits.access),
+            metrics,
         }
     }
 
@@ -66,6 +72,12 @@ impl Api {
             }
             return Ok(resp);
         }
+        if req.uri().path().trim_end_matches('/') == "/metrics" {
+            return Ok(match *req.method() {
+                Method::GET | Method::HEAD => metrics_page(&self.link, &self.metrics).await,
+                _ => not_allowed("GET, HEAD"),
+            });
+        }
         handle(req, self.link, self.body_timeout).await
     }
 }
@@ -85,6 +97,7 @@ fn need_of(method: &Method, path: &str) -> crate::auth::Need {
         ["queue", _]
         | ["queues"]
         | ["cluster"]
+        | ["metrics"]
         | ["queue", _, "tasks"]
         | ["queue", _, "tasks", _]
             if read =>
@@ -299,6 +312,10 @@ fn reply_json(body: ReplyBody) -> (StatusCode, Value) {
             json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>(), "next_cursor": next_cursor}),
         ),
         ReplyBody::Cancelled { id } => (StatusCode::OK, json!({"status": "cancelled", "id": id})),
+        ReplyBody::Stats { stats } => (
+            StatusCode::OK,
+            serde_json::to_value(stats).unwrap_or(Value::Null),
+        ),
         ReplyBody::Queue { queue } => (
             StatusCode::OK,
             serde_json::to_value(queue).unwrap_or(Value::Null),
@@ -933,6 +950,33 @@ fn not_allowed(allow: &'static str) -> Resp {
     );
     r.headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// How long a scrape waits for the brokers' `stats`: a broker slower than
+/// this is reported down (`miyamoto_broker_up 0`) rather than holding the
+/// scrape past Prometheus's usual 10 s timeout.
+const STATS_WAIT: Duration = Duration::from_secs(2);
+
+/// `GET /metrics`: the gateway's figures and every known broker's.
+async fn metrics_page(link: &BrokerLink, metrics: &crate::metrics::GatewayMetrics) -> Resp {
+    let answers = link.ask_each(ClientCommand::Stats, STATS_WAIT).await;
+    let brokers: Vec<(String, Result<protocol::NodeStats, String>)> = answers
+        .into_iter()
+        .map(|(broker, answer)| {
+            let stats = match answer {
+                Ok(ReplyBody::Stats { stats }) => Ok(stats),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            (broker, stats)
+        })
+        .collect();
+    let mut r = Response::new(Full::new(Bytes::from(metrics.render(&brokers))));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     r
 }
 

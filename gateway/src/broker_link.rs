@@ -153,6 +153,17 @@ impl LinkConfig {
     }
 }
 
+/// A request for every broker known, each answering for itself (`stats`).
+struct FanOut {
+    command: ClientCommand,
+    wait: Duration,
+    reply: oneshot::Sender<Vec<BrokerAnswer>>,
+}
+
+/// One broker's answer to a [`BrokerLink::ask_each`]: its base endpoint
+/// and what it said.
+pub type BrokerAnswer = (String, Result<ReplyBody, LinkError>);
+
 struct LinkRequest {
     command: ClientCommand,
     /// Extra time on top of the link's request timeout (a `wait`).
@@ -164,6 +175,7 @@ struct LinkRequest {
 #[derive(Clone)]
 pub struct BrokerLink {
     requests: Sender<LinkRequest>,
+    fanouts: Sender<FanOut>,
     results: Sender<(BrokerId, DeliveryResult)>,
     bell: Bell,
     stop: Arc<AtomicBool>,
@@ -190,6 +202,7 @@ impl BrokerLink {
     ) -> std::io::Result<(BrokerLink, mpsc::UnboundedReceiver<Delivery>)> {
         let (bell, doorbell) = sockets::doorbell()?;
         let (req_tx, req_rx) = unbounded();
+        let (fan_tx, fan_rx) = unbounded();
         let (res_tx, res_rx) = unbounded();
         let (job_tx, job_rx) = mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -202,6 +215,7 @@ impl BrokerLink {
                 let channels = Channels {
                     doorbell,
                     requests: req_rx,
+                    fanouts: fan_rx,
                     results: res_rx,
                     jobs: job_tx,
                     coalesced: counter,
@@ -215,6 +229,7 @@ impl BrokerLink {
         Ok((
             BrokerLink {
                 requests: req_tx,
+                fanouts: fan_tx,
                 results: res_tx,
                 bell,
                 stop,
@@ -246,6 +261,26 @@ impl BrokerLink {
             .map_err(|_| LinkError::Closed)?;
         self.bell.ring();
         rx.await.unwrap_or(Err(LinkError::Closed))
+    }
+
+    /// Sends `command` to every broker known (each on its own connection)
+    /// and gathers their answers, waiting at most `wait`: a broker that
+    /// did not answer by then is [`LinkError::Timeout`].
+    pub async fn ask_each(&self, command: ClientCommand, wait: Duration) -> Vec<BrokerAnswer> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .fanouts
+            .send(FanOut {
+                command,
+                wait,
+                reply: tx,
+            })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        self.bell.ring();
+        rx.await.unwrap_or_default()
     }
 
     /// Reports a webhook's outcome to the broker that sent the task.
@@ -356,6 +391,7 @@ const ROSTER_REQUEST: &str = "roster";
 struct Channels {
     doorbell: Doorbell,
     requests: Receiver<LinkRequest>,
+    fanouts: Receiver<FanOut>,
     results: Receiver<(BrokerId, DeliveryResult)>,
     jobs: mpsc::UnboundedSender<Delivery>,
     coalesced: Arc<AtomicU64>,
@@ -375,9 +411,40 @@ struct Link {
     /// valid (a registration renewed by `keep_alive` keeps its place).
     workers: Vec<Registration>,
     pending: HashMap<String, Pending>,
+    /// One DEALER to each known broker's client port, for the requests
+    /// every broker answers for itself; in `known`'s order.
+    direct: Vec<(String, zmq::Socket)>,
+    fanouts: HashMap<String, FanPending>,
     next_roster: Instant,
     ch: Channels,
 }
+
+/// A fan-out waiting for its brokers.
+struct FanPending {
+    reply: oneshot::Sender<Vec<BrokerAnswer>>,
+    answers: Vec<(String, Option<Result<ReplyBody, LinkError>>)>,
+    deadline: Instant,
+}
+
+impl FanPending {
+    fn complete(&self) -> bool {
+        self.answers.iter().all(|(_, a)| a.is_some())
+    }
+
+    fn answer(self) {
+        let answers = self
+            .answers
+            .into_iter()
+            .map(|(b, a)| (b, a.unwrap_or(Err(LinkError::Timeout))))
+            .collect();
+        let _ = self.reply.send(answers);
+    }
+}
+
+/// Fan-outs waiting at once; past it a new one is answered at once with
+/// every broker `NotConnected` (a scraper asking faster than brokers
+/// answer must not grow the map).
+const MAX_FANOUTS: usize = 64;
 
 fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::Error> {
     let ctx = match &config.local {
@@ -391,6 +458,8 @@ fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::E
         known: Vec::new(),
         workers: Vec::new(),
         pending: HashMap::new(),
+        direct: Vec::new(),
+        fanouts: HashMap::new(),
         // The roster is asked for right away, then every ROSTER_EVERY.
         next_roster: Instant::now(),
         ch,
@@ -418,7 +487,8 @@ fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::E
             if pass > 0 && Instant::now() >= until {
                 break;
             }
-            let mut n = link.send_requests(now) + link.send_results();
+            let mut n = link.send_requests(now) + link.send_results() + link.send_fanouts(now);
+            n += link.read_direct();
             if client_readable || pass > 0 {
                 n += link.read_replies()?;
             }
@@ -433,6 +503,7 @@ fn run(config: LinkConfig, ch: Channels, stop: &AtomicBool) -> Result<(), zmq::E
             }
         }
         link.resend_and_expire(Instant::now());
+        link.expire_fanouts(Instant::now());
         for reg in link.workers.iter_mut() {
             reg.keep_alive(&link.ctx)?;
         }
@@ -451,12 +522,18 @@ impl Link {
                 .iter()
                 .map(|r| r.socket.as_poll_item(zmq::POLLIN)),
         );
+        // Only to wake: they are read on every pass (`read_direct`).
+        items.extend(self.direct.iter().map(|(_, s)| s.as_poll_item(zmq::POLLIN)));
         match zmq::poll(&mut items, LINK_TICK.as_millis() as i64) {
             Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => return Err(e),
         }
         readable.clear();
-        readable.extend(items[2..].iter().map(|i| i.is_readable()));
+        readable.extend(
+            items[2..2 + self.workers.len()]
+                .iter()
+                .map(|i| i.is_readable()),
+        );
         Ok(items[0].is_readable())
     }
 
@@ -510,6 +587,84 @@ impl Link {
             }
         }
         n
+    }
+
+    /// Sends each fan-out to every broker on its own connection.
+    fn send_fanouts(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Ok(f) = self.ch.fanouts.try_recv() {
+            n += 1;
+            let mut pending = FanPending {
+                reply: f.reply,
+                answers: Vec::with_capacity(self.direct.len()),
+                deadline: now + f.wait,
+            };
+            if self.fanouts.len() >= MAX_FANOUTS {
+                pending.answers = self
+                    .direct
+                    .iter()
+                    .map(|(b, _)| (b.clone(), Some(Err(LinkError::NotConnected))))
+                    .collect();
+                pending.answer();
+                continue;
+            }
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let frames = protocol::encode(&ClientRequest {
+                request_id: request_id.clone(),
+                command: f.command,
+            });
+            for (broker, socket) in &self.direct {
+                // IMMEDIATE: a broker not connected now fails at once.
+                let sent = sockets::send_parts(socket, &frames).is_ok();
+                let answer = (!sent).then_some(Err(LinkError::NotConnected));
+                pending.answers.push((broker.clone(), answer));
+            }
+            if pending.complete() {
+                pending.answer();
+            } else {
+                self.fanouts.insert(request_id, pending);
+            }
+        }
+        n
+    }
+
+    /// Reads the direct connections' answers into their fan-outs.
+    fn read_direct(&mut self) -> usize {
+        let mut n = 0;
+        for (i, (_, socket)) in self.direct.iter().enumerate() {
+            while let Some(parts) = sockets::try_recv(socket) {
+                n += 1;
+                let Ok(reply) = protocol::decode_hot::<ClientReply, _>(&parts) else {
+                    continue;
+                };
+                let Some(p) = self.fanouts.get_mut(&reply.request_id) else {
+                    continue;
+                };
+                if let Some((_, slot)) = p.answers.get_mut(i) {
+                    *slot = Some(Ok(reply.body));
+                }
+                if p.complete() {
+                    if let Some(p) = self.fanouts.remove(&reply.request_id) {
+                        p.answer();
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    fn expire_fanouts(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .fanouts
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(p) = self.fanouts.remove(&id) {
+                p.answer();
+            }
+        }
     }
 
     /// Sends the webhooks' results to the brokers that sent the tasks.
@@ -622,6 +777,10 @@ impl Link {
             return Ok(());
         }
         tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
+        match sockets::dealer(&self.ctx, true, self.config.curve.as_ref()) {
+            Ok(d) if d.connect(&client_at).is_ok() => self.direct.push((endpoint.to_string(), d)),
+            _ => tracing::warn!(broker = %endpoint, "cannot make a direct connection to a broker"),
+        }
         match Registration::new(&self.ctx, &self.config, &worker_at) {
             Ok(reg) => self.workers.push(reg),
             Err(e) => {

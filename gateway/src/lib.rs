@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod broker_link;
 pub mod cli;
+pub mod metrics;
 pub mod webhooks;
 
 use std::future::Future;
@@ -89,15 +90,17 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let concurrency = link_config.concurrency as usize;
     let (link, jobs) = BrokerLink::start(link_config)?;
+    let metrics = Arc::new(metrics::GatewayMetrics::default());
     let dispatcher = tokio::spawn(webhooks::run(
         jobs,
         link.clone(),
         concurrency,
         webhook_config,
+        metrics.clone(),
     ));
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
-    let api = api::Api::new(link.clone(), limits.clone());
+    let api = api::Api::new(link.clone(), limits.clone(), metrics);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

@@ -161,6 +161,7 @@ pub async fn run(
     link: BrokerLink,
     max_idle: usize,
     config: WebhookConfig,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
 ) {
     let client = client(max_idle, config.guard.clone(), &config.extra_roots);
     let config = Arc::new(config);
@@ -168,13 +169,26 @@ pub async fn run(
         let client = client.clone();
         let link = link.clone();
         let config = config.clone();
+        let metrics = metrics.clone();
         // Boxed: the future is about 2 KiB, which the task would otherwise
         // copy when spawned and again when it completes.
         tokio::spawn(Box::pin(async move {
             if job.task.signing_secrets.is_empty() {
                 job.task.signing_secrets = config.signing_secrets.clone();
             }
-            let result = deliver(&client, &config.guard, job.delivery, job.task).await;
+            let span =
+                tracing::debug_span!("delivery", task = %job.task.id, queue = %job.task.queue);
+            let started = std::time::Instant::now();
+            metrics.webhook_started();
+            let result = tracing::Instrument::instrument(
+                deliver(&client, &config.guard, job.delivery, job.task),
+                span.clone(),
+            )
+            .await;
+            metrics.webhook_finished(result.status, started.elapsed());
+            span.in_scope(
+                || tracing::debug!(outcome = ?result.outcome, status = ?result.status, "delivered"),
+            );
             link.report(job.broker, result);
         }));
     }

@@ -301,3 +301,7 @@ mod tests {
         assert!(!batch_has_room(1, MAX_BATCHED_BYTES, 1));
     }
 }
+
+/// Queues one `stats` answer describes at most (in name order); the rest
+/// are counted in `queues_left_out`. Keeps the answer under 1 MiB.
+pub const MAX_STATS_QUEUES: usize = 2000;

@@ -126,6 +126,9 @@ pub enum ClientCommand {
     Ping,
     /// The roster as this node sees it; answered by [`ReplyBody::Cluster`].
     ClusterInfo,
+    /// This node's own figures for monitoring (`PROTOCOL.md` §7.17);
+    /// answered by [`ReplyBody::Stats`].
+    Stats,
 }
 
 /// A task as a producer describes it. Only `url` is required.
@@ -273,11 +276,135 @@ pub enum ReplyBody {
         node: String,
         version: String,
     },
+    Stats {
+        stats: NodeStats,
+    },
     Error {
         code: ErrorCode,
         reason: String,
     },
 }
+
+/// One node's figures for monitoring (the answer to `stats`): counters
+/// since the node started, and gauges as they are now. Only this node's
+/// share: a gateway asks every node and labels each one's.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct NodeStats {
+    /// The node's name (`--node-id`).
+    pub node: String,
+    /// Per queue, in name order; at most [`crate::limits::MAX_STATS_QUEUES`].
+    pub queues: Vec<QueueCounters>,
+    /// Queues left out past that bound.
+    #[serde(default)]
+    pub queues_left_out: u64,
+    /// Tasks held in every state, and the memory counted for them.
+    pub tasks: u64,
+    pub task_bytes: u64,
+    /// From a task's fire time to the start of its delivery, seconds.
+    pub dispatch_lateness: Histogram,
+    /// The journal's `fdatasync`s, seconds; `None` in memory.
+    #[serde(default)]
+    pub journal_sync: Option<Histogram>,
+    #[serde(default)]
+    pub journal_bytes: Option<u64>,
+    /// Workers connected and the credit they have free, by pool.
+    pub pools: Vec<PoolFigures>,
+    pub cluster: ClusterFigures,
+}
+
+/// A queue's counters and gauges on one node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct QueueCounters {
+    pub name: String,
+    /// Tasks this node accepted from clients (a copy from a peer is not
+    /// counted: each task counts once in the cluster).
+    pub enqueued: u64,
+    pub succeeded: u64,
+    /// Attempts that failed (a dead letter's last attempt included).
+    pub failed_attempts: u64,
+    pub dead_letters: u64,
+    pub cancelled: u64,
+    /// Failed attempts followed by another attempt.
+    pub retried: u64,
+    /// Tasks held by state.
+    pub states: QueueStats,
+}
+
+/// Workers of a pool on one node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct PoolFigures {
+    pub pool: String,
+    pub workers: u64,
+    pub credit: u64,
+}
+
+/// How one node sees its cluster.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct ClusterFigures {
+    pub members: u64,
+    pub leader: Option<u64>,
+    pub is_leader: bool,
+    pub term: u64,
+    pub epoch: u64,
+    /// Copies sent to restore the replication factor, since start.
+    pub re_replicated: u64,
+    /// Other members, by name: heard from lately or not.
+    pub peers: Vec<(String, bool)>,
+}
+
+/// A histogram: `counts[i]` observations at most `bounds[i]` (and above
+/// `bounds[i-1]`); the last count is above every bound.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// An empty histogram with these upper bounds (ascending).
+    pub fn new(bounds: &[f64]) -> Histogram {
+        Histogram {
+            bounds: bounds.to_vec(),
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        let v = if v.is_finite() { v.max(0.0) } else { 0.0 };
+        let i = self.bounds.partition_point(|b| *b < v);
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    /// Upper bounds with cumulative counts, `+Inf` last (Prometheus's view).
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let mut total = 0;
+        let mut out: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .zip(&self.counts)
+            .map(|(b, c)| {
+                total += c;
+                (*b, total)
+            })
+            .collect();
+        out.push((f64::INFINITY, self.count));
+        out
+    }
+}
+
+/// Seconds buckets for latencies, 0.5 ms to 1 min.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
 
 /// Machine-readable error classes; `reason` is for people.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -947,6 +1074,28 @@ mod tests {
                 node: "n".into(),
                 version: "1".into(),
             },
+            ReplyBody::Stats {
+                stats: NodeStats {
+                    node: "n".into(),
+                    queues: vec![QueueCounters {
+                        name: "q".into(),
+                        enqueued: 3,
+                        ..Default::default()
+                    }],
+                    dispatch_lateness: Histogram::new(LATENCY_BUCKETS),
+                    journal_sync: Some(Histogram::new(&[0.001])),
+                    pools: vec![PoolFigures {
+                        pool: "p".into(),
+                        workers: 1,
+                        credit: 4,
+                    }],
+                    cluster: ClusterFigures {
+                        peers: vec![("b".into(), true)],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            },
             ReplyBody::Error {
                 code: ErrorCode::BadRequest,
                 reason: "no".into(),
@@ -1019,5 +1168,21 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_their_buckets() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        for v in [0.05, 0.1, 0.5, 2.0, f64::NAN, -1.0] {
+            h.observe(v);
+        }
+        assert_eq!(h.counts, vec![4, 1, 1]);
+        assert_eq!(h.count, 6);
+        assert_eq!(h.cumulative(), vec![(0.1, 4), (1.0, 5), (f64::INFINITY, 6)]);
     }
 }

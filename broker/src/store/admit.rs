@@ -39,6 +39,7 @@ fn is_mutating(command: &ClientCommand) -> bool {
             | ClientCommand::ListTasks { .. }
             | ClientCommand::GetQueue { .. }
             | ClientCommand::ListQueues { .. }
+            | ClientCommand::Stats
     )
 }
 
@@ -266,6 +267,9 @@ impl Store {
                 ErrorCode::Internal,
                 "cluster_info is answered by the I/O loop",
             ),
+            ClientCommand::Stats => ReplyBody::Stats {
+                stats: self.node_stats(now_us),
+            },
             ClientCommand::Ping => ReplyBody::Pong {
                 node: self.config.node_id.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -467,6 +471,7 @@ impl Store {
         };
         let holders = self.copy_unacknowledged(id, &spec, is_callback, now_us);
         self.insert_task(id, spec, is_callback, now_us, holders);
+        self.count(id, |c| c.enqueued += 1);
         reply
     }
 

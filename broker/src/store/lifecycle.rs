@@ -89,6 +89,15 @@ impl Store {
         removed
     }
 
+    /// Counts something that happened to task `id` in its queue's counters.
+    pub(super) fn count(&mut self, id: Uuid, f: impl FnOnce(&mut crate::queues::Counters)) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        let queue = t.spec.queue.clone();
+        if let Some(q) = self.queues.get_mut(&*queue) {
+            f(&mut q.counters);
+        }
+    }
+
     /// Moves a task to `to` (see [`Store::change`]).
     pub(super) fn transition(&mut self, id: Uuid, to: TaskState, out: &mut Vec<Event>) {
         self.change(id, Change::To(to), out);
@@ -195,6 +204,10 @@ impl Store {
 
     /// Starts an attempt now.
     pub(super) fn dispatch(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
+        if let Some(t) = self.tasks.get(&id) {
+            let late = now_us.saturating_sub(t.fire_at_us);
+            self.lateness.observe(late as f64 / 1e6);
+        }
         self.clear_timer(id);
         self.transition(id, TaskState::Running, out);
         let delivery = self.next_delivery;
@@ -260,6 +273,7 @@ impl Store {
         let was_running = task.state == TaskState::Running;
         self.transition(id, TaskState::Cancelled, out);
         self.stats.cancelled += 1;
+        self.count(id, |c| c.cancelled += 1);
         self.finish(id, now_us, out);
         self.publish_finished(id);
         self.answer_waiters(id, None, out);
@@ -383,6 +397,7 @@ impl Store {
     fn succeed(&mut self, id: Uuid, now_us: u64, out: &mut Vec<Event>) {
         self.transition(id, TaskState::Succeeded, out);
         self.stats.succeeded += 1;
+        self.count(id, |c| c.succeeded += 1);
         self.finish(id, now_us, out);
         self.publish_finished(id);
         self.callback(id, true, now_us);
@@ -398,9 +413,11 @@ impl Store {
         let Some(policy) = self.queues.get(&*t.spec.queue).map(|q| q.policy.clone()) else {
             return;
         };
+        self.count(id, |c| c.failed_attempts += 1);
         if v.no_retry || !policy.allows_another(attempts, age) {
             self.transition(id, TaskState::Failed, out);
             self.stats.failed += 1;
+            self.count(id, |c| c.dead_letters += 1);
             self.finish(id, now_us, out);
             self.publish_finished(id);
             self.callback(id, false, now_us);
@@ -412,6 +429,7 @@ impl Store {
             t.due_us = at;
         }
         self.stats.retried += 1;
+        self.count(id, |c| c.retried += 1);
         self.retime(id);
         self.publish_for(id, |t| EventBody::Retry {
             id: id.to_string(),

@@ -431,6 +431,8 @@ pub struct Store {
     /// Journal records replayed by [`Store::restore_one`].
     restored_records: u64,
     pub stats: Stats,
+    /// From a task's fire time to the start of its delivery (`stats`).
+    lateness: protocol::Histogram,
 }
 
 /// Shared strings: the first task with a queue name or URL allocates it,
@@ -544,6 +546,7 @@ impl Store {
             disk_low: None,
             restored_records: 0,
             stats: Stats::default(),
+            lateness: protocol::Histogram::new(protocol::LATENCY_BUCKETS),
         }
     }
 
@@ -759,7 +762,10 @@ fn command_queue(c: &ClientCommand) -> Option<&str> {
         | ClientCommand::PauseQueue { queue }
         | ClientCommand::ResumeQueue { queue }
         | ClientCommand::PurgeQueue { queue } => Some(queue),
-        ClientCommand::ListQueues { .. } | ClientCommand::Ping | ClientCommand::ClusterInfo => None,
+        ClientCommand::ListQueues { .. }
+        | ClientCommand::Ping
+        | ClientCommand::ClusterInfo
+        | ClientCommand::Stats => None,
     }
 }
 

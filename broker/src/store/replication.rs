@@ -593,8 +593,14 @@ impl Store {
             ?body,
             "enqueue decided"
         );
-        if handed && matches!(body, ReplyBody::Enqueued { ref id, .. } if *id == p.id.to_string()) {
+        let created = matches!(body, ReplyBody::Enqueued { ref id, .. } if *id == p.id.to_string());
+        if handed && created {
             self.settle_holders(&p, now_us);
+        }
+        if created {
+            // Counted by the coordinator, once per task, whether or not it
+            // holds a copy.
+            self.queue_mut(&p.spec.queue, now_us).counters.enqueued += 1;
         }
         // This node's copy, if the decision kept it, may fire now.
         if p.local {

@@ -53,6 +53,47 @@ impl Store {
         }
     }
 
+    /// The store's part of the `stats` answer: per queue counters and
+    /// gauges (name order, bounded), tasks, memory, dispatch lateness. The
+    /// I/O loop adds the workers, the cluster and the journal.
+    pub(super) fn node_stats(&self, now_us: u64) -> protocol::NodeStats {
+        let mut names: Vec<&String> = self.queues.keys().collect();
+        names.sort();
+        let left_out = names
+            .len()
+            .saturating_sub(protocol::limits::MAX_STATS_QUEUES);
+        let queues = names
+            .into_iter()
+            .take(protocol::limits::MAX_STATS_QUEUES)
+            .map(|name| {
+                let c = self
+                    .queues
+                    .get(name)
+                    .map(|q| q.counters)
+                    .unwrap_or_default();
+                protocol::QueueCounters {
+                    name: name.clone(),
+                    enqueued: c.enqueued,
+                    succeeded: c.succeeded,
+                    failed_attempts: c.failed_attempts,
+                    dead_letters: c.dead_letters,
+                    cancelled: c.cancelled,
+                    retried: c.retried,
+                    states: self.queue_info(name, now_us).stats,
+                }
+            })
+            .collect();
+        protocol::NodeStats {
+            node: self.config.node_id.clone(),
+            queues,
+            queues_left_out: left_out as u64,
+            tasks: self.tasks.len() as u64,
+            task_bytes: self.task_bytes,
+            dispatch_lateness: self.lateness.clone(),
+            ..Default::default()
+        }
+    }
+
     pub(super) fn queue_info(&self, name: &str, now_us: u64) -> QueueInfo {
         let fresh;
         let q = match self.queues.get(name) {
