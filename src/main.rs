@@ -24,6 +24,15 @@ use protocol::TaskSpec;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` or `json` (also MIYAMOTO_LOG_FORMAT).
+    #[arg(
+        long,
+        global = true,
+        env = "MIYAMOTO_LOG_FORMAT",
+        default_value = "text",
+        value_parser = ["text", "json"]
+    )]
+    log_format: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,9 +178,9 @@ struct TaskRef {
 }
 
 fn main() -> ExitCode {
-    client::logging::init();
-    client::logging::exit_on_panic();
     let cli = Cli::parse();
+    client::logging::init_with(cli.log_format == "json");
+    client::logging::exit_on_panic();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,6 +12,7 @@ mod curve;
 mod durability;
 mod hardening;
 mod link;
+mod metrics;
 mod python;
 mod queues;
 mod restarts;

@@ -411,6 +411,21 @@ pub fn try_http_headers(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Result<(u16, hyper::HeaderMap, Value), String> {
+    let (status, headers, body) = try_http_bytes(method, url, headers, body)?;
+    Ok((
+        status,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    ))
+}
+
+/// One HTTP request; the answer's status, headers and body as it came.
+pub fn try_http_bytes(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
     let mut req = hyper::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -432,11 +447,7 @@ pub fn try_http_headers(
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
-            Ok((
-                status,
-                headers,
-                serde_json::from_slice(&body).unwrap_or(Value::Null),
-            ))
+            Ok((status, headers, body))
         };
         tokio::time::timeout(Duration::from_secs(15), fut)
             .await

@@ -2,15 +2,33 @@
 //! stderr, filtered by `RUST_LOG` (default `info`).
 
 /// Installs the process's log subscriber; a second call does nothing.
+/// Lines are text, or JSON objects with `MIYAMOTO_LOG_FORMAT=json`.
 pub fn init() {
+    let json = std::env::var("MIYAMOTO_LOG_FORMAT").is_ok_and(|f| f == "json");
+    init_with(json);
+}
+
+/// Installs the log subscriber: human-readable lines, or one JSON object
+/// a line (`--log-format json`: the time, level, target, the fields, and
+/// the spans it happened in, such as a delivery's task and queue).
+pub fn init_with(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init();
+    } else {
         // Colours on a terminal only: a log file gets plain `key=value`.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        let _ = builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init();
+    }
 }
 
 /// The exit status of a process whose thread panicked (`EX_SOFTWARE`).

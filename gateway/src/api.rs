@@ -72,6 +72,17 @@ impl Api {
             }
             return Ok(resp);
         }
+        // Each request in a debug span: its method, path (and so its
+        // queue and task), and at the end its status.
+        let span = tracing::debug_span!("http", method = %req.method(), path = %req.uri().path());
+        let resp = tracing::Instrument::instrument(self.route(req), span.clone()).await;
+        if let Ok(r) = &resp {
+            span.in_scope(|| tracing::debug!(status = r.status().as_u16(), "answered"));
+        }
+        resp
+    }
+
+    async fn route(self, req: Request<Incoming>) -> Result<Resp, Infallible> {
         if req.uri().path().trim_end_matches('/') == "/metrics" {
             return Ok(match *req.method() {
                 Method::GET | Method::HEAD => metrics_page(&self.link, &self.metrics).await,

@@ -217,6 +217,10 @@ pub fn decode_signing_secret(s: &str) -> Option<Vec<u8>> {
     (!key.is_empty()).then_some(key)
 }
 
+/// Queues one `stats` answer describes at most (in name order); the rest
+/// are counted in `queues_left_out`. Keeps the answer under 1 MiB.
+pub const MAX_STATS_QUEUES: usize = 2000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,7 +305,3 @@ mod tests {
         assert!(!batch_has_room(1, MAX_BATCHED_BYTES, 1));
     }
 }
-
-/// Queues one `stats` answer describes at most (in name order); the rest
-/// are counted in `queues_left_out`. Keeps the answer under 1 MiB.
-pub const MAX_STATS_QUEUES: usize = 2000;
