@@ -183,6 +183,7 @@ fn every_bench_scenario_runs_on_a_small_count() {
             match producer
                 .request(protocol::ClientCommand::GetQueue {
                     queue: queue.into(),
+                    owned: false,
                 })
                 .unwrap()
             {

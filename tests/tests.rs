@@ -17,5 +17,6 @@ mod python;
 mod queues;
 mod restarts;
 mod security;
+mod views;
 mod webhooks;
 mod zmq_clients;

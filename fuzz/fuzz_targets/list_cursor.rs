@@ -58,6 +58,7 @@ impl H {
             limit: Some(limit),
             cursor,
             full: false,
+            owned: false,
         })
     }
 }

@@ -500,6 +500,7 @@ impl Harness {
             }) = self.peek(ClientCommand::ListQueues {
                 limit: Some(2),
                 cursor: cursor.take(),
+                owned: false,
             })
             else {
                 panic!("list_queues failed");
@@ -523,6 +524,7 @@ impl Harness {
                     limit: Some(1000),
                     cursor: cursor.take(),
                     full: false,
+                    owned: false,
                 })
             else {
                 panic!("list_tasks failed");
@@ -811,6 +813,7 @@ fn is_remembered(c: &ClientCommand) -> bool {
             | ClientCommand::ListTasks { .. }
             | ClientCommand::GetQueue { .. }
             | ClientCommand::ListQueues { .. }
+            | ClientCommand::Stats
     )
 }
 

@@ -151,7 +151,15 @@ async fn handle(
         }
         (["queue", queue], &Method::PUT) => configure(req, q(queue), link, body_timeout).await,
         (["queue", queue], &Method::GET) => {
-            reply(&link, ClientCommand::GetQueue { queue: q(queue) }).await
+            if link.brokers() > 1 {
+                view(crate::views::queue(&link, q(queue)).await)
+            } else {
+                let cmd = ClientCommand::GetQueue {
+                    queue: q(queue),
+                    owned: false,
+                };
+                reply(&link, cmd).await
+            }
         }
         (["queues"], &Method::GET) => list_queues(&query, link).await,
         (["queue", queue, "pause"], &Method::POST) => {
@@ -636,7 +644,57 @@ async fn list_queues(query: &[(String, String)], link: BrokerLink) -> Resp {
         .find(|(n, _)| n == "cursor")
         .map(|(_, v)| v.clone())
         .filter(|c| !c.is_empty());
-    reply(&link, ClientCommand::ListQueues { limit, cursor }).await
+    if link.brokers() > 1 {
+        return view(crate::views::queues(&link, limit, cursor).await);
+    }
+    let cmd = ClientCommand::ListQueues {
+        limit,
+        cursor,
+        owned: false,
+    };
+    reply(&link, cmd).await
+}
+
+/// A cluster-wide view as an HTTP answer: the shapes of the single-node
+/// answers, with `unreachable` naming the brokers that did not answer.
+fn view(v: crate::views::View) -> Resp {
+    use crate::views::View;
+    match v {
+        View::Queue(queue) => json_response(
+            StatusCode::OK,
+            serde_json::to_value(queue).unwrap_or(Value::Null),
+        ),
+        View::Queues {
+            queues,
+            next_cursor,
+            unreachable,
+        } => {
+            let mut v = json!({
+                "queues": serde_json::to_value(queues).unwrap_or(Value::Null),
+                "next_cursor": next_cursor,
+            });
+            if !unreachable.is_empty() {
+                v["unreachable"] = json!(unreachable);
+            }
+            json_response(StatusCode::OK, v)
+        }
+        View::Tasks {
+            tasks,
+            next_cursor,
+            unreachable,
+        } => {
+            let mut v = json!({
+                "tasks": tasks.iter().map(task_json).collect::<Vec<_>>(),
+                "next_cursor": next_cursor,
+            });
+            if !unreachable.is_empty() {
+                v["unreachable"] = json!(unreachable);
+            }
+            json_response(StatusCode::OK, v)
+        }
+        View::Refused(body) => render(Ok(*body)),
+        View::Unavailable(e) => render(Err(e)),
+    }
 }
 
 async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink) -> Resp {
@@ -662,12 +720,16 @@ async fn list_tasks(queue: String, query: &[(String, String)], link: BrokerLink)
             )
         }
     };
+    if link.brokers() > 1 {
+        return view(crate::views::tasks(&link, queue, state, limit, get("cursor"), full).await);
+    }
     let cmd = ClientCommand::ListTasks {
         queue,
         state,
         limit,
         cursor: get("cursor").map(str::to_string),
         full,
+        owned: false,
     };
     reply(&link, cmd).await
 }
@@ -938,6 +1000,10 @@ fn task_json(t: &TaskInfo) -> Value {
         "created": t.created,
         "first_attempt": t.first_attempt,
     });
+    if let (false, Value::Object(map)) = (t.holders.is_empty(), &mut v) {
+        // The member ids holding a copy (in a cluster).
+        map.insert("holders".into(), json!(t.holders));
+    }
     if let (Some(d), Value::Object(map)) = (&t.detail, &mut v) {
         let text = |b: &Option<serde_bytes::ByteBuf>| {
             b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())

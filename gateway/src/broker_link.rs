@@ -155,7 +155,8 @@ impl LinkConfig {
 
 /// A request for every broker known, each answering for itself (`stats`).
 struct FanOut {
-    command: ClientCommand,
+    /// The command for each broker, by its base endpoint.
+    command: Box<dyn Fn(&str) -> ClientCommand + Send>,
     wait: Duration,
     reply: oneshot::Sender<Vec<BrokerAnswer>>,
 }
@@ -176,6 +177,8 @@ struct LinkRequest {
 pub struct BrokerLink {
     requests: Sender<LinkRequest>,
     fanouts: Sender<FanOut>,
+    /// Brokers with a direct connection (see [`BrokerLink::brokers`]).
+    brokers: Arc<AtomicU64>,
     results: Sender<(BrokerId, DeliveryResult)>,
     bell: Bell,
     stop: Arc<AtomicBool>,
@@ -209,6 +212,8 @@ impl BrokerLink {
         let coalesced = Arc::new(AtomicU64::new(0));
         let thread_stop = stop.clone();
         let counter = coalesced.clone();
+        let brokers = Arc::new(AtomicU64::new(0));
+        let brokers_counter = brokers.clone();
         thread::Builder::new()
             .name("broker-link".into())
             .spawn(move || {
@@ -219,6 +224,7 @@ impl BrokerLink {
                     results: res_rx,
                     jobs: job_tx,
                     coalesced: counter,
+                    brokers: brokers_counter,
                 };
                 // Crash-only: a gateway without its link answers 503 for
                 // good, so it ends (the binaries exit on a panic).
@@ -234,6 +240,7 @@ impl BrokerLink {
                 bell,
                 stop,
                 coalesced,
+                brokers,
             },
             job_rx,
         ))
@@ -267,11 +274,22 @@ impl BrokerLink {
     /// and gathers their answers, waiting at most `wait`: a broker that
     /// did not answer by then is [`LinkError::Timeout`].
     pub async fn ask_each(&self, command: ClientCommand, wait: Duration) -> Vec<BrokerAnswer> {
+        self.ask_each_with(move |_| command.clone(), wait).await
+    }
+
+    /// Like [`BrokerLink::ask_each`], with a command made for each broker
+    /// (from its base endpoint): a page of a listing goes on from each
+    /// broker's own cursor.
+    pub async fn ask_each_with(
+        &self,
+        command: impl Fn(&str) -> ClientCommand + Send + 'static,
+        wait: Duration,
+    ) -> Vec<BrokerAnswer> {
         let (tx, rx) = oneshot::channel();
         if self
             .fanouts
             .send(FanOut {
-                command,
+                command: Box::new(command),
                 wait,
                 reply: tx,
             })
@@ -288,6 +306,12 @@ impl BrokerLink {
         if self.results.send((broker, result)).is_ok() {
             self.bell.ring();
         }
+    }
+
+    /// Brokers this gateway knows and reaches directly: more than one
+    /// means a cluster, whose views are gathered from every node.
+    pub fn brokers(&self) -> u64 {
+        self.brokers.load(Ordering::Relaxed)
     }
 
     /// How many enqueues went to the broker inside a shared batch.
@@ -395,6 +419,7 @@ struct Channels {
     results: Receiver<(BrokerId, DeliveryResult)>,
     jobs: mpsc::UnboundedSender<Delivery>,
     coalesced: Arc<AtomicU64>,
+    brokers: Arc<AtomicU64>,
 }
 
 /// The link thread's state: its sockets, the brokers it knows and the
@@ -609,11 +634,11 @@ impl Link {
                 continue;
             }
             let request_id = uuid::Uuid::new_v4().to_string();
-            let frames = protocol::encode(&ClientRequest {
-                request_id: request_id.clone(),
-                command: f.command,
-            });
             for (broker, socket) in &self.direct {
+                let frames = protocol::encode(&ClientRequest {
+                    request_id: request_id.clone(),
+                    command: (f.command)(broker),
+                });
                 // IMMEDIATE: a broker not connected now fails at once.
                 let sent = sockets::send_parts(socket, &frames).is_ok();
                 let answer = (!sent).then_some(Err(LinkError::NotConnected));
@@ -778,7 +803,12 @@ impl Link {
         }
         tracing::info!(broker = %endpoint, via = %client_at, "gateway connected to a broker");
         match sockets::dealer(&self.ctx, true, self.config.curve.as_ref()) {
-            Ok(d) if d.connect(&client_at).is_ok() => self.direct.push((endpoint.to_string(), d)),
+            Ok(d) if d.connect(&client_at).is_ok() => {
+                self.direct.push((endpoint.to_string(), d));
+                self.ch
+                    .brokers
+                    .store(self.direct.len() as u64, Ordering::Relaxed);
+            }
             _ => tracing::warn!(broker = %endpoint, "cannot make a direct connection to a broker"),
         }
         match Registration::new(&self.ctx, &self.config, &worker_at) {

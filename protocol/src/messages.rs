@@ -84,6 +84,10 @@ pub enum ClientCommand {
         /// Include bodies, parameters, headers and the last response.
         #[serde(default)]
         full: bool,
+        /// Only the tasks this node answers for in a cluster-wide view:
+        /// those whose first holder still a member is this node (§7.8).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        owned: bool,
     },
     /// Change a queue's configuration (only the fields given); answered by
     /// [`ReplyBody::Queue`].
@@ -92,7 +96,12 @@ pub enum ClientCommand {
         config: QueueConfigPatch,
     },
     /// A queue's configuration and live figures; [`ReplyBody::Queue`].
-    GetQueue { queue: String },
+    GetQueue {
+        queue: String,
+        /// Count only the tasks this node answers for (as `list_tasks`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        owned: bool,
+    },
     /// Every known queue; [`ReplyBody::Queues`].
     ListQueues {
         /// At most this many queues ([`crate::limits::DEFAULT_LIST_LIMIT`]
@@ -102,6 +111,9 @@ pub enum ClientCommand {
         /// The `next_cursor` of the page before.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cursor: Option<String>,
+        /// Count only the tasks this node answers for (as `list_tasks`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        owned: bool,
     },
     /// Accept tasks but dispatch none; [`ReplyBody::Queue`].
     PauseQueue { queue: String },
@@ -929,12 +941,13 @@ mod tests {
                 ClientCommand::Enqueue { queue: queue.clone(), task: task.clone(), wait: Some(1.5) },
                 ClientCommand::EnqueueBatch { queue: queue.clone(), tasks: vec![task.clone(), task.clone()] },
                 ClientCommand::Run { queue: queue.clone(), id: id.clone() },
-                ClientCommand::ListTasks { queue: queue.clone(), state: Some(TaskState::Failed), limit: Some(5), cursor: Some(id.clone()), full: true },
+                ClientCommand::ListTasks { queue: queue.clone(), state: Some(TaskState::Failed), limit: Some(5), cursor: Some(id.clone()), full: true, owned: true },
                 ClientCommand::ConfigureQueue { queue: queue.clone(), config: QueueConfigPatch { rate: Some(2.5), max_attempts: Some(-1), signing_secrets: Some(vec!["whsec_AA==".into()]), ..Default::default() } },
-                ClientCommand::GetQueue { queue: queue.clone() },
+                ClientCommand::GetQueue { queue: queue.clone(), owned: false },
                 ClientCommand::ListQueues {
                     limit: None,
                     cursor: None,
+                    owned: true,
                 },
                 ClientCommand::PauseQueue { queue: queue.clone() },
                 ClientCommand::ResumeQueue { queue: queue.clone() },

@@ -254,11 +254,16 @@ impl Store {
                 limit,
                 cursor,
                 full,
-            } => self.list_tasks(&queue, state, limit, cursor, full),
-            ClientCommand::GetQueue { queue } => ReplyBody::Queue {
-                queue: self.queue_info(&queue, now_us),
+                owned,
+            } => self.list_tasks(&queue, state, limit, cursor, full, owned),
+            ClientCommand::GetQueue { queue, owned } => ReplyBody::Queue {
+                queue: self.queue_info_for(&queue, now_us, owned),
             },
-            ClientCommand::ListQueues { limit, cursor } => self.list_queues(limit, cursor, now_us),
+            ClientCommand::ListQueues {
+                limit,
+                cursor,
+                owned,
+            } => self.list_queues(limit, cursor, now_us, owned),
             cmd @ (ClientCommand::ConfigureQueue { .. }
             | ClientCommand::PauseQueue { .. }
             | ClientCommand::ResumeQueue { .. }

@@ -758,7 +758,7 @@ fn command_queue(c: &ClientCommand) -> Option<&str> {
         | ClientCommand::Run { queue, .. }
         | ClientCommand::ListTasks { queue, .. }
         | ClientCommand::ConfigureQueue { queue, .. }
-        | ClientCommand::GetQueue { queue }
+        | ClientCommand::GetQueue { queue, .. }
         | ClientCommand::PauseQueue { queue }
         | ClientCommand::ResumeQueue { queue }
         | ClientCommand::PurgeQueue { queue } => Some(queue),

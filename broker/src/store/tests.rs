@@ -531,6 +531,7 @@ fn batch_reports_each_task_and_list_pages() {
                 limit: Some(2),
                 cursor: cursor.clone(),
                 full: false,
+                owned: false,
             },
             T0 + 10,
         ) else {

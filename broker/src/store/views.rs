@@ -23,6 +23,7 @@ impl Store {
         limit: Option<u32>,
         cursor: Option<String>,
         now_us: u64,
+        owned: bool,
     ) -> ReplyBody {
         let limit = limit
             .unwrap_or(protocol::limits::DEFAULT_LIST_LIMIT)
@@ -38,7 +39,7 @@ impl Store {
         let mut bytes = 0;
         let mut next_cursor = None;
         for name in names {
-            let info = self.queue_info(name, now_us);
+            let info = self.queue_info_for(name, now_us, owned);
             let size = queue_info_size_bound(&info);
             if page_is_full(queues.len(), limit, bytes, size) {
                 next_cursor = queues.last().map(|q: &QueueInfo| q.name.clone());
@@ -94,6 +95,62 @@ impl Store {
         }
     }
 
+    /// Whether this node answers for task `t` in a cluster-wide view: the
+    /// first of its holders that is still a member is this node (a task
+    /// none of whose holders is a member is answered for by every node
+    /// holding it, so that it is not missed). On a single node, always.
+    fn owns(&self, holders: &[u64]) -> bool {
+        if !self.cluster.is_clustered() || holders.is_empty() {
+            return true;
+        }
+        match holders
+            .iter()
+            .find(|h| self.cluster.members.binary_search(h).is_ok())
+        {
+            Some(first) => *first == self.cluster.me,
+            None => true,
+        }
+    }
+
+    /// [`Store::queue_info`], with `owned` the figures of only the tasks
+    /// this node answers for: one pass over the queue's tasks (the
+    /// per-state counts kept as tasks move count every copy).
+    pub(super) fn queue_info_for(&self, name: &str, now_us: u64, owned: bool) -> QueueInfo {
+        let mut info = self.queue_info(name, now_us);
+        if !owned || !self.cluster.is_clustered() {
+            return info;
+        }
+        let Some(q) = self.queues.get(name) else {
+            return info;
+        };
+        let s = &mut info.stats;
+        (
+            s.scheduled,
+            s.running,
+            s.retrying,
+            s.failed,
+            s.succeeded,
+            s.cancelled,
+        ) = (0, 0, 0, 0, 0, 0);
+        for (created, id) in q.index.after(None) {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            if t.created_us != created || *t.spec.queue != *name || !self.owns(&t.holders) {
+                continue;
+            }
+            *match t.state {
+                TaskState::Scheduled => &mut s.scheduled,
+                TaskState::Running => &mut s.running,
+                TaskState::Retrying => &mut s.retrying,
+                TaskState::Failed => &mut s.failed,
+                TaskState::Succeeded => &mut s.succeeded,
+                TaskState::Cancelled => &mut s.cancelled,
+            } += 1;
+        }
+        info
+    }
+
     pub(super) fn queue_info(&self, name: &str, now_us: u64) -> QueueInfo {
         let fresh;
         let q = match self.queues.get(name) {
@@ -127,6 +184,7 @@ impl Store {
         limit: Option<u32>,
         cursor: Option<String>,
         full: bool,
+        owned: bool,
     ) -> ReplyBody {
         let limit = limit
             .unwrap_or(protocol::limits::DEFAULT_LIST_LIMIT)
@@ -156,7 +214,7 @@ impl Store {
             if t.created_us != created || *t.spec.queue != *queue {
                 continue; // stale entry
             }
-            if state.is_some_and(|s| s != t.state) {
+            if state.is_some_and(|s| s != t.state) || (owned && !self.owns(&t.holders)) {
                 continue;
             }
             // A page full by count ends before the next task is built.

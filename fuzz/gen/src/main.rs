@@ -179,6 +179,7 @@ fn client_requests() -> Vec<ClientRequest> {
             limit: Some(10),
             cursor: Some("1800000000000000.6f1c2a9e3b4d4e5f8a7b9c0d1e2f3a4b".into()),
             full: true,
+            owned: false,
         },
         ClientCommand::ConfigureQueue {
             queue: "emails".into(),
@@ -191,14 +192,19 @@ fn client_requests() -> Vec<ClientRequest> {
                 ..Default::default()
             },
         },
-        ClientCommand::GetQueue { queue: q() },
+        ClientCommand::GetQueue {
+            queue: q(),
+            owned: false,
+        },
         ClientCommand::ListQueues {
             limit: None,
             cursor: None,
+            owned: false,
         },
         ClientCommand::ListQueues {
             limit: Some(2),
             cursor: Some("emails".into()),
+            owned: true,
         },
         ClientCommand::PauseQueue { queue: q() },
         ClientCommand::ResumeQueue { queue: q() },
@@ -213,6 +219,7 @@ fn client_requests() -> Vec<ClientRequest> {
         },
         ClientCommand::Ping,
         ClientCommand::ClusterInfo,
+        ClientCommand::Stats,
     ];
     commands
         .into_iter()
