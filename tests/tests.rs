@@ -17,6 +17,7 @@ mod python;
 mod queues;
 mod restarts;
 mod security;
+mod ui;
 mod views;
 mod webhooks;
 mod zmq_clients;

@@ -83,6 +83,12 @@ impl Api {
     }
 
     async fn route(self, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        if let Some(asset) = crate::ui::asset(req.uri().path()) {
+            return Ok(match *req.method() {
+                Method::GET | Method::HEAD => crate::ui::serve(asset),
+                _ => not_allowed("GET, HEAD"),
+            });
+        }
         if req.uri().path().trim_end_matches('/') == "/metrics" {
             return Ok(match *req.method() {
                 Method::GET | Method::HEAD => metrics_page(&self.link, &self.metrics).await,
@@ -101,6 +107,9 @@ fn need_of(method: &Method, path: &str) -> crate::auth::Need {
     let read = matches!(*method, Method::GET | Method::HEAD);
     match segments.as_slice() {
         ["health"] if read => Need::Open,
+        // The dashboard's files hold no data: its calls to the API carry
+        // the token.
+        ["ui", ..] if read => Need::Open,
         ["queue"] if *method == Method::POST => Need::Enqueue(DEFAULT_QUEUE.to_string()),
         ["queue", q] | ["queue", q, "batch"] if *method == Method::POST => {
             Need::Enqueue((*q).to_string())

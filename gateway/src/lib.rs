@@ -13,6 +13,7 @@ pub mod auth;
 pub mod broker_link;
 pub mod cli;
 pub mod metrics;
+pub mod ui;
 pub mod views;
 pub mod webhooks;
 
