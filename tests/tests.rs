@@ -13,6 +13,7 @@ mod durability;
 mod hardening;
 mod link;
 mod metrics;
+mod openapi;
 mod python;
 mod queues;
 mod restarts;

@@ -83,6 +83,17 @@ impl Api {
     }
 
     async fn route(self, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        if req.uri().path() == "/openapi.json" {
+            return Ok(match *req.method() {
+                Method::GET | Method::HEAD => {
+                    let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+                    r.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    r
+                }
+                _ => not_allowed("GET, HEAD"),
+            });
+        }
         if let Some(asset) = crate::ui::asset(req.uri().path()) {
             return Ok(match *req.method() {
                 Method::GET | Method::HEAD => crate::ui::serve(asset),
@@ -109,7 +120,7 @@ fn need_of(method: &Method, path: &str) -> crate::auth::Need {
         ["health"] if read => Need::Open,
         // The dashboard's files hold no data: its calls to the API carry
         // the token.
-        ["ui", ..] if read => Need::Open,
+        ["ui", ..] | ["openapi.json"] if read => Need::Open,
         ["queue"] if *method == Method::POST => Need::Enqueue(DEFAULT_QUEUE.to_string()),
         ["queue", q] | ["queue", q, "batch"] if *method == Method::POST => {
             Need::Enqueue((*q).to_string())
@@ -1038,6 +1049,10 @@ fn not_allowed(allow: &'static str) -> Resp {
         .insert(ALLOW, HeaderValue::from_static(allow));
     r
 }
+
+/// The OpenAPI 3.1 description of this API (`GET /openapi.json`), kept
+/// true by the tests below and by schemathesis (tests/openapi.rs).
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// How long a scrape waits for the brokers' `stats`: a broker slower than
 /// this is reported down (`miyamoto_broker_up 0`) rather than holding the

@@ -1,0 +1,162 @@
+//! `GET /openapi.json` (issue 17) kept true: every route the gateway
+//! serves is in the description and every operation it describes is
+//! served (a request of each method on each path reaches a handler, not
+//! "no such endpoint" or "method not allowed"), and schemathesis runs its
+//! checks against a live gateway and broker for a bounded number of cases.
+//!
+//! Two of schemathesis's checks are left out, `positive_data_acceptance`
+//! and `negative_data_rejection`: they hold only when the description is
+//! an exact grammar of valid input, and a task's validity (its URL against
+//! the target guard, its eta within the horizon from now, a batch item on
+//! its own) is not something JSON Schema can state. The description states
+//! what it can (patterns of names, cursors, secrets; ranges).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::*;
+
+/// Every route the gateway serves, as the description names it.
+const ROUTES: &[(&str, &str)] = &[
+    ("post", "/queue"),
+    ("post", "/queue/{queue}"),
+    ("get", "/queue/{queue}"),
+    ("put", "/queue/{queue}"),
+    ("get", "/queues"),
+    ("post", "/queue/{queue}/pause"),
+    ("post", "/queue/{queue}/resume"),
+    ("post", "/queue/{queue}/purge"),
+    ("post", "/queue/{queue}/batch"),
+    ("get", "/queue/{queue}/tasks"),
+    ("get", "/queue/{queue}/tasks/{id}"),
+    ("delete", "/queue/{queue}/tasks/{id}"),
+    ("post", "/queue/{queue}/tasks/{id}/run"),
+    ("get", "/health"),
+    ("get", "/cluster"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/ui"),
+];
+
+#[test]
+fn the_description_names_every_route_and_every_route_it_names_is_served() {
+    run(Duration::from_secs(60), |h| {
+        let node = h.standalone_with(&["--in-memory"]);
+        let (status, doc) = http("GET", &node.url("/openapi.json"), &[], "");
+        assert_eq!(status, 200);
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut described = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in ["get", "post", "put", "delete", "patch"] {
+                if item.get(method).is_some() {
+                    described.push((method.to_string(), path.clone()));
+                }
+            }
+        }
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        routes.sort();
+        described.sort();
+        assert_eq!(described, routes, "the description and the routes differ");
+        // Each is served: not 404 "no such endpoint", not 405.
+        for (method, path) in &routes {
+            let concrete = path.replace("{queue}", "described").replace("{id}", "nope");
+            let (status, headers, body) = try_http_bytes(
+                &method.to_uppercase(),
+                &node.url(&concrete),
+                &[("Content-Type", "application/json")],
+                "{}",
+            )
+            .unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert_ne!(status, 405, "{method} {path}: {text}");
+            assert!(
+                !(status == 404 && text.contains("no such endpoint")),
+                "{method} {path} is not served: {text}"
+            );
+            // Every JSON answer's content type says so.
+            if serde_json::from_slice::<Value>(&body).is_ok() && *path != "/openapi.json" {
+                let ct = headers.get("content-type").unwrap().to_str().unwrap();
+                assert!(ct.starts_with("application/json"), "{method} {path}: {ct}");
+            }
+        }
+    });
+}
+
+fn schemathesis() -> PathBuf {
+    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = VENV.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-env");
+    let st = venv.join("bin/st");
+    if !st.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv")
+            .success();
+        assert!(ok, "cannot create a virtualenv");
+        let requirements =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openapi-requirements.txt");
+        let ok = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(requirements)
+            .status()
+            .expect("pip")
+            .success();
+        assert!(ok, "pip install schemathesis failed");
+    }
+    st
+}
+
+#[test]
+fn schemathesis_finds_nothing_against_a_live_gateway() {
+    let st = schemathesis();
+    run(Duration::from_secs(300), move |h| {
+        let node = h.standalone_with(&["--in-memory"]);
+        let report = h.dir.join("schemathesis.txt");
+        let out = Command::new(&st)
+            .args([
+                "run",
+                &node.url("/openapi.json"),
+                "--max-examples",
+                "60",
+                "--exclude-checks",
+                "positive_data_acceptance,negative_data_rejection",
+                "--request-timeout",
+                "20",
+                "--no-color",
+            ])
+            .current_dir(&h.dir)
+            .output()
+            .expect("st run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::write(&report, &text);
+        let summary: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("generated") || l.contains("passed") || l.contains("failures"))
+            .collect();
+        println!("schemathesis: {summary:?}");
+        assert!(out.status.success(), "schemathesis found failures:\n{text}");
+        assert!(
+            text.contains("Tested: 17"),
+            "not every operation was tested:\n{text}"
+        );
+    });
+}
