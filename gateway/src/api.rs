@@ -564,6 +564,13 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Result<TaskSpec, String>>, String>
     if items.len() > MAX_BATCH {
         return Err(format!("a batch holds at most {MAX_BATCH} tasks"));
     }
+    // Each item is checked on its own, but one that is not even an object
+    // makes the body something other than a batch.
+    if let Some(i) = items.iter().position(|v| !v.is_object()) {
+        return Err(format!(
+            "a batch is a JSON array of task objects; item {i} is not an object"
+        ));
+    }
     Ok(items.into_iter().map(parse_json_value).collect())
 }
 
@@ -664,6 +671,13 @@ async fn list_queues(query: &[(String, String)], link: BrokerLink) -> Resp {
         .find(|(n, _)| n == "cursor")
         .map(|(_, v)| v.clone())
         .filter(|c| !c.is_empty());
+    // The cursor is the last queue name of a page.
+    if cursor
+        .as_deref()
+        .is_some_and(|c| protocol::limits::check_queue_name(c).is_err())
+    {
+        return error(StatusCode::BAD_REQUEST, "invalid cursor");
+    }
     if link.brokers() > 1 {
         return view(crate::views::queues(&link, limit, cursor).await);
     }
