@@ -286,6 +286,7 @@ fn json_logs_carry_each_request_and_delivery_in_a_span() {
         };
         let mut delivered = false;
         let mut answered = false;
+        let mut enqueued = false;
         for line in log.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
@@ -297,9 +298,14 @@ fn json_logs_carry_each_request_and_delivery_in_a_span() {
             }
             if message == "answered" && v["span"]["path"] == "/queue/json-logged" {
                 assert_eq!(v["fields"]["status"], 200, "{line}");
+                assert_eq!(v["span"]["queue"], "json-logged", "{line}");
                 answered = true;
             }
+            if message == "enqueued" && v["fields"]["task"] == id.as_str() {
+                assert_eq!(v["span"]["queue"], "json-logged", "{line}");
+                enqueued = true;
+            }
         }
-        assert!(delivered && answered, "{log}");
+        assert!(delivered && answered && enqueued, "{log}");
     });
 }

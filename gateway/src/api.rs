@@ -74,7 +74,23 @@ impl Api {
         }
         // Each request in a debug span: its method, path (and so its
         // queue and task), and at the end its status.
-        let span = tracing::debug_span!("http", method = %req.method(), path = %req.uri().path());
+        let (queue, task) = {
+            let mut seg = req.uri().path().split('/').skip(1);
+            match (seg.next(), seg.next(), seg.next(), seg.next()) {
+                (Some("queue"), q, Some("tasks"), id) => {
+                    (q.unwrap_or_default(), id.unwrap_or_default())
+                }
+                (Some("queue"), q, _, _) => (q.unwrap_or(DEFAULT_QUEUE), ""),
+                _ => ("", ""),
+            }
+        };
+        let span = tracing::debug_span!(
+            "http",
+            method = %req.method(),
+            path = %req.uri().path(),
+            queue = queue,
+            task = task
+        );
         let resp = tracing::Instrument::instrument(self.route(req), span.clone()).await;
         if let Ok(r) = &resp {
             span.in_scope(|| tracing::debug!(status = r.status().as_u16(), "answered"));
@@ -545,6 +561,9 @@ async fn enqueue(
             extra,
         )
         .await;
+    if let Ok(ReplyBody::Enqueued { id, .. }) = &answer {
+        tracing::debug!(task = %id, "enqueued");
+    }
     // A wait that ran out answers 202: accepted, not finished yet.
     if let (Some(_), Ok(ReplyBody::Enqueued { result: None, .. })) = (wait, &answer) {
         let mut r = render(answer);
