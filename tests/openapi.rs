@@ -125,6 +125,9 @@ fn schemathesis() -> PathBuf {
 
 #[test]
 fn schemathesis_finds_nothing_against_a_live_gateway() {
+    // Installing and running schemathesis loads this 2-core machine: not
+    // beside the timed tests.
+    let _one = heavy();
     let st = schemathesis();
     run(Duration::from_secs(300), move |h| {
         let node = h.standalone_with(&["--in-memory"]);

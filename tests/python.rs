@@ -43,6 +43,7 @@ fn venv_python() -> PathBuf {
 
 #[test]
 fn python_examples_work_against_a_live_broker() {
+    let _one = heavy();
     run(Duration::from_secs(300), |h| {
         let python = venv_python();
         let base = free_base();
@@ -62,6 +63,9 @@ fn python_examples_work_against_a_live_broker() {
 
 #[test]
 fn python_examples_connect_over_curve() {
+    // pip (the first time) and three Python processes: not beside the
+    // timed tests.
+    let _one = heavy();
     run(Duration::from_secs(300), |h| {
         let python = venv_python();
         let python = python.to_str().unwrap();

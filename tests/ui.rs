@@ -56,6 +56,8 @@ fn tools() -> (PathBuf, PathBuf) {
 #[test]
 fn the_dashboard_shows_pauses_and_runs_again_in_a_real_browser() {
     let (script, shot) = tools();
+    // A browser loads this 2-core machine: not beside the timed tests.
+    let _one = heavy();
     run(Duration::from_secs(180), move |h| {
         let node = h.standalone_with(&["--in-memory", "--api-token", TOKEN]);
         for i in 0..3 {
