@@ -91,36 +91,7 @@ fn the_description_names_every_route_and_every_route_it_names_is_served() {
 }
 
 fn schemathesis() -> PathBuf {
-    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-env");
-    let st = venv.join("bin/st");
-    if !st.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv")
-            .success();
-        assert!(ok, "cannot create a virtualenv");
-        let requirements =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openapi-requirements.txt");
-        let ok = Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(requirements)
-            .status()
-            .expect("pip")
-            .success();
-        assert!(ok, "pip install schemathesis failed");
-    }
-    st
+    venv("schemathesis-env", "tests/openapi-requirements.txt").join("st")
 }
 
 #[test]

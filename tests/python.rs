@@ -9,36 +9,7 @@ use std::time::Duration;
 use crate::util::*;
 
 fn venv_python() -> PathBuf {
-    // One test at a time makes or updates the virtualenv.
-    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pyenv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv")
-            .success();
-        assert!(ok, "cannot create a virtualenv");
-    }
-    let ok = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(root.join("examples/python/requirements.txt"))
-        .status()
-        .expect("pip")
-        .success();
-    assert!(ok, "pip install failed");
-    python
+    venv("pyenv", "examples/python/requirements.txt").join("python")
 }
 
 #[test]

@@ -29,6 +29,40 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A Python virtualenv under the target directory, named `name`, with
+/// `requirements` (relative to the repository) installed: its `bin/`.
+/// Made once, by one test at a time; pip needs PyPI the first time.
+pub fn venv(name: &str, requirements: &str) -> PathBuf {
+    static VENV: Mutex<()> = Mutex::new(());
+    let _one = VENV.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv")
+            .success();
+        assert!(ok, "cannot create a virtualenv");
+    }
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(requirements))
+        .status()
+        .expect("pip")
+        .success();
+    assert!(ok, "pip install -r {requirements} failed");
+    venv.join("bin")
+}
+
 /// The `miyamoto` binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_miyamoto"))

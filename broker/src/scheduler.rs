@@ -66,6 +66,9 @@ pub fn spawn(
         .spawn(move || {
             let mut store = store;
             let mut disk = journal.map(|(j, w)| Durable::new(j, w));
+            if let Some(d) = &disk {
+                figures.journal_committed(d.journal.total_bytes(), None);
+            }
             let mut out = Vec::new();
             loop {
                 client::logging::test_fault_point("scheduler");
@@ -177,9 +180,6 @@ impl Durable {
             swept = store.sweep_step(step, &mut self.records);
         }
         if self.records.is_empty() && !swept {
-            if figures.journal_bytes().is_none() {
-                figures.journal_committed(self.journal.total_bytes(), None);
-            }
             return;
         }
         for r in self.records.drain(..) {

@@ -91,38 +91,15 @@ impl Api {
             queue = queue,
             task = task
         );
-        let resp = tracing::Instrument::instrument(self.route(req), span.clone()).await;
+        let resp = tracing::Instrument::instrument(
+            handle(req, self.link, self.body_timeout, &self.metrics),
+            span.clone(),
+        )
+        .await;
         if let Ok(r) = &resp {
             span.in_scope(|| tracing::debug!(status = r.status().as_u16(), "answered"));
         }
         resp
-    }
-
-    async fn route(self, req: Request<Incoming>) -> Result<Resp, Infallible> {
-        if req.uri().path() == "/openapi.json" {
-            return Ok(match *req.method() {
-                Method::GET | Method::HEAD => {
-                    let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
-                    r.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    r
-                }
-                _ => not_allowed("GET, HEAD"),
-            });
-        }
-        if let Some(asset) = crate::ui::asset(req.uri().path()) {
-            return Ok(match *req.method() {
-                Method::GET | Method::HEAD => crate::ui::serve(asset),
-                _ => not_allowed("GET, HEAD"),
-            });
-        }
-        if req.uri().path().trim_end_matches('/') == "/metrics" {
-            return Ok(match *req.method() {
-                Method::GET | Method::HEAD => metrics_page(&self.link, &self.metrics).await,
-                _ => not_allowed("GET, HEAD"),
-            });
-        }
-        handle(req, self.link, self.body_timeout).await
     }
 }
 
@@ -164,6 +141,7 @@ async fn handle(
     req: Request<Incoming>,
     link: BrokerLink,
     body_timeout: Duration,
+    metrics: &crate::metrics::GatewayMetrics,
 ) -> Result<Resp, Infallible> {
     client::logging::test_fault_point("http");
     let method = match req.method() {
@@ -234,11 +212,24 @@ async fn handle(
         }
         (["health"], &Method::GET) => reply(&link, ClientCommand::Ping).await,
         (["cluster"], &Method::GET) => reply(&link, ClientCommand::ClusterInfo).await,
+        (["metrics"], &Method::GET) => metrics_page(&link, metrics).await,
+        (["openapi.json"], &Method::GET) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        (["ui", ..], &Method::GET) => match crate::ui::asset(&path) {
+            Some(asset) => crate::ui::serve(asset),
+            None => error(StatusCode::NOT_FOUND, format!("no such file: {path}")),
+        },
         (["queue"], _) => not_allowed("POST"),
         (["queue", _], _) => not_allowed("GET, HEAD, POST, PUT"),
-        (["queues"], _) | (["health"], _) | (["cluster"], _) | (["queue", _, "tasks"], _) => {
-            not_allowed("GET, HEAD")
-        }
+        (
+            ["queues"] | ["health"] | ["cluster"] | ["metrics"] | ["openapi.json"] | ["ui", ..],
+            _,
+        )
+        | (["queue", _, "tasks"], _) => not_allowed("GET, HEAD"),
         (["queue", _, "pause" | "resume" | "purge" | "batch"], _) => not_allowed("POST"),
         (["queue", _, "tasks", _], _) => not_allowed("GET, HEAD, DELETE"),
         (["queue", _, "tasks", _, "run"], _) => not_allowed("POST"),

@@ -29,7 +29,8 @@ const STYLE: Asset = Asset {
 /// The file a path names, if it is one of the dashboard's.
 pub fn asset(path: &str) -> Option<&'static Asset> {
     match path {
-        "/ui" | "/ui/" | "/ui/index.html" => Some(&INDEX),
+        // The router hands the path without its trailing `/`.
+        "/ui" | "/ui/index.html" => Some(&INDEX),
         "/ui/app.js" => Some(&APP),
         "/ui/style.css" => Some(&STYLE),
         _ => None,

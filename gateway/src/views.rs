@@ -39,9 +39,13 @@ pub enum View {
     Unavailable(LinkError),
 }
 
-/// The answers that are `Ok`, the brokers that gave none, and the first
-/// refusal (an `error` reply) if any.
-fn split(answers: Vec<BrokerAnswer>) -> (Vec<(String, ReplyBody)>, Vec<String>, Option<ReplyBody>) {
+/// Each answering broker's endpoint and its answer.
+type Answered = Vec<(String, ReplyBody)>;
+
+/// The brokers' answers that are answers, and the brokers that gave none;
+/// or, when no broker answered, the view that says so (the first refusal,
+/// an `error` reply such as a bad cursor, else unavailable).
+fn gather(answers: Vec<BrokerAnswer>) -> Result<(Answered, Vec<String>), View> {
     let mut ok = Vec::new();
     let mut unreachable = Vec::new();
     let mut refused = None;
@@ -58,7 +62,13 @@ fn split(answers: Vec<BrokerAnswer>) -> (Vec<(String, ReplyBody)>, Vec<String>, 
             Err(_) => unreachable.push(broker),
         }
     }
-    (ok, unreachable, refused)
+    if ok.is_empty() {
+        return Err(match refused {
+            Some(r) => View::Refused(Box::new(r)),
+            None => View::Unavailable(LinkError::Timeout),
+        });
+    }
+    Ok((ok, unreachable))
 }
 
 fn add_stats(into: &mut QueueInfo, from: &QueueInfo) {
@@ -80,7 +90,10 @@ pub async fn queue(link: &BrokerLink, queue: String) -> View {
     let answers = link
         .ask_each(ClientCommand::GetQueue { queue, owned: true }, VIEW_WAIT)
         .await;
-    let (ok, _, refused) = split(answers);
+    let ok = match gather(answers) {
+        Ok((ok, _)) => ok,
+        Err(view) => return view,
+    };
     let mut merged: Option<QueueInfo> = None;
     for (_, body) in ok {
         if let ReplyBody::Queue { queue } = body {
@@ -90,10 +103,9 @@ pub async fn queue(link: &BrokerLink, queue: String) -> View {
             }
         }
     }
-    match (merged, refused) {
-        (Some(q), _) => View::Queue(Box::new(q)),
-        (None, Some(r)) => View::Refused(Box::new(r)),
-        (None, None) => View::Unavailable(LinkError::Timeout),
+    match merged {
+        Some(q) => View::Queue(Box::new(q)),
+        None => View::Unavailable(LinkError::Timeout),
     }
 }
 
@@ -111,13 +123,10 @@ pub async fn queues(link: &BrokerLink, limit: Option<u32>, cursor: Option<String
             VIEW_WAIT,
         )
         .await;
-    let (ok, unreachable, refused) = split(answers);
-    if ok.is_empty() {
-        return match refused {
-            Some(r) => View::Refused(Box::new(r)),
-            None => View::Unavailable(LinkError::Timeout),
-        };
-    }
+    let (ok, unreachable) = match gather(answers) {
+        Ok(g) => g,
+        Err(view) => return view,
+    };
     let mut by_name: BTreeMap<String, QueueInfo> = BTreeMap::new();
     let mut more = false;
     for (_, body) in ok {
@@ -220,13 +229,10 @@ pub async fn tasks(
             VIEW_WAIT,
         )
         .await;
-    let (ok, unreachable, refused) = split(answers);
-    if ok.is_empty() {
-        return match refused {
-            Some(r) => View::Refused(Box::new(r)),
-            None => View::Unavailable(LinkError::Timeout),
-        };
-    }
+    let (ok, unreachable) = match gather(answers) {
+        Ok(g) => g,
+        Err(view) => return view,
+    };
     let mut all: Vec<(String, TaskInfo)> = Vec::new();
     let mut more = false;
     for (broker, body) in ok {
