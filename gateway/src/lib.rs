@@ -69,9 +69,11 @@ pub fn default_max_connections() -> usize {
     (fds / 2).clamp(16, 16_384)
 }
 
-/// Connections over the cap being told `503` at once, at most; more are
-/// closed without a word. Each takes at most [`REFUSAL_DRAIN`], so a
-/// crowd of idle connections is answered at thousands a second.
+/// Connections over the cap being told `503` and drained at once, at most;
+/// past that the `503` is written without waiting (it fits any send
+/// buffer) and the connection closed undrained. Each takes at most
+/// [`REFUSAL_DRAIN`], so a crowd of idle connections is answered at
+/// thousands a second.
 const MAX_REFUSING: usize = 256;
 
 /// How long a refused connection's request is read (and dropped) after
@@ -147,6 +149,9 @@ pub async fn serve(
 /// [`REFUSAL_DRAIN`] so that closing does not reset the answer away.
 fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>) {
     let Ok(permit) = refusing.clone().try_acquire_owned() else {
+        // Best effort: a client that already sent its request may see the
+        // answer reset away by the close, one that waits for it reads it.
+        let _ = stream.try_write(BUSY_RESPONSE);
         return;
     };
     tokio::spawn(async move {
